@@ -1,0 +1,50 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - the studio on its local endpoint, http://127.0.0.1:7860
+#   make test   - the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+MODELS := sd_base sd_depth sd_inpaint sd_upscale
+TINY_MARKERS := $(foreach m,$(MODELS),serving/models/$(m)/1/checkpoint/model_index.json)
+PORT ?= 8080
+
+.PHONY: venv system-packages tiny-models real-weights test demo endpoint bench clean
+
+venv: $(INSTALLED)
+
+$(INSTALLED): requirements.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip check
+	touch $@
+
+# Debian's chromium for the browser tests (Playwright's own browser download cannot work here).
+system-packages:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+
+# Tiny random-weight pipelines, built offline; real weights already present are kept.
+tiny-models: $(INSTALLED)
+	$(PY) -m serving.weights tiny --keep-existing
+
+real-weights: $(INSTALLED)
+	$(PY) -m serving.weights hub
+
+test: $(INSTALLED) system-packages tiny-models
+	$(PY) -m pytest
+
+endpoint: $(INSTALLED) tiny-models
+	$(PY) -m deploy.local_endpoint --port $(PORT)
+
+demo: $(INSTALLED) tiny-models
+	$(PY) -m studio
+
+bench: $(INSTALLED) tiny-models
+	$(PY) -m serving.bench
+
+clean:
+	rm -rf $(VENV) build test-artifacts serving/models/*/1/checkpoint

@@ -1,0 +1,1 @@
+"""Shared logic of the Triton model.py files: request validation, batching, pipelines."""
