@@ -1,0 +1,19 @@
+"""The marker file beside a checkpoint, saying which weights it holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .catalog import WEIGHTS_MARKER
+
+
+def read_marker(checkpoint_dir: Path) -> dict:
+    """{"kind": "tiny-random" | "hub", ...}, or {} when the folder has no marker."""
+    marker = Path(checkpoint_dir) / WEIGHTS_MARKER
+    return json.loads(marker.read_text()) if marker.is_file() else {}
+
+
+def checkpoint_variant(checkpoint_dir: Path) -> str | None:
+    """The weights variant to ask from_pretrained for: the Hub download keeps fp16 files only."""
+    return "fp16" if read_marker(checkpoint_dir).get("kind") == "hub" else None

@@ -1,0 +1,217 @@
+"""Unit tests of request validation in sdserve: no Triton, no pipeline."""
+
+import base64
+import io
+import json
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdserve.batch import split_rows
+from sdserve.errors import RequestError
+from sdserve.images import MAX_SIDE, decode_image, encode_png
+from sdserve.params import MODEL_PARAMS, parse_gen_args
+from sdserve.request import MAX_PROMPT_CHARS, parse_request
+
+
+def png_b64(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue())
+
+
+def mask_b64(size=(64, 64), box=(16, 16, 48, 48)) -> bytes:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue())
+
+
+def bomb_png_b64(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge image, with almost no data behind it."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = lambda kind, data: (  # noqa: E731
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    )
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return base64.b64encode(png)
+
+
+def expect_error(field: str, call, *args, **kwargs) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        call(*args, **kwargs)
+    assert caught.value.field == field, str(caught.value)
+    assert str(caught.value).startswith(field + ":")
+    return caught.value
+
+
+# --- gen_args -------------------------------------------------------------------------
+
+def test_defaults_are_filled_in():
+    args = parse_gen_args("sd_base", None)
+    assert args == {key: param.default for key, param in MODEL_PARAMS["sd_base"].items()}
+    assert args["num_inference_steps"] == 50 and args["seed"] == -1
+
+
+def test_given_values_are_kept_and_ints_accepted_as_floats():
+    args = parse_gen_args("sd_depth", json.dumps({"num_inference_steps": 20, "guidance_scale": 8, "strength": 0.5}))
+    assert args["num_inference_steps"] == 20
+    assert args["guidance_scale"] == 8.0 and isinstance(args["guidance_scale"], float)
+    assert args["strength"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "gen_args, field, words",
+    [
+        ("{not json", "gen_args", "not valid JSON"),
+        ("[1, 2]", "gen_args", "JSON object"),
+        ('{"eta": 0.5}', "gen_args.eta", "not an accepted argument"),
+        ('{"callback": "x"}', "gen_args.callback", "not an accepted argument"),
+        ('{"num_inference_steps": "ten"}', "gen_args.num_inference_steps", "must be an integer"),
+        ('{"num_inference_steps": 2.5}', "gen_args.num_inference_steps", "must be an integer"),
+        ('{"num_inference_steps": true}', "gen_args.num_inference_steps", "boolean"),
+        ('{"num_inference_steps": 0}', "gen_args.num_inference_steps", "from 1 to 150"),
+        ('{"num_inference_steps": 10000}', "gen_args.num_inference_steps", "from 1 to 150"),
+        ('{"guidance_scale": NaN}', "gen_args.guidance_scale", "finite"),
+        ('{"guidance_scale": Infinity}', "gen_args.guidance_scale", "finite"),
+        ('{"guidance_scale": -1}', "gen_args.guidance_scale", "from 0 to 30"),
+        ('{"seed": -2}', "gen_args.seed", "from -1"),
+        ('{"seed": 4294967296}', "gen_args.seed", "from -1 to 4294967295"),
+        ('{"scheduler": "karras_magic"}', "gen_args.scheduler", "one of default, ddim"),
+        ('{"height": 100}', "gen_args.height", "multiple of 8"),
+        ('{"width": 4096}', "gen_args.width", "from 64 to 1024"),
+        ('{"num_images_per_prompt": 5}', "gen_args.num_images_per_prompt", "from 1 to 4"),
+    ],
+)
+def test_bad_gen_args_name_the_key(gen_args, field, words):
+    error = expect_error(field, parse_gen_args, "sd_base", gen_args)
+    assert words in str(error)
+
+
+def test_strength_range_and_model_specific_keys():
+    assert "from 0 to 1" in str(expect_error("gen_args.strength", parse_gen_args, "sd_depth", '{"strength": 1.5}'))
+    # height/width only apply to text-to-image; strength not to the upscaler.
+    expect_error("gen_args.height", parse_gen_args, "sd_depth", '{"height": 512}')
+    expect_error("gen_args.strength", parse_gen_args, "sd_upscale", '{"strength": 0.5}')
+    expect_error("gen_args.noise_level", parse_gen_args, "sd_upscale", '{"noise_level": 351}')
+
+
+def test_gen_args_size_limit():
+    expect_error("gen_args", parse_gen_args, "sd_base", json.dumps({"scheduler": "x" * 5000}))
+
+
+# --- images ---------------------------------------------------------------------------
+
+def test_decode_round_trip_and_png_text_chunk():
+    image = Image.new("RGB", (40, 24), (1, 2, 3))
+    encoded = encode_png(image, {"parameters": '{"seed": 7}'})
+    decoded = Image.open(io.BytesIO(base64.b64decode(encoded)))
+    assert decoded.size == (40, 24) and decoded.text["parameters"] == '{"seed": 7}'
+    assert decode_image(encoded, "image").getpixel((0, 0)) == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"%%% not base64 %%%", "not valid base64"),
+        (base64.b64encode(b"GIF89a not really an image"), "not a readable image"),
+        (base64.b64encode(b"plain text, base64 but no image"), "not a readable image"),
+        (b"", "is empty"),
+    ],
+)
+def test_bad_image_bytes(data, words):
+    assert words in str(expect_error("image", decode_image, data, "image"))
+
+
+def test_oversized_sides_are_refused_before_decoding():
+    error = expect_error("image", decode_image, png_b64((MAX_SIDE + 8, 16)), "image")
+    assert f"{MAX_SIDE} px a side" in str(error)
+
+
+def test_decompression_bomb_is_refused():
+    # 60000 x 60000 is 3.6 G pixels claimed by a few hundred bytes.
+    error = expect_error("mask_image", decode_image, bomb_png_b64(60000, 60000), "mask_image")
+    assert "px a side" in str(error)
+
+
+def test_decoded_size_limit():
+    too_big = base64.b64encode(b"\x89PNG" + b"\0" * (21 * 1024 * 1024))
+    assert "20 MB" in str(expect_error("image", decode_image, too_big, "image"))
+
+
+# --- typed requests --------------------------------------------------------------------
+
+def test_text_to_image_request():
+    request = parse_request("sd_base", {"prompt": b"a red chair", "gen_args": b'{"height": 64, "width": 96}'})
+    assert request.prompt == "a red chair" and request.negative_prompt == ""
+    assert request.size == (96, 64) and request.image is None
+
+
+def test_empty_prompt_refused_where_required_only():
+    expect_error("prompt", parse_request, "sd_base", {"prompt": b"  "})
+    expect_error("prompt", parse_request, "sd_depth", {"prompt": b"", "image": png_b64()})
+    # Erasing and upscaling work without words.
+    assert parse_request("sd_upscale", {"prompt": b"", "image": png_b64()}).prompt == ""
+
+
+def test_prompt_limits_and_encoding():
+    expect_error("prompt", parse_request, "sd_base", {"prompt": b"\xff\xfe bad"})
+    expect_error("negative_prompt", parse_request, "sd_base", {"prompt": b"ok", "negative_prompt": b"x" * (MAX_PROMPT_CHARS + 1)})
+    long_prompt = " ".join(["word"] * 500).encode()
+    assert parse_request("sd_base", {"prompt": long_prompt}).prompt.count("word") == 500
+
+
+def test_image_required_and_limits_per_model():
+    assert "required for sd_depth" in str(expect_error("image", parse_request, "sd_depth", {"prompt": b"p"}))
+    assert "at most 512" in str(expect_error("image", parse_request, "sd_upscale", {"prompt": b"", "image": png_b64((640, 64))}))
+    assert "at least 32" in str(expect_error("image", parse_request, "sd_depth", {"prompt": b"p", "image": png_b64((16, 64))}))
+
+
+def test_images_are_snapped_to_multiples_of_8():
+    request = parse_request("sd_depth", {"prompt": b"p", "image": png_b64((100, 75))})
+    assert request.size == (96, 72)
+
+
+def test_inpaint_mask_rules():
+    image = png_b64((64, 64))
+    expect_error("mask_image", parse_request, "sd_inpaint", {"prompt": b"p", "image": image})
+    size_error = expect_error("mask_image", parse_request, "sd_inpaint", {"prompt": b"p", "image": image, "mask_image": mask_b64((32, 32), (0, 0, 8, 8))})
+    assert "32x32" in str(size_error) and "64x64" in str(size_error)
+    empty = expect_error("mask_image", parse_request, "sd_inpaint", {"prompt": b"p", "image": image, "mask_image": mask_b64(box=(0, 0, 0, 0))})
+    assert "empty" in str(empty)
+    request = parse_request("sd_inpaint", {"prompt": b"p", "image": png_b64((100, 60)), "mask_image": mask_b64((100, 60))})
+    assert request.mask_image.mode == "L" and request.mask_image.size == request.image.size == (96, 56)
+
+
+def test_batch_keys_group_what_can_share_a_call():
+    def key(gen_args, prompt=b"p"):
+        return parse_request("sd_base", {"prompt": prompt, "gen_args": json.dumps(gen_args).encode()}).batch_key()
+
+    assert key({"seed": 1}) == key({"seed": 2, "num_images_per_prompt": 3}, prompt=b"other")
+    assert key({}) != key({"num_inference_steps": 10})
+    assert key({}) != key({"height": 256})
+    assert key({}) != key({"scheduler": "ddim"})
+
+
+# --- rows of a request ------------------------------------------------------------------
+
+def column(*values):
+    return np.array([[value] for value in values], dtype=np.object_)
+
+
+def test_split_rows():
+    rows = split_rows({"prompt": column(b"a", b"b"), "gen_args": column(b"{}", b'{"seed": 1}'), "image": None})
+    assert [row["prompt"] for row in rows] == [b"a", b"b"]
+    assert rows[1]["gen_args"] == b'{"seed": 1}' and rows[0]["image"] is None
+
+
+def test_split_rows_refuses_bad_shapes():
+    expect_error("prompt", split_rows, {"gen_args": column(b"{}")})
+    expect_error("gen_args", split_rows, {"prompt": column(b"a", b"b"), "gen_args": column(b"{}")})
+    expect_error("prompt", split_rows, {"prompt": np.array([[b"a", b"b"]], dtype=np.object_)})
+    expect_error("latents", split_rows, {"prompt": column(b"a"), "latents": column(b"x")})
+
