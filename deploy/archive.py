@@ -1,0 +1,300 @@
+"""Model archives for a SageMaker multi-model endpoint, and their safe extraction.
+
+`build_model_archive` writes `<name>.tar.gz` with the model's Triton folder at the archive root,
+which is what SageMaker's Triton container loads after downloading `<prefix>/<name>.tar.gz`:
+
+    sd_base/config.pbtxt           sd_base/configs/cpu.pbtxt
+    sd_base/1/model.py             sd_base/1/sdserve/*.py       (vendored copy of serving/sdserve)
+    sd_base/1/checkpoint/**        (the diffusers pipeline folder)
+
+`safe_extract` unpacks such an archive without trusting it (the local endpoint uses it, and so
+can anyone who downloads an archive from S3).
+
+CLI: python -m deploy.archive --repository serving/models --out build/model-store [--models ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SDSERVE_DIR = REPO_ROOT / "serving" / "sdserve"
+# Kept in step with serving/sdserve/catalog.py (CHECKPOINT_DIR, WEIGHTS_MARKER); not imported so
+# that packaging works without the serving package on sys.path.
+CHECKPOINT_DIR = "checkpoint"
+MODEL_INDEX = "model_index.json"
+VENDORED_PACKAGE = "sdserve"
+# Never packed: bytecode is rebuilt by the container's Python and would break determinism.
+IGNORED_NAMES = frozenset({"__pycache__", ".DS_Store"})
+IGNORED_SUFFIXES = (".pyc", ".pyo")
+# Weights are fp16 safetensors that barely compress: level 1 is several times faster than 9 for a
+# few percent in size, which matters for multi-GB archives.
+GZIP_LEVEL = 1
+CHUNK = 1 << 20
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """The model folder has no diffusers checkpoint to pack."""
+
+
+class UnsafeArchiveError(ValueError):
+    """An archive member would write outside the destination, or is not a plain file/folder."""
+
+
+class CorruptArchiveError(ValueError):
+    """The archive is not a readable gzip-compressed tar file."""
+
+
+def archive_name(model_name: str) -> str:
+    """The S3 object name, which is also the TargetModel a client sends (`sd_base.tar.gz`)."""
+    return f"{model_name}.tar.gz"
+
+
+def checkpoint_dir(repository: Path, model_name: str) -> Path:
+    return repository / model_name / "1" / CHECKPOINT_DIR
+
+
+def has_checkpoint(repository: Path, model_name: str) -> bool:
+    return (checkpoint_dir(repository, model_name) / MODEL_INDEX).is_file()
+
+
+def build_model_archive(
+    model_name: str,
+    repository: Path,
+    out_dir: Path,
+    *,
+    sdserve_dir: Path = DEFAULT_SDSERVE_DIR,
+) -> Path:
+    """Write `<out_dir>/<model_name>.tar.gz` and return its path.
+
+    The same inputs give the same bytes: entries are sorted, owners, times and modes normalized,
+    and the gzip header carries neither a time nor a file name. Symbolic links in the model folder
+    are followed and stored as the files they point to, since `safe_extract` refuses links.
+    """
+    model_dir = Path(repository) / model_name
+    if not (model_dir / "config.pbtxt").is_file():
+        raise FileNotFoundError(f"{model_name}: no Triton model folder at {model_dir} (config.pbtxt missing)")
+    if not has_checkpoint(Path(repository), model_name):
+        raise MissingCheckpointError(
+            f"{model_name}: no weights in {checkpoint_dir(Path(repository), model_name)} "
+            "(run `make tiny-models` or `python -m serving.weights hub`)"
+        )
+    if not (Path(sdserve_dir) / "__init__.py").is_file():
+        raise FileNotFoundError(f"no sdserve package to vendor at {sdserve_dir}")
+
+    vendored = PurePosixPath(model_name, "1", VENDORED_PACKAGE)
+    entries = dict(_walk(model_dir, PurePosixPath(model_name), skip=vendored))
+    entries.update(
+        (vendored / path.relative_to(sdserve_dir).as_posix(), path)
+        for path in Path(sdserve_dir).rglob("*.py")
+        if IGNORED_NAMES.isdisjoint(path.relative_to(sdserve_dir).parts)
+    )
+    # Folder entries for the archive root and the vendored package's folders.
+    for parent in {p for name in entries for p in name.parents if p != PurePosixPath(".")}:
+        entries.setdefault(parent, None)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / archive_name(model_name)
+    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            # filename="" and mtime=0 keep the gzip header free of the temp name and the clock.
+            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
+                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                    for name in sorted(entries, key=str):
+                        _add(tar, name, entries[name])
+        os.chmod(tmp_name, 0o644)
+        os.replace(tmp_name, target)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def _walk(folder: Path, arcdir: PurePosixPath, *, skip: PurePosixPath) -> Iterator[tuple[PurePosixPath, Path | None]]:
+    """(archive name, source file or None for a folder) below `folder`, following links."""
+    for path in sorted(folder.iterdir()):
+        if path.name in IGNORED_NAMES or path.name.endswith(IGNORED_SUFFIXES):
+            continue
+        name = arcdir / path.name
+        if name == skip:  # e.g. a development symlink; the vendored copy replaces it
+            continue
+        if path.is_dir():
+            yield name, None
+            yield from _walk(path, name, skip=skip)
+        elif path.is_file():
+            yield name, path
+
+
+def _add(tar: tarfile.TarFile, name: PurePosixPath, source: Path | None) -> None:
+    info = tarfile.TarInfo(str(name))
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if source is None:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+        tar.addfile(info)
+        return
+    status = os.stat(source)  # follows links: the file's own bytes are stored
+    info.mode = 0o755 if status.st_mode & stat.S_IXUSR else 0o644
+    info.size = status.st_size
+    with open(source, "rb") as f:
+        tar.addfile(info, f)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int, max_members: int = 10_000) -> Path:
+    """Extract a model archive into `dest` (which must not exist yet) and return `dest`.
+
+    Refused, with UnsafeArchiveError naming the member: absolute names, `..` components, every
+    symbolic or hard link (model archives never need one, and refusing them all is simpler to
+    trust than resolving targets), devices, FIFOs and anything else that is not a plain file or
+    folder, duplicate names, more than `max_members` members, and more than `max_total_bytes` of
+    file data, counted while decompressing rather than trusted from headers. A file that is not
+    a gzip-compressed tar raises CorruptArchiveError.
+
+    Everything is written into a fresh temporary folder beside `dest` and renamed into place
+    only once the whole archive has been read, so a refused archive leaves nothing behind, and
+    nothing is ever written outside that folder.
+    """
+    archive, dest = Path(archive), Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists; extract into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
+    try:
+        _extract_members(archive, staging, max_total_bytes=max_total_bytes, max_members=max_members)
+        os.rename(staging, dest)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return dest
+
+
+def _extract_members(archive: Path, staging: Path, *, max_total_bytes: int, max_members: int) -> None:
+    budget = _Budget(max_total_bytes)
+    try:
+        # Stream mode ("r|gz") reads members in order without seeking, so sizes are counted as the
+        # data is decompressed and a gzip bomb is stopped at the limit.
+        with tarfile.open(archive, mode="r|gz") as tar:
+            for count, member in enumerate(tar, start=1):
+                if count > max_members:
+                    raise UnsafeArchiveError(f"{archive.name}: more than {max_members} members")
+                target = staging.joinpath(*_checked_name(member, staging).parts)
+                try:
+                    _write_member(tar, member, target, budget)
+                except (FileExistsError, NotADirectoryError):
+                    raise UnsafeArchiveError(f"member {member.name!r}: clashes with an earlier member") from None
+    except (tarfile.ReadError, tarfile.CompressionError, gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise CorruptArchiveError(f"{archive}: not a readable .tar.gz ({error})") from error
+
+
+class _Budget:
+    """Bytes of file data still allowed; headers are checked first, real bytes while streaming."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def check(self, name: str, size: int) -> None:
+        if self.used + size > self.limit:
+            raise UnsafeArchiveError(f"member {name!r}: archive expands to more than {self.limit} bytes")
+
+    def spend(self, name: str, size: int) -> None:
+        self.check(name, size)
+        self.used += size
+
+
+def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, budget: _Budget) -> None:
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        return
+    budget.check(member.name, member.size)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # "x": a second member with the same name is an error, never a silent overwrite.
+    with tar.extractfile(member) as source, open(target, "xb") as out:
+        while chunk := source.read(CHUNK):
+            budget.spend(member.name, len(chunk))
+            out.write(chunk)
+    os.chmod(target, 0o755 if member.mode & stat.S_IXUSR else 0o644)
+
+
+def _checked_name(member: tarfile.TarInfo, staging: Path) -> PurePosixPath:
+    name = member.name
+    path = PurePosixPath(name)
+    if path.is_absolute():
+        raise UnsafeArchiveError(f"member {name!r}: absolute path")
+    if ".." in path.parts:
+        raise UnsafeArchiveError(f"member {name!r}: '..' in path")
+    if member.issym() or member.islnk():
+        raise UnsafeArchiveError(f"member {name!r}: links are refused (-> {member.linkname!r})")
+    if not (member.isreg() or member.isdir()):
+        raise UnsafeArchiveError(f"member {name!r}: not a regular file or folder (device, FIFO or other)")
+    # Second line of defence: the standard library's own policy for untrusted archives.
+    try:
+        tarfile.data_filter(member, str(staging))
+    except tarfile.FilterError as error:
+        raise UnsafeArchiveError(f"member {name!r}: {error}") from error
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.archive",
+        description="Build deterministic <model>.tar.gz archives for a SageMaker multi-model endpoint.",
+    )
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "serving" / "models",
+                        help="Triton model repository (default: serving/models)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "model-store",
+                        help="folder the archives are written to (default: build/model-store)")
+    parser.add_argument("--models", nargs="+", metavar="NAME",
+                        help="models to pack (default: every folder with a config.pbtxt)")
+    parser.add_argument("--sdserve", type=Path, default=DEFAULT_SDSERVE_DIR,
+                        help="the sdserve package vendored into each archive")
+    args = parser.parse_args(argv)
+
+    models = args.models or sorted(p.parent.name for p in args.repository.glob("*/config.pbtxt"))
+    if not models:
+        parser.error(f"no models found in {args.repository}")
+    for model in models:
+        try:
+            path = build_model_archive(model, args.repository, args.out, sdserve_dir=args.sdserve)
+        except FileNotFoundError as error:
+            print(f"error: {error}")
+            return 1
+        print(f"{path}  {format_size(path.stat().st_size)}  sha256={sha256_file(path)}")
+    return 0
+
+
+def format_size(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = size / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
