@@ -294,6 +294,21 @@ def select_hub_files(repo_files: list[str], model_index: dict, variant: str = HU
     return sorted(selected)
 
 
+# Component classes the real checkpoints name that transformers 5 removed, and their
+# successors (stable-diffusion-2-depth saves its feature extractor as DPTFeatureExtractor).
+RENAMED_TRANSFORMERS_CLASSES = {"DPTFeatureExtractor": "DPTImageProcessor"}
+
+
+def rename_removed_classes(model_index: dict) -> dict:
+    """model_index.json with removed transformers classes replaced, so from_pretrained loads it."""
+    return {
+        key: ["transformers", RENAMED_TRANSFORMERS_CLASSES[value[1]]]
+        if isinstance(value, list) and value[:1] == ["transformers"] and value[1] in RENAMED_TRANSFORMERS_CLASSES
+        else value
+        for key, value in model_index.items()
+    }
+
+
 def write_hub(name: str, checkpoint_dir: Path, revision: str) -> None:
     """Download the model's real weights, pinned to the commit `revision` points at now."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
@@ -314,6 +329,8 @@ def write_hub(name: str, checkpoint_dir: Path, revision: str) -> None:
             local_dir=staging,
         )
         shutil.rmtree(staging / ".cache", ignore_errors=True)  # huggingface_hub's download bookkeeping
+        index_path = staging / "model_index.json"
+        index_path.write_text(json.dumps(rename_removed_classes(model_index), indent=2), encoding="utf-8")
         marker = {
             "kind": HUB_KIND,
             "model": name,

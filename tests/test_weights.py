@@ -316,3 +316,25 @@ def test_hub_without_network_fails_in_one_clear_line(tmp_path: Path) -> None:
     assert "Hugging Face Hub could not be reached" in line
     assert "serving.weights tiny" in line
     assert list((tmp_path / "sd_base" / "1").iterdir()) == []  # nothing half-downloaded left behind
+
+
+def test_removed_transformers_classes_are_renamed_so_real_depth_weights_load(repository: Path, tmp_path: Path) -> None:
+    """stable-diffusion-2-depth names DPTFeatureExtractor, which transformers 5 no longer has."""
+    import diffusers
+
+    folder = tmp_path / CHECKPOINT_DIR
+    shutil.copytree(checkpoint(repository, "sd_depth"), folder)
+    index_path = folder / "model_index.json"
+    legacy = {**json.loads(index_path.read_text()), "feature_extractor": ["transformers", "DPTFeatureExtractor"]}
+    index_path.write_text(json.dumps(legacy))
+    with pytest.raises((AttributeError, ValueError), match="DPTFeatureExtractor"):
+        diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder)
+
+    renamed = weights.rename_removed_classes(legacy)
+    assert renamed["feature_extractor"] == ["transformers", "DPTImageProcessor"]
+    assert {key: value for key, value in renamed.items() if key != "feature_extractor"} == {
+        key: value for key, value in legacy.items() if key != "feature_extractor"
+    }
+    index_path.write_text(json.dumps(renamed))
+    pipeline = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder)
+    assert pipeline.feature_extractor is not None

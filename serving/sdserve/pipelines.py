@@ -40,7 +40,7 @@ def load_pipeline(model: str, checkpoint_dir: Path, device: str | torch.device =
     pipeline_class = getattr(diffusers, MODELS[model].pipeline_class)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = pipeline_class.from_pretrained(
-        checkpoint_dir, torch_dtype=dtype, variant=checkpoint_variant(checkpoint_dir)
+        checkpoint_dir, dtype=dtype, variant=checkpoint_variant(checkpoint_dir)
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

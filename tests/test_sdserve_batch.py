@@ -1,0 +1,200 @@
+"""sdserve's batching on the real tiny pipelines, in-process (no Triton)."""
+
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdserve import batch as batch_module
+from sdserve.batch import serve_batch
+from sdserve.catalog import CHECKPOINT_DIR, MODELS
+from sdserve.errors import RequestError
+from sdserve.params import SCHEDULERS
+from sdserve.pipelines import load_pipeline
+
+from .samples import mask_b64, png_b64
+
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def pipelines(model_repository):
+    return {name: load_pipeline(name, model_repository / name / "1" / CHECKPOINT_DIR) for name in MODELS}
+
+
+def request(prompt=b"a lighthouse at dusk", gen_args=None, **inputs):
+    args = {"num_inference_steps": STEPS, "height": 64, "width": 64, **(gen_args or {})}
+    values = {"prompt": prompt, "gen_args": json.dumps(args).encode(), **inputs}
+    return {name: np.array([[value]], dtype=np.object_) for name, value in values.items()}
+
+
+def image_request(model, gen_args=None, size=(64, 64), **extra):
+    args = {"num_inference_steps": STEPS, **(gen_args or {})}
+    inputs = {"image": png_b64(size, (90, 140, 200))}
+    if model == "sd_inpaint":
+        inputs["mask_image"] = mask_b64(size)
+    inputs.update(extra)
+    return {
+        name: np.array([[value]], dtype=np.object_)
+        for name, value in {"prompt": b"stone wall", "gen_args": json.dumps(args).encode(), **inputs}.items()
+    }
+
+
+def pngs(answer):
+    return [base64.b64decode(data) for data in answer.images[0]]
+
+
+def image_of(answer, index=0):
+    return Image.open(io.BytesIO(pngs(answer)[index]))
+
+
+def max_pixel_difference(first, second):
+    return int(np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max())
+
+
+def params_of(answer):
+    return json.loads(answer.parameters[0])
+
+
+def test_text_to_image_size_and_parameters(pipelines):
+    [answer] = serve_batch(pipelines["sd_base"], [request(gen_args={"seed": 11, "width": 96})])
+    assert image_of(answer).size == (96, 64)
+    parameters = params_of(answer)
+    assert parameters["model"] == "sd_base" and parameters["weights"] == "tiny-random"
+    assert parameters["seed"] == 11 and parameters["seeds"] == [11]
+    assert parameters["width"] == 96 and parameters["height"] == 64 and parameters["num_inference_steps"] == STEPS
+    assert parameters["prompt"] == "a lighthouse at dusk" and parameters["prompt_truncated"] is False
+    # The PNG itself carries the parameters, so a download can be reproduced.
+    assert json.loads(image_of(answer).text["parameters"])["seed"] == 11
+
+
+@pytest.mark.parametrize(
+    "model, size, expected",
+    [("sd_depth", (64, 48), (64, 48)), ("sd_inpaint", (64, 64), (64, 64)), ("sd_upscale", (32, 40), (128, 160))],
+)
+def test_image_models_output_sizes(pipelines, model, size, expected):
+    [answer] = serve_batch(pipelines[model], [image_request(model, {"seed": 3}, size=size)])
+    assert image_of(answer).size == expected
+    assert params_of(answer)["width"] == expected[0]
+
+
+def test_same_seed_same_bytes_other_seed_differs(pipelines):
+    loaded = pipelines["sd_base"]
+    first, second, other = serve_batch(
+        loaded, [request(gen_args={"seed": 5}), request(gen_args={"seed": 5}), request(gen_args={"seed": 6})]
+    )
+    assert pngs(first) == pngs(second)
+    assert pngs(first) != pngs(other)
+
+
+def test_random_seed_is_reported_and_reproduces(pipelines):
+    loaded = pipelines["sd_base"]
+    [answer] = serve_batch(loaded, [request(gen_args={"seed": -1})])
+    seed = params_of(answer)["seed"]
+    assert 0 <= seed < 2**32
+    [again] = serve_batch(loaded, [request(gen_args={"seed": seed})])
+    assert pngs(again) == pngs(answer)
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+def test_seed_gives_same_image_alone_or_in_a_batch(pipelines, model):
+    loaded = pipelines[model]
+    make = (lambda seed, prompt: request(prompt, {"seed": seed})) if model == "sd_base" else (
+        lambda seed, prompt: image_request(model, {"seed": seed}, prompt=prompt)
+    )
+    [alone] = serve_batch(loaded, [make(42, b"red roof")])
+    together = serve_batch(loaded, [make(7, b"green door"), make(42, b"red roof"), make(9, b"blue sky")])
+    # Same latents and noise; float sums over another batch size may round a pixel by one level.
+    assert max_pixel_difference(image_of(together[1]), image_of(alone)) <= 1
+    assert max_pixel_difference(image_of(together[0]), image_of(alone)) > 1
+
+
+def test_compatible_requests_share_one_pipeline_call(pipelines, monkeypatch):
+    calls = []
+    real_run_call = batch_module.run_call
+    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows: calls.append(len(rows)) or real_run_call(loaded, rows))
+    answers = serve_batch(
+        pipelines["sd_base"],
+        [
+            request(b"one", {"seed": 1}),
+            request(b"two", {"seed": 2, "num_images_per_prompt": 2}),
+            request(b"three", {"seed": 3, "height": 96}),  # another size: its own call
+        ],
+    )
+    assert sorted(calls) == [1, 3]
+    assert [len(answer.images[0]) for answer in answers] == [1, 2, 1]
+
+
+def test_calls_are_split_at_the_configured_size(pipelines, monkeypatch):
+    calls = []
+    real_run_call = batch_module.run_call
+    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows: calls.append(len(rows)) or real_run_call(loaded, rows))
+    serve_batch(pipelines["sd_base"], [request(gen_args={"seed": s, "num_images_per_prompt": 3}) for s in range(2)], max_images_per_call=4)
+    assert calls == [4, 2]
+
+
+def test_images_per_prompt_use_consecutive_seeds(pipelines):
+    loaded = pipelines["sd_base"]
+    [several] = serve_batch(loaded, [request(gen_args={"seed": 20, "num_images_per_prompt": 2})])
+    [second_alone] = serve_batch(loaded, [request(gen_args={"seed": 21})])
+    assert params_of(several)["seeds"] == [20, 21]
+    assert max_pixel_difference(image_of(several, 1), image_of(second_alone)) <= 1
+
+
+def test_bad_requests_fail_alone(pipelines):
+    answers = serve_batch(
+        pipelines["sd_inpaint"],
+        [
+            image_request("sd_inpaint", {"seed": 1}),
+            image_request("sd_inpaint", {"steps": 3}),
+            image_request("sd_inpaint", mask_image=mask_b64(box=(0, 0, 0, 0))),
+            image_request("sd_inpaint", {"seed": 2}),
+        ],
+    )
+    assert isinstance(answers[1], RequestError) and answers[1].field == "gen_args.steps"
+    assert isinstance(answers[2], RequestError) and answers[2].field == "mask_image"
+    assert image_of(answers[0]).size == image_of(answers[3]).size == (64, 64)
+
+
+def test_a_failing_call_fails_only_its_requests(pipelines, monkeypatch):
+    real_run_call = batch_module.run_call
+
+    def fail_on_ddim(loaded, rows):
+        if rows[0].request.args["scheduler"] == "ddim":
+            raise RuntimeError("out of memory")
+        return real_run_call(loaded, rows)
+
+    monkeypatch.setattr(batch_module, "run_call", fail_on_ddim)
+    ok, failed = serve_batch(pipelines["sd_base"], [request(), request(gen_args={"scheduler": "ddim"})])
+    assert image_of(ok).size == (64, 64)
+    assert isinstance(failed, RuntimeError) and "out of memory" in str(failed)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_every_scheduler_runs(pipelines, scheduler):
+    [answer] = serve_batch(pipelines["sd_base"], [request(gen_args={"scheduler": scheduler, "seed": 1})])
+    parameters = params_of(answer)
+    assert parameters["scheduler"] == scheduler
+    if scheduler != "default":
+        assert parameters["scheduler_class"] == SCHEDULERS[scheduler][0]
+
+
+def test_long_prompt_is_truncated_and_said_so(pipelines):
+    [answer] = serve_batch(pipelines["sd_base"], [request(" ".join(["tower"] * 500).encode())])
+    parameters = params_of(answer)
+    assert parameters["prompt_truncated"] is True and parameters["negative_prompt_truncated"] is False
+    assert image_of(answer).size == (64, 64)
+
+
+def test_multi_row_request(pipelines):
+    rows = {
+        "prompt": np.array([[b"a"], [b"b"]], dtype=np.object_),
+        "gen_args": np.array([[b'{"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1}']] * 2, dtype=np.object_),
+    }
+    [answer] = serve_batch(pipelines["sd_base"], [rows])
+    arrays = answer.as_arrays()
+    assert arrays["generated_image"].shape == (2, 1) and arrays["parameters"].shape == (2, 1)
+
