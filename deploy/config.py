@@ -1,0 +1,289 @@
+"""Deployment configuration: one dataclass, filled from flags > environment > config file > defaults.
+
+Every setting has the same three spellings, derived from its field name (`instance_count`):
+the flag `--instance-count`, the variable `SD_DEPLOY_INSTANCE_COUNT` and the key
+`instance_count` in the TOML config file (`--config PATH`, `SD_DEPLOY_CONFIG`, or `deploy.toml`
+in the working directory when present). All AWS resource names derive from `project`.
+
+Validation here never calls AWS: commands validate first, so a bad setting stops them before
+their first request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import boto3
+
+from deploy.archive import REPO_ROOT, has_checkpoint
+from serving.sdserve.catalog import MODELS
+
+ENV_PREFIX = "SD_DEPLOY_"
+CONFIG_ENV = "SD_DEPLOY_CONFIG"
+DEFAULT_CONFIG_FILE = Path("deploy.toml")
+VARIANT_NAME = "AllTraffic"
+# Derived names add at most 18 characters ("-config-" + a 10-digit hash) to the project, and
+# SageMaker names stop at 63.
+PROJECT_PATTERN = re.compile(r"^[a-z0-9](-?[a-z0-9])*$")
+PROJECT_MAX = 40
+ROLE_ARN_PATTERN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+WEIGHTS_HINT = "run `python -m deploy weights --tiny` (test weights) or `python -m deploy weights --hub` (real ones)"
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message says which and how to set it."""
+
+
+def _setting(default: Any, help: str, **kwargs: Any) -> Any:
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    project: str = _setting("sd-studio", "project name every AWS resource name derives from")
+    region: str | None = _setting(None, "AWS region (default: boto3's, from AWS_REGION / AWS_DEFAULT_REGION / profile)")
+    bucket: str | None = _setting(None, "S3 bucket holding the model archives")
+    prefix: str | None = _setting(None, "S3 prefix of the archives, the endpoint's ModelDataUrl (default: <project>/models)")
+    role_arn: str | None = _setting(None, "SageMaker execution role ARN (S3 read on the prefix, ECR pull, logs)")
+    instance_type: str = _setting("ml.g5.2xlarge", "endpoint instance type (a GPU family for the KIND_GPU configs)")
+    instance_count: int = _setting(1, "initial instance count (2+ recommended for availability)")
+    triton_version: str = _setting("25.04", "SageMaker Triton container version, resolved by the sagemaker SDK")
+    image_uri: str | None = _setting(None, "prebuilt container image; default: the extended image `package --image` pushes")
+    models: tuple[str, ...] = _setting(tuple(MODELS), "models to package, upload and smoke-test")
+    repository: Path = _setting(REPO_ROOT / "serving" / "models", "Triton model repository")
+    build_dir: Path = _setting(REPO_ROOT / "build", "where archives (build/model-store) and the SDK environment go")
+    shm_default_bytes: int = _setting(64 << 20, "Python backend shared memory per model (large image tensors)")
+    shm_growth_bytes: int = _setting(16 << 20, "Python backend shared memory growth step")
+    autoscale_min: int | None = _setting(None, "autoscaling: minimum instances (set with --autoscale-max to enable)")
+    autoscale_max: int | None = _setting(None, "autoscaling: maximum instances")
+    autoscale_target: float = _setting(5.0, "autoscaling: target invocations per instance per minute")
+    aws_endpoint_url: str | None = _setting(None, "send every AWS call to this URL (a local moto server, for tests)")
+    poll_seconds: float = _setting(20.0, "seconds between endpoint status polls")
+    wait_timeout_seconds: float = _setting(3600.0, "give up waiting for the endpoint after this many seconds")
+    sdk_python: Path | None = _setting(None, "interpreter with the sagemaker SDK (default: this one if it has it, "
+                                             "else build/sagemaker-sdk, made on first use)")
+
+    # --- derived names ------------------------------------------------------------------------
+
+    @property
+    def endpoint_name(self) -> str:
+        return self.project
+
+    @property
+    def s3_prefix(self) -> str:
+        return (self.prefix or f"{self.project}/models").strip("/")
+
+    @property
+    def model_data_url(self) -> str:
+        return f"s3://{self.bucket}/{self.s3_prefix}/"
+
+    def archive_key(self, model: str) -> str:
+        return f"{self.s3_prefix}/{model}.tar.gz"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.build_dir / "model-store"
+
+    @property
+    def ecr_repository(self) -> str:
+        return f"{self.project}-triton"
+
+    @property
+    def scaling_resource_id(self) -> str:
+        return f"endpoint/{self.endpoint_name}/variant/{VARIANT_NAME}"
+
+    @property
+    def scaling_policy_name(self) -> str:
+        return f"{self.project}-invocations-per-instance"
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.autoscale_max is not None
+
+    @property
+    def gpu_instance(self) -> bool:
+        return self.instance_type.startswith(("ml.g", "ml.p"))
+
+
+SETTINGS = {f.name: f for f in dataclasses.fields(DeployConfig)}
+HINTS = typing.get_type_hints(DeployConfig)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One option per setting; absent flags stay out of the namespace so lower layers show through."""
+    group = parser.add_argument_group(
+        "configuration", f"each also from ${ENV_PREFIX}<NAME> or a key in the TOML config file; "
+        "precedence: flag > environment > file > default",
+    )
+    group.add_argument("--config", type=Path, default=argparse.SUPPRESS,
+                       help=f"TOML config file (default: ${CONFIG_ENV}, else ./{DEFAULT_CONFIG_FILE} when present)")
+    for name, setting in SETTINGS.items():
+        group.add_argument(
+            flag(name), dest=name, default=argparse.SUPPRESS, nargs="+" if _kind(name) is tuple else None,
+            help=f"{setting.metadata['help']} (default: {_show_default(setting)})",
+        )
+
+
+def load_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> DeployConfig:
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    config_file = getattr(args, "config", None) or environ.get(CONFIG_ENV)
+    if config_file is not None:
+        values.update(_read_file(Path(config_file)))
+    elif DEFAULT_CONFIG_FILE.is_file():
+        values.update(_read_file(DEFAULT_CONFIG_FILE))
+    for name in SETTINGS:
+        if env_var(name) in environ:
+            values[name] = _convert(name, environ[env_var(name)], env_var(name))
+    for name in SETTINGS:
+        if name in vars(args):
+            values[name] = _convert(name, getattr(args, name), flag(name))
+    if values.get("region") is None:
+        # boto3's own lookup: AWS_REGION, AWS_DEFAULT_REGION, then the profile. No network.
+        values["region"] = boto3.session.Session().region_name
+    return DeployConfig(**values)
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    path = path.resolve()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
+    unknown = sorted(set(data) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    values = {name: _convert(name, value, f"{path}: {name}") for name, value in data.items()}
+    # Relative paths in the file mean relative to the file, not to wherever the CLI runs.
+    return {
+        name: path.parent / value if isinstance(value, Path) and not value.is_absolute() else value
+        for name, value in values.items()
+    }
+
+
+def _kind(name: str) -> type:
+    """The type a setting's text is converted with: `int | None` -> int, `tuple[str, ...]` -> tuple."""
+    hint = HINTS[name]
+    if typing.get_origin(hint) is tuple:
+        return tuple
+    choices = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+    return choices[0] if choices else hint
+
+
+def _convert(name: str, raw: Any, source: str) -> Any:
+    kind = _kind(name)
+    try:
+        if kind is tuple:
+            items = raw.replace(",", " ").split() if isinstance(raw, str) else raw
+            return tuple(str(item) for item in items)
+        if isinstance(raw, str) and not raw.strip():  # VAR= means "not set"
+            return SETTINGS[name].default
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from None
+
+
+def _show_default(setting: dataclasses.Field) -> str:
+    value = setting.default
+    if isinstance(value, tuple):
+        return " ".join(value)
+    if isinstance(value, Path):
+        return str(value.relative_to(REPO_ROOT)) if value.is_relative_to(REPO_ROOT) else str(value)
+    return "none" if value is None else str(value)
+
+
+# --- validation, before any AWS call ---------------------------------------------------------------
+
+
+def known_regions() -> set[str]:
+    """SageMaker regions in botocore's bundled endpoint data, every partition (no network)."""
+    session = boto3.session.Session()
+    return {
+        region
+        for partition in session.get_available_partitions()
+        for region in session.get_available_regions("sagemaker", partition_name=partition)
+    }
+
+
+def check_project(cfg: DeployConfig) -> None:
+    if len(cfg.project) > PROJECT_MAX or not PROJECT_PATTERN.match(cfg.project):
+        raise ConfigError(
+            f"project {cfg.project!r}: use lowercase letters, digits and single hyphens, at most {PROJECT_MAX} "
+            "characters (it prefixes every resource name)"
+        )
+    unknown = [name for name in cfg.models if name not in MODELS]
+    if unknown:
+        raise ConfigError(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+
+
+def check_region(cfg: DeployConfig) -> None:
+    if not cfg.region:
+        raise ConfigError(f"no region: set {flag('region')}, ${env_var('region')} or AWS_REGION")
+    if cfg.region not in known_regions():
+        raise ConfigError(f"unknown region {cfg.region!r}: SageMaker is not offered there (per botocore's data)")
+
+
+def check_endpoint_settings(cfg: DeployConfig) -> None:
+    if cfg.instance_count < 1:
+        raise ConfigError(f"instance count must be at least 1, got {cfg.instance_count}")
+    if cfg.poll_seconds <= 0 or cfg.wait_timeout_seconds <= 0:
+        raise ConfigError("poll and wait times must be positive")
+    check_autoscaling(cfg)
+
+
+def check_autoscaling(cfg: DeployConfig) -> None:
+    if cfg.autoscale_min is not None and cfg.autoscale_max is None:
+        raise ConfigError(f"{flag('autoscale_min')} needs {flag('autoscale_max')} too")
+    if not cfg.autoscaling:
+        return
+    low = cfg.autoscale_min if cfg.autoscale_min is not None else cfg.instance_count
+    if low < 1 or cfg.autoscale_max < low:
+        raise ConfigError(f"autoscaling bounds must satisfy 1 <= min <= max, got min {low}, max {cfg.autoscale_max}")
+    if cfg.autoscale_target <= 0:
+        raise ConfigError(f"autoscaling target must be positive, got {cfg.autoscale_target}")
+
+
+def autoscale_bounds(cfg: DeployConfig) -> tuple[int, int]:
+    low = cfg.autoscale_min if cfg.autoscale_min is not None else cfg.instance_count
+    return low, cfg.autoscale_max
+
+
+def check_bucket(cfg: DeployConfig) -> None:
+    if not cfg.bucket:
+        raise ConfigError(f"no S3 bucket configured: set {flag('bucket')}, ${env_var('bucket')} or bucket in deploy.toml")
+    if not BUCKET_PATTERN.match(cfg.bucket):
+        raise ConfigError(f"{cfg.bucket!r} is not a valid S3 bucket name")
+
+
+def check_role(cfg: DeployConfig) -> None:
+    if not cfg.role_arn:
+        raise ConfigError(
+            f"no SageMaker execution role: set {flag('role_arn')}, ${env_var('role_arn')} or role_arn in deploy.toml"
+        )
+    if not ROLE_ARN_PATTERN.match(cfg.role_arn):
+        raise ConfigError(f"{cfg.role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+
+
+def check_weights(cfg: DeployConfig, models: tuple[str, ...] | None = None) -> None:
+    missing = [name for name in models or cfg.models if not has_checkpoint(cfg.repository, name)]
+    if missing:
+        raise ConfigError(f"no weights for {', '.join(missing)} in {cfg.repository}: {WEIGHTS_HINT}")

@@ -1,0 +1,142 @@
+"""python -m deploy: configuration layers, and validation that stops before any AWS request."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from deploy.aws import DeployError
+from deploy.cli import build_parser
+from deploy.config import DeployConfig, load_config
+from deploy.endpoint import wait_for_endpoint
+from tests.test_deploy_support import BUCKET, REGION, ROLE, clean_env, deploy, repository, tripwire  # noqa: F401
+
+pytestmark = pytest.mark.aws
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["up", *argv])
+
+
+def test_precedence_is_flag_then_env_then_file_then_default(tmp_path, clean_env):
+    config_file = tmp_path / "deploy.toml"
+    config_file.write_text(
+        'project = "from-file"\nbucket = "file-bucket"\ninstance_count = 3\nregion = "eu-west-1"\n'
+        'models = ["sd_base"]\nrepository = "models"\n'
+    )
+    env = {"SD_DEPLOY_BUCKET": "env-bucket", "SD_DEPLOY_INSTANCE_COUNT": "4"}
+    cfg = load_config(parse("--instance-count", "5"), env)
+    assert cfg.instance_count == 5, "flag beats env and file"
+    assert cfg.bucket == "env-bucket", "env beats file"
+    assert (cfg.project, cfg.region, cfg.models) == ("from-file", "eu-west-1", ("sd_base",)), "file beats defaults"
+    assert cfg.repository == tmp_path / "models", "relative paths in the file are relative to the file"
+    assert cfg.instance_type == DeployConfig.instance_type, "defaults fill the rest"
+
+
+def test_names_derive_from_the_project(clean_env):
+    cfg = load_config(parse("--project", "team-a", "--bucket", BUCKET), {})
+    assert cfg.endpoint_name == "team-a"
+    assert cfg.model_data_url == f"s3://{BUCKET}/team-a/models/"
+    assert cfg.archive_key("sd_base") == "team-a/models/sd_base.tar.gz"
+    assert cfg.ecr_repository == "team-a-triton"
+    assert cfg.scaling_resource_id == "endpoint/team-a/variant/AllTraffic"
+
+
+def test_region_falls_back_to_boto3(clean_env, monkeypatch):
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-central-1")
+    assert load_config(parse(), {}).region == "eu-central-1"
+
+
+def test_every_command_has_help(deploy):
+    for command in ("plan", "weights", "package", "up", "add-model", "list", "invoke", "down"):
+        with pytest.raises(SystemExit) as exit_:
+            deploy(command, "--help")
+        assert exit_.value.code == 0
+
+
+# --- bad settings stop before the first request: the tripwire would count it -------------------
+
+COMPLETE = ("--region", REGION, "--bucket", BUCKET, "--role-arn", ROLE)
+
+
+@pytest.mark.parametrize(("argv", "env", "message"), [
+    pytest.param(["up", "--region", "mars-north-1", "--bucket", BUCKET, "--role-arn", ROLE], {},
+                 "unknown region 'mars-north-1'", id="unknown-region"),
+    pytest.param(["up", "--bucket", BUCKET, "--role-arn", ROLE], {}, "no region", id="no-region"),
+    pytest.param(["up", *COMPLETE, "--instance-count", "0"], {}, "instance count must be at least 1, got 0",
+                 id="zero-instances"),
+    pytest.param(["up", *COMPLETE], {"SD_DEPLOY_INSTANCE_COUNT": "-2"}, "at least 1, got -2", id="negative-instances"),
+    pytest.param(["up", *COMPLETE], {"SD_DEPLOY_INSTANCE_COUNT": "two"}, "SD_DEPLOY_INSTANCE_COUNT: 'two' is not a valid int",
+                 id="not-a-number"),
+    pytest.param(["up", "--region", REGION, "--role-arn", ROLE], {}, "no S3 bucket configured", id="no-bucket"),
+    pytest.param(["list", "--region", REGION], {}, "no S3 bucket configured", id="no-bucket-list"),
+    pytest.param(["up", "--region", REGION, "--bucket", BUCKET], {}, "no SageMaker execution role", id="no-role"),
+    pytest.param(["up", *COMPLETE, "--autoscale-min", "3", "--autoscale-max", "2"], {}, "1 <= min <= max",
+                 id="autoscale-bounds"),
+    pytest.param(["up", *COMPLETE, "--project", "Bad_Name"], {}, "project 'Bad_Name'", id="bad-project"),
+    pytest.param(["package", *COMPLETE, "--models", "sd_turbo"], {}, "unknown model(s) sd_turbo", id="unknown-model"),
+    pytest.param(["down", "--region", REGION, "--delete-artifacts"], {}, "no S3 bucket configured",
+                 id="down-artifacts-no-bucket"),
+])
+def test_bad_configuration_stops_before_any_aws_call(deploy, tripwire, monkeypatch, argv, env, message):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, out, err = deploy(*argv, "--aws-endpoint-url", tripwire.url)
+    assert code == 2 and message in err
+    assert tripwire.connections == 0
+
+
+def test_missing_weights_stop_package_before_any_aws_call(deploy, tripwire, repository):
+    (repository / "sd_inpaint/1/checkpoint/model_index.json").unlink()
+    code, _, err = deploy("package", *COMPLETE, "--repository", str(repository), "--aws-endpoint-url", tripwire.url)
+    assert code == 2
+    assert "no weights for sd_inpaint" in err and "python -m deploy weights --tiny" in err
+    assert tripwire.connections == 0
+
+
+def test_package_image_without_docker_stops_before_any_aws_call(deploy, tripwire, repository, monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    code, _, err = deploy("package", "--image", *COMPLETE, "--repository", str(repository),
+                          "--aws-endpoint-url", tripwire.url)
+    assert code == 1 and "needs the docker CLI" in err and "--image-uri" in err
+    assert tripwire.connections == 0
+
+
+def test_tripwire_does_see_a_request(deploy, tripwire):
+    """The control: a valid command reaches the tripwire, so a zero count above means something."""
+    code, _, err = deploy("list", "--region", REGION, "--bucket", BUCKET, "--aws-endpoint-url", tripwire.url)
+    assert code == 1 and "may not use it (403)" in err
+    assert tripwire.connections >= 1
+
+
+def test_plan_sends_nothing_and_lists_what_is_missing(deploy, tripwire):
+    code, out, _ = deploy("--region", REGION, "--aws-endpoint-url", tripwire.url)
+    assert code == 0 and tripwire.connections == 0
+    for call in ("s3.upload_file(", "sagemaker.create_model(", "sagemaker.create_endpoint_config(",
+                 "sagemaker.create_endpoint(", "sagemaker.update_endpoint(", "sagemaker.delete_endpoint(",
+                 "ecr.create_repository(", "sagemaker-runtime.invoke_endpoint("):
+        assert call in out
+    assert "'Mode': 'MultiModel'" in out
+    assert "no S3 bucket configured" in out and "no SageMaker execution role" in out
+
+
+# --- waiting for the endpoint ---------------------------------------------------------------------
+
+
+def test_wait_prints_status_changes_and_fails_with_the_reason(capsys):
+    cfg = DeployConfig(region=REGION, poll_seconds=0.001)
+    answers = iter([{"EndpointStatus": "Creating"}] * 3 + [{"EndpointStatus": "Failed", "FailureReason": "image not found"}])
+    with pytest.raises(DeployError, match="sd-studio failed: image not found"):
+        wait_for_endpoint(cfg, lambda: next(answers))
+    out = capsys.readouterr().out
+    assert out.count("Creating") == 1, "each status is printed once, when it changes"
+
+
+def test_wait_returns_when_in_service_and_times_out_otherwise():
+    answers = iter([{"EndpointStatus": "Updating"}, {"EndpointStatus": "InService", "EndpointName": "x"}])
+    cfg = DeployConfig(region=REGION, poll_seconds=0.001)
+    assert wait_for_endpoint(cfg, lambda: next(answers))["EndpointName"] == "x"
+    slow = DeployConfig(region=REGION, poll_seconds=0.001, wait_timeout_seconds=0.01)
+    with pytest.raises(DeployError, match="still Creating after"):
+        wait_for_endpoint(slow, lambda: {"EndpointStatus": "Creating"})
