@@ -31,7 +31,8 @@ IMAGE_CONTEXT = HERE / "triton_image"
 SDK_REQUIREMENTS = HERE / "sdk-requirements.txt"
 TRITON_FRAMEWORK = "sagemaker-tritonserver"
 IMAGE_URI_PATTERN = re.compile(r"^\d{12}\.dkr\.ecr\.[a-z0-9-]+\.amazonaws\.com(\.cn)?/[\w./-]+:[\w.-]+$")
-# Runs in the SDK's interpreter: SDK v3 (sagemaker-core) first, then v2. Prints the URI last.
+# Runs in the SDK's interpreter: SDK v3 (sagemaker-core) first, then v2. Prints the URI last, or
+# the SDK's complaint as one line on stderr (v2 would print its traceback on stdout).
 RETRIEVE = """
 import sys
 try:
@@ -39,7 +40,10 @@ try:
 except ImportError:
     from sagemaker import image_uris
 framework, region, version, instance_type = sys.argv[1:]
-print(image_uris.retrieve(framework=framework, region=region, version=version, instance_type=instance_type))
+try:
+    print(image_uris.retrieve(framework=framework, region=region, version=version, instance_type=instance_type))
+except Exception as error:
+    sys.exit(f"{type(error).__name__}: {' '.join(str(error).split())}")
 """
 
 

@@ -3,6 +3,7 @@ tripwire that proves no request was sent, and fake model folders. Holds no tests
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -41,6 +42,7 @@ def _moto_update_endpoint(self: SageMakerResponse) -> ActionResult:
 @pytest.fixture(scope="session")
 def moto_url() -> str:
     SageMakerResponse.update_endpoint = _moto_update_endpoint
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
