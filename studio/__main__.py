@@ -1,0 +1,99 @@
+"""python -m studio: the studio at http://127.0.0.1:7860.
+
+    python -m studio                                        # starts the checkout's local endpoint
+    python -m studio --endpoint-url http://127.0.0.1:8080   # a local endpoint already running
+    python -m studio --endpoint-name NAME --region REGION   # a SageMaker endpoint
+
+Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
+GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR), which is how a container or a
+Hugging Face Space sets them. AWS credentials come from boto3's usual chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+from studio.app import build_app
+from studio.client import StudioClient
+from studio.endpoint import LocalEndpoint, checkout_has_tiny_weights, local_endpoint_available
+from studio.store import ResultStore
+
+DEFAULT_RESULTS_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-studio" / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    env = os.environ
+    parser = argparse.ArgumentParser(prog="python -m studio", description="SD Studio, the designers' image studio.")
+    parser.add_argument("--endpoint-url", default=env.get("STUDIO_ENDPOINT_URL"), help="a local endpoint already running")
+    parser.add_argument("--endpoint-name", default=env.get("STUDIO_ENDPOINT_NAME"), help="a SageMaker endpoint")
+    parser.add_argument(
+        "--region", default=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
+        help="the SageMaker endpoint's AWS region",
+    )
+    parser.add_argument(
+        "--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+        help="address to serve on (0.0.0.0 in a container)",
+    )
+    parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument(
+        "--results-dir", type=Path, default=Path(env.get("STUDIO_RESULTS_DIR") or DEFAULT_RESULTS_DIR),
+        help="where result images are kept",
+    )
+    args = parser.parse_args(argv)
+    if args.endpoint_url and args.endpoint_name:
+        parser.error("give either --endpoint-url (local) or --endpoint-name (SageMaker), not both")
+    if not (args.endpoint_url or args.endpoint_name or local_endpoint_available()):
+        parser.error(
+            "no endpoint configured: set STUDIO_ENDPOINT_NAME and AWS_REGION for a SageMaker endpoint, "
+            "or STUDIO_ENDPOINT_URL for a local one"
+        )
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # SIGTERM (docker stop, a test ending) unwinds like Ctrl+C, so the local endpoint is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    store = ResultStore(args.results_dir)
+    with contextlib.ExitStack() as stack:
+        tiny_weights = False
+        if args.endpoint_name:
+            where = f"SageMaker endpoint {args.endpoint_name} ({args.region})"
+            client_factory = lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region)  # noqa: E731
+        else:
+            url = args.endpoint_url
+            if not url:
+                print("Starting the local endpoint (the first start takes a minute)…", flush=True)
+                url = stack.enter_context(LocalEndpoint()).url
+                tiny_weights = checkout_has_tiny_weights()
+            where = url
+            client_factory = lambda: StudioClient.for_local(url)  # noqa: E731
+        demo = build_app(
+            client_factory, store=store, tiny_weights=tiny_weights, endpoint=where,
+            history_secret=_history_secret(store.root),
+        )
+        demo.queue().launch(server_name=args.host, server_port=args.port)
+
+
+def _history_secret(results_dir: Path) -> str:
+    """The key the browser's copy of the history is encrypted with, kept beside the results.
+
+    Gradio picks a new one at every start otherwise, and the history would be lost with every
+    restart although its images are still here.
+    """
+    path = results_dir / ".history-secret"
+    if not path.is_file():
+        path.write_text(secrets.token_urlsafe(16))
+    return path.read_text().strip()
+
+
+if __name__ == "__main__":
+    main()

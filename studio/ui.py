@@ -1,0 +1,143 @@
+"""The components of one task tab, built from its Task data; app.py lays the tabs out and wires them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from studio.masks import BRUSH_OPACITY, BRUSH_RGB
+from studio.tasks import TASKS, Control, Task
+
+# Every result can be sent on to these tabs (the ones that take an image).
+SEND_TARGETS = tuple(name for name, task in TASKS.items() if task.takes_image)
+DEFAULT_BRUSH_SIZE = 24  # px, in the image's own pixels
+# Settings shown beside the prompts; the rest go in the "Sampling" group.
+MAIN_CONTROLS = ("prompt", "negative_prompt", "width", "height", "strength", "noise_level")
+
+
+@dataclass
+class TaskPanel:
+    """What one tab holds; the components are created inside the tab by `task_panel`."""
+
+    task: Task
+    controls: dict[str, gr.components.Component]
+    run: gr.Button
+    gallery: gr.Gallery
+    seed_used: gr.Textbox
+    reuse_seed: gr.Button
+    download: gr.DownloadButton
+    send: dict[str, gr.Button]
+    parameters: gr.JSON
+    results: gr.State  # the entries the gallery shows
+    current: gr.State  # the entry picked in the gallery: what is downloaded and sent on
+    source: gr.Image | gr.ImageEditor | None = None  # the input image; the Erase tab's is the editor
+    brush_size: gr.Slider | None = None
+    mask_preview: gr.Image | None = None
+    # The API endpoint's image parameters by name. An editor value is awkward over the API, so
+    # Erase takes a plain image there, and a mask (the preview component, which shows the same).
+    api_images: dict[str, gr.Image] = field(default_factory=dict)
+
+    @property
+    def result_outputs(self) -> list[gr.components.Component]:
+        """What showing results in this tab updates."""
+        return [self.gallery, self.results, self.current, self.parameters, self.seed_used, self.download]
+
+    @property
+    def restore_outputs(self) -> list[gr.components.Component]:
+        """What restoring a result into this tab updates."""
+        inputs = [component for component in (self.source, self.mask_preview) if component is not None]
+        return [*inputs, *self.controls.values(), *self.result_outputs]
+
+
+def brush(size: int) -> gr.Brush:
+    red, green, blue = BRUSH_RGB
+    return gr.Brush(default_size=int(size), colors=[(f"rgb({red}, {green}, {blue})", BRUSH_OPACITY)], color_mode="fixed")
+
+
+def task_panel(task: Task) -> TaskPanel:
+    """The tab's components, rendered in the current Blocks context (inside its gr.Tab)."""
+    name = task.name
+    gr.Markdown(task.summary)
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            source, brush_size, mask_preview, api_images = _image_inputs(task)
+            controls = {
+                control.name: control_widget(control, f"{name}-{control.name}")
+                for control in task.controls
+                if control.name in MAIN_CONTROLS
+            }
+            with gr.Accordion("Sampling", open=True):
+                with gr.Row():
+                    controls.update(
+                        (control.name, control_widget(control, f"{name}-{control.name}"))
+                        for control in task.controls
+                        if control.name not in MAIN_CONTROLS
+                    )
+            run = gr.Button(task.title, variant="primary", elem_id=f"{name}-run")
+        with gr.Column(scale=1):
+            gallery = gr.Gallery(
+                label=f"{task.title} results", columns=2, fit_columns=False, height=420, object_fit="contain",
+                interactive=False, elem_id=f"{name}-results",
+            )
+            with gr.Row():
+                seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id=f"{name}-seed-used")
+                reuse_seed = gr.Button("Reuse this seed", size="sm", elem_id=f"{name}-reuse-seed")
+                download = gr.DownloadButton(
+                    "Download PNG", interactive=False, size="sm", elem_id=f"{name}-download"
+                )
+            with gr.Row():
+                send = {
+                    target: gr.Button(f"Send to {TASKS[target].title}", size="sm", elem_id=f"{name}-send-{target}")
+                    for target in SEND_TARGETS
+                }
+            with gr.Accordion("Parameters", open=False):
+                parameters = gr.JSON(label="Parameters", elem_id=f"{name}-parameters")
+    return TaskPanel(
+        task=task, controls=controls, run=run, gallery=gallery, seed_used=seed_used, reuse_seed=reuse_seed,
+        download=download, send=send, parameters=parameters, results=gr.State([]), current=gr.State(None),
+        source=source, brush_size=brush_size, mask_preview=mask_preview, api_images=api_images,
+    )
+
+
+def _image_inputs(task: Task):
+    """(source, brush size, mask preview, API image parameters) of a task; Nones where it has none."""
+    if not task.takes_image:
+        return None, None, None, {}
+    limit = f"at most {task.max_image_side} px a side"
+    if not task.takes_mask:
+        image = gr.Image(
+            label=f"Input image ({limit})", type="pil", image_mode="RGB", sources=("upload", "clipboard"),
+            height=360, elem_id=f"{task.name}-image",
+        )
+        return image, None, None, {"image": image}
+    editor = gr.ImageEditor(
+        label=f"Image: paint over what should go ({limit})",
+        type="pil", image_mode="RGBA", format="png", sources=("upload", "clipboard"),
+        # No crop or resize: the mask must stay aligned with the image it was painted on.
+        transforms=(), layers=False, brush=brush(DEFAULT_BRUSH_SIZE), eraser=gr.Eraser(default_size=DEFAULT_BRUSH_SIZE),
+        height=420, elem_id=f"{task.name}-editor",
+    )
+    with gr.Row():
+        brush_size = gr.Slider(1, 128, value=DEFAULT_BRUSH_SIZE, step=1, label="Brush size (px)", elem_id=f"{task.name}-brush-size")
+        mask_preview = gr.Image(
+            label="Mask (white = replace)", type="pil", image_mode="L", interactive=False, height=160,
+            elem_id=f"{task.name}-mask",
+        )
+    api_image = gr.Image(label="Image", type="pil", image_mode="RGB", visible=False)
+    return editor, brush_size, mask_preview, {"image": api_image, "mask": mask_preview}
+
+
+def control_widget(control: Control, elem_id: str) -> gr.components.Component:
+    common = {"label": control.label, "info": control.info, "elem_id": elem_id}
+    if control.widget == "text":
+        return gr.Textbox(value=control.default, lines=2 if control.name == "prompt" else 1, **common)
+    if control.widget == "slider":
+        return gr.Slider(control.minimum, control.maximum, value=control.default, step=control.step, **common)
+    if control.widget == "dropdown":
+        return gr.Dropdown(list(control.choices), value=control.default, **common)
+    if control.widget == "number":
+        return gr.Number(
+            value=control.default, precision=0, minimum=control.minimum, maximum=control.maximum, **common
+        )
+    raise ValueError(f"unknown widget {control.widget!r} for {control.name}")

@@ -1,0 +1,341 @@
+"""The studio's plain logic, without a browser or an endpoint: tasks, masks, PNG metadata, the
+result store, the session history and the status stream."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import pytest
+from PIL import Image, PngImagePlugin
+
+from sdserve.params import MODEL_PARAMS, RANDOM_SEED as SERVING_RANDOM_SEED, SCHEDULERS as SERVING_SCHEDULERS, SEED_MAX as SERVING_SEED_MAX
+from sdserve.request import MAX_WORKING_SIDE, MIN_IMAGE_SIDE as SERVING_MIN_SIDE, PROMPT_REQUIRED
+from studio import session
+from studio.client import GenerationResult, StudioError
+from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
+from studio.metadata import embed_parameters, image_to_png, read_parameters
+from studio.status import run_with_status, status_line
+from studio.store import ResultStore
+from studio.tasks import MIN_IMAGE_SIDE, RANDOM_SEED, SCHEDULERS, SEED_MAX, TASK_BY_MODEL, TASKS
+
+
+def png_with_parameters(parameters: dict | None, size=(64, 64), color=(10, 120, 200), extra_text=None) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, value in (extra_text or {}).items():
+        info.add_text(key, value)
+    if parameters is not None:
+        info.add_text("parameters", json.dumps(parameters))
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def painted_mask(size=(64, 64), box=(16, 16, 40, 40)) -> Image.Image:
+    mask = Image.new("L", size, 0)
+    mask.paste(255, box)
+    return mask
+
+
+class RecordingClient:
+    """Stands in for StudioClient: records the call, answers with one PNG."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, method):
+        def call(*images, on_status=None, **arguments):
+            self.calls.append((method, images, arguments))
+            parameters = {"model": TASKS[method].model, "seed": 7, "seeds": [7]}
+            return GenerationResult(model=TASKS[method].model, images=[], png=[png_with_parameters(parameters)], parameters=parameters)
+
+        return call
+
+
+@pytest.fixture
+def store(tmp_path) -> ResultStore:
+    return ResultStore(tmp_path / "results")
+
+
+# --- tasks: the copies of the serving side's limits agree with it ----------------------------
+
+
+@pytest.mark.parametrize("task", TASKS.values(), ids=lambda task: task.name)
+def test_controls_mirror_the_serving_allow_list(task):
+    allowed = MODEL_PARAMS[task.model]
+    controls = [control for control in task.controls if control.name not in ("prompt", "negative_prompt")]
+    assert sorted(control.parameter_key for control in controls) == sorted(allowed)
+    for control in controls:
+        param = allowed[control.parameter_key]
+        assert control.default == param.default, control.name
+        assert type(control.default) is param.kind, control.name
+        assert (control.minimum, control.maximum) == (param.minimum, param.maximum), control.name
+        assert control.choices == param.choices, control.name
+        if param.multiple_of:
+            assert control.step == param.multiple_of and control.minimum % param.multiple_of == 0
+
+
+def test_image_limits_mirror_the_serving_side():
+    assert {task.model: task.max_image_side for task in TASKS.values() if task.takes_image} == MAX_WORKING_SIDE
+    assert {task.model for task in TASKS.values() if task.prompt_required} == PROMPT_REQUIRED
+    assert MIN_IMAGE_SIDE == SERVING_MIN_SIDE
+    assert SCHEDULERS == tuple(SERVING_SCHEDULERS)
+    assert (RANDOM_SEED, SEED_MAX) == (SERVING_RANDOM_SEED, SERVING_SEED_MAX)
+    assert set(TASK_BY_MODEL) == set(MODEL_PARAMS)
+
+
+def test_coerce_gives_the_endpoint_its_types_and_ranges():
+    steps = TASKS["generate"].control("steps")
+    assert steps.coerce(50.0) == 50 and isinstance(steps.coerce(50.0), int)
+    assert steps.coerce(1000) == 150
+    assert steps.coerce("nonsense") == 50
+    assert steps.coerce(float("nan")) == 50
+    seed = TASKS["generate"].control("seed")
+    assert seed.coerce(None) == RANDOM_SEED
+    assert seed.coerce(2**40) == SEED_MAX
+    scheduler = TASKS["generate"].control("scheduler")
+    assert scheduler.coerce("euler_a") == "euler_a"
+    assert scheduler.coerce("rm -rf") == "default"
+    assert TASKS["restyle"].control("strength").coerce("0.3") == 0.3
+
+
+# --- tasks: running one through the client layer --------------------------------------------
+
+
+def test_run_calls_the_client_method_with_coerced_arguments():
+    client = RecordingClient()
+    TASKS["generate"].run(client, {"prompt": "a house", "steps": 2.0, "width": 64.0, "height": 64, "seed": -1.0})
+    method, images, arguments = client.calls[0]
+    assert method == "generate" and images == ()
+    assert arguments["steps"] == 2 and arguments["width"] == 64 and arguments["seed"] == -1
+    assert arguments["guidance_scale"] == 7.5 and arguments["scheduler"] == "default"
+
+
+def test_run_passes_image_and_mask_in_order():
+    client = RecordingClient()
+    image = Image.new("RGBA", (64, 64))
+    TASKS["erase"].run(client, {"prompt": ""}, image, painted_mask())
+    method, (sent_image, sent_mask), arguments = client.calls[0]
+    assert method == "erase" and sent_image.mode == "RGB" and sent_mask.mode == "L"
+    assert arguments["strength"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "task, values, image, mask, message",
+    [
+        ("generate", {"prompt": "  "}, None, None, "Write a prompt"),
+        ("restyle", {"prompt": "x"}, None, None, "needs an input image"),
+        ("upscale", {}, Image.new("RGB", (600, 100)), None, "at most 512 px"),
+        ("restyle", {"prompt": "x"}, Image.new("RGB", (1100, 64)), None, "at most 1024 px"),
+        ("restyle", {"prompt": "x"}, Image.new("RGB", (64, 16)), None, "at least 32 px"),
+        ("erase", {}, Image.new("RGB", (64, 64)), None, "mask is empty"),
+        ("erase", {}, Image.new("RGB", (64, 64)), Image.new("L", (64, 64), 0), "mask is empty"),
+        ("erase", {}, Image.new("RGB", (64, 64)), painted_mask((32, 32), (0, 0, 8, 8)), "must be the same size"),
+    ],
+)
+def test_bad_inputs_are_refused_before_calling(task, values, image, mask, message):
+    client = RecordingClient()
+    with pytest.raises(StudioError, match=message):
+        TASKS[task].run(client, values, image, mask)
+    assert client.calls == []
+
+
+# --- masks ------------------------------------------------------------------------------------
+
+
+def test_mask_is_white_where_painted_black_elsewhere():
+    layer = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    layer.paste((255, 0, 255, 40), (10, 10, 20, 20))  # faint paint still counts
+    mask = mask_from_layers([layer, None], (64, 64))
+    assert mask.mode == "L" and mask.size == (64, 64)
+    assert mask.getpixel((15, 15)) == 255 and mask.getpixel((30, 30)) == 0
+    assert {value for _, value in mask.getcolors()} == {0, 255}
+
+
+def test_layers_of_another_size_are_scaled_to_the_image():
+    layer = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 255), (0, 0, 16, 16))
+    mask = mask_from_layers([layer], (64, 64))
+    assert mask.size == (64, 64) and mask.getpixel((31, 31)) == 255 and mask.getpixel((33, 33)) == 0
+
+
+def test_editor_value_round_trips_the_mask():
+    image = Image.new("RGB", (64, 48), (1, 2, 3))
+    mask = painted_mask((64, 48), (5, 5, 30, 30))
+    value = editor_value(image, mask)
+    assert value["layers"][0].mode == "RGBA" and value["composite"].size == (64, 48)
+    back_image, back_mask = mask_from_editor(value)
+    assert back_image.tobytes() == image.tobytes()
+    assert back_mask.tobytes() == mask.tobytes()
+    assert brush_layer(mask).getpixel((0, 0))[3] == 0
+
+
+def test_editor_without_an_image_gives_nothing():
+    assert mask_from_editor(None) == (None, None)
+    assert mask_from_editor({"background": None, "layers": [], "composite": None}) == (None, None)
+    assert editor_value(None)["background"] is None
+
+
+# --- PNG metadata -----------------------------------------------------------------------------
+
+
+def test_parameters_round_trip_through_the_png_text_chunk():
+    parameters = {"model": "sd_base", "seed": 42, "prompt": "ein Haus ☀"}
+    png = embed_parameters(png_with_parameters(None, extra_text={"Software": "x"}), parameters)
+    assert read_parameters(png) == parameters
+    assert Image.open(io.BytesIO(png)).text["Software"] == "x"
+
+
+def test_embedding_keeps_the_bytes_when_the_parameters_are_there():
+    png = png_with_parameters({"seed": 1})
+    assert embed_parameters(png, {"seed": 1}) is png
+    assert read_parameters(embed_parameters(png, {"seed": 2})) == {"seed": 2}
+
+
+@pytest.mark.parametrize("data", [b"", b"not a png", png_with_parameters(None)])
+def test_files_without_parameters_read_as_none(data):
+    assert read_parameters(data) is None
+
+
+def test_non_object_parameters_read_as_none():
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "[1, 2]")
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buffer, format="PNG", pnginfo=info)
+    assert read_parameters(buffer.getvalue()) is None
+
+
+# --- the result store -------------------------------------------------------------------------
+
+
+def test_store_names_files_by_content(store):
+    png = png_with_parameters({"seed": 3})
+    result_id = store.save(png, "generate seed 3")
+    assert store.save(png, "another name") == result_id
+    path = store.path(result_id)
+    assert path.name == "generate-seed-3.png" and path.read_bytes() == png
+    assert store.open(result_id).size == (64, 64)
+
+
+@pytest.mark.parametrize("forged", ["../../etc/passwd", "0" * 31, "G" * 32, None, 12, "0" * 32])
+def test_store_refuses_malformed_or_unknown_ids(store, forged):
+    assert store.path(forged) is None
+    assert store.open(forged) is None
+
+
+def test_store_removes_the_oldest_past_its_limit(tmp_path):
+    store = ResultStore(tmp_path, max_items=3)
+    ids = []
+    for color in range(5):
+        ids.append(store.save(png_with_parameters(None, color=(color, 0, 0)), "x"))
+        time.sleep(0.01)  # distinct modification times
+    assert [store.path(result_id) is not None for result_id in ids] == [False, False, True, True, True]
+
+
+# --- the session history ----------------------------------------------------------------------
+
+
+def generation_result(model="sd_base", seeds=(11, 12), embedded=True, weights="tiny-random") -> GenerationResult:
+    parameters = {"model": model, "weights": weights, "prompt": "a house", "seed": seeds[0], "seeds": list(seeds),
+                  "num_inference_steps": 3, "guidance_scale": 5.0, "num_images_per_prompt": len(seeds)}
+    pngs = [png_with_parameters({**parameters, "seed": seed} if embedded else None, color=(seed, 0, 0)) for seed in seeds]
+    return GenerationResult(model=model, images=[], png=pngs, parameters=parameters)
+
+
+@pytest.mark.parametrize("embedded", [True, False], ids=["endpoint-embedded", "studio-embedded"])
+def test_every_image_becomes_an_entry_with_its_own_seed(store, embedded):
+    entries = session.record_result(store, TASKS["generate"], generation_result(embedded=embedded))
+    assert [entry["parameters"]["seed"] for entry in entries] == [11, 12]
+    for entry in entries:
+        assert entry["task"] == "generate" and entry["inputs"] == {}
+        assert read_parameters(store.path(entry["id"]).read_bytes()) == entry["parameters"]
+        assert store.path(entry["id"]).name == f"generate-seed-{entry['parameters']['seed']}.png"
+
+
+def test_inputs_are_kept_for_restoring(store):
+    image, mask = Image.new("RGB", (64, 64), "red"), painted_mask()
+    [entry] = session.record_result(store, TASKS["erase"], generation_result("sd_inpaint", seeds=(5,)), {"image": image, "mask": mask})
+    restored = session.restored_inputs(entry, store)
+    assert restored["image"].tobytes() == image.tobytes()
+    assert restored["mask"].convert("L").tobytes() == mask.tobytes()
+
+
+def test_history_is_newest_first_and_bounded():
+    history = session.add_to_history([], [{"id": "a"}])
+    history = session.add_to_history(history, [{"id": "b"}, {"id": "c"}])
+    assert [entry["id"] for entry in history] == ["b", "c", "a"]
+    assert len(session.add_to_history(history, [{"id": str(n)} for n in range(60)], limit=50)) == 50
+
+
+def test_history_from_the_browser_is_checked(store):
+    [good] = session.record_result(store, TASKS["generate"], generation_result(seeds=(1,)))
+    forged = [
+        {**good, "id": "../../../etc/passwd"},
+        {**good, "task": "rm"},
+        {**good, "parameters": "x"},
+        {**good, "id": "f" * 32},  # well-formed, but not in the store
+        "not an entry",
+    ]
+    assert session.valid_history([*forged, good], store) == [good]
+    assert session.valid_history({"not": "a list"}, store) == []
+
+
+def test_restoring_maps_parameters_back_onto_controls():
+    parameters = {"model": "sd_depth", "prompt": "p", "num_inference_steps": 3, "num_images_per_prompt": 2,
+                  "strength": 0.4, "seed": 99, "scheduler": "bogus", "weights": "tiny-random"}
+    values = session.restored_values(TASKS["restyle"], parameters)
+    assert values == {"prompt": "p", "steps": 3, "num_images": 2, "strength": 0.4, "seed": 99, "scheduler": "default"}
+
+
+def test_a_dropped_png_becomes_an_entry_of_its_task(store):
+    png = png_with_parameters({"model": "sd_upscale", "seed": 8, "noise_level": 30})
+    entry = session.entry_from_png(store, png)
+    assert entry["task"] == "upscale" and entry["parameters"]["noise_level"] == 30
+    assert store.path(entry["id"]).read_bytes() == png
+    assert session.entry_from_png(store, png_with_parameters({"model": "other"})) is None
+    assert session.entry_from_png(store, image_to_png(Image.new("RGB", (8, 8)))) is None
+
+
+def test_captions_and_banner_flag():
+    entry = {"task": "erase", "parameters": {"seed": 4, "prompt": "x" * 100, "weights": "tiny-random"}}
+    caption = session.caption(entry)
+    assert caption.startswith("Erase · seed 4 · xxx") and caption.endswith("…") and len(caption) < 90
+    assert session.shows_tiny_weights([entry])
+    assert not session.shows_tiny_weights([{"parameters": {"weights": "hub"}}])
+    assert session.effective_seed(entry) == 4 and session.effective_seed({"parameters": {"seed": True}}) is None
+
+
+# --- the status stream ------------------------------------------------------------------------
+
+
+def test_status_stream_relays_reports_and_returns_the_result():
+    def call(on_status):
+        on_status("Sending to sd_base…")
+        time.sleep(0.05)
+        on_status("sd_base answered in 0.1 s.")
+        return "result"
+
+    stream = run_with_status(call, present=lambda line: {"status": line}, tick_s=0.01)
+    lines = []
+    while True:
+        try:
+            lines.append(next(stream)["status"])
+        except StopIteration as done:
+            assert done.value == "result"
+            break
+    assert any("Sending to sd_base" in line for line in lines)
+    assert "answered" in lines[-1]
+
+
+def test_status_stream_raises_the_calls_error():
+    def call(on_status):
+        raise StudioError("The endpoint is busy.")
+
+    with pytest.raises(StudioError, match="busy"):
+        list(run_with_status(call, tick_s=0.01))
+
+
+def test_a_slow_call_says_why():
+    assert "loaded first" not in status_line("Sending…", 2)
+    assert "loaded first" in status_line("Sending…", 30)
