@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     settings = argparse.ArgumentParser(add_help=False)
     add_config_arguments(settings)
     parser = argparse.ArgumentParser(
-        prog="python -m deploy", description=__doc__.split("\n\n")[0],
-        epilog="Run `python -m deploy COMMAND --help` for a command's options.",
+        prog="python -m deploy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `python -m deploy COMMAND --help` for a command's options and settings.",
     )
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 

@@ -285,18 +285,23 @@ def apply_autoscaling(cfg: DeployConfig, aws: Aws) -> None:
         return
     low, high = autoscale_bounds(cfg)
     policies = aws.run(describe_scaling_policies(cfg), echo=False)["ScalingPolicies"]
-    wanted = put_scaling_policy(cfg).params["TargetTrackingScalingPolicyConfiguration"]
-    if (
-        targets and (targets[0]["MinCapacity"], targets[0]["MaxCapacity"]) == (low, high)
-        and any(p["PolicyName"] == cfg.scaling_policy_name
-                and p.get("TargetTrackingScalingPolicyConfiguration", {}).get("TargetValue") == wanted["TargetValue"]
-                for p in policies)
-    ):
-        print(f"autoscaling {low}..{high} instances at {cfg.autoscale_target} invocations/instance/min: unchanged")
+    if _registered_as_wanted(cfg, targets, policies):
+        print(f"autoscaling {low}..{high} instances at {cfg.autoscale_target:g} invocations/instance/min: unchanged")
         return
     aws.run(register_scalable_target(cfg))
     aws.run(put_scaling_policy(cfg))
-    print(f"autoscaling {low}..{high} instances, target {cfg.autoscale_target} invocations/instance/min")
+    print(f"autoscaling {low}..{high} instances, target {cfg.autoscale_target:g} invocations/instance/min")
+
+
+def _registered_as_wanted(cfg: DeployConfig, targets: list[dict[str, Any]], policies: list[dict[str, Any]]) -> bool:
+    if not targets:
+        return False
+    targets_by_policy = {
+        policy["PolicyName"]: policy.get("TargetTrackingScalingPolicyConfiguration", {}).get("TargetValue")
+        for policy in policies
+    }
+    return ((targets[0]["MinCapacity"], targets[0]["MaxCapacity"]) == autoscale_bounds(cfg)
+            and targets_by_policy == {cfg.scaling_policy_name: cfg.autoscale_target})
 
 
 def remove_autoscaling(cfg: DeployConfig, aws: Aws) -> None:

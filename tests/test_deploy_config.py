@@ -8,7 +8,8 @@ import pytest
 
 from deploy.aws import DeployError
 from deploy.cli import build_parser
-from deploy.config import DeployConfig, load_config
+from deploy.archive import REPO_ROOT
+from deploy.config import ConfigError, DeployConfig, load_config
 from deploy.endpoint import wait_for_endpoint
 from tests.test_deploy_support import BUCKET, REGION, ROLE, clean_env, deploy, repository, tripwire  # noqa: F401
 
@@ -32,6 +33,17 @@ def test_precedence_is_flag_then_env_then_file_then_default(tmp_path, clean_env)
     assert (cfg.project, cfg.region, cfg.models) == ("from-file", "eu-west-1", ("sd_base",)), "file beats defaults"
     assert cfg.repository == tmp_path / "models", "relative paths in the file are relative to the file"
     assert cfg.instance_type == DeployConfig.instance_type, "defaults fill the rest"
+
+
+def test_the_example_config_file_loads(clean_env):
+    cfg = load_config(parse("--config", str(REPO_ROOT / "deploy" / "deploy.example.toml")), {})
+    assert (cfg.bucket, cfg.instance_count, cfg.region) == ("my-sd-studio-artifacts", 2, "us-east-1")
+
+
+def test_unknown_keys_in_the_file_are_refused(tmp_path, clean_env):
+    (tmp_path / "deploy.toml").write_text('instance_cuont = 2\n')
+    with pytest.raises(ConfigError, match="unknown setting.*instance_cuont"):
+        load_config(parse(), {})
 
 
 def test_names_derive_from_the_project(clean_env):
