@@ -26,12 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-# `sdserve` is imported top-level, as the Triton model.py files import it, so that this command and
-# the serving runtime share one copy of the catalog and of the marker reader.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sdserve.catalog import CHECKPOINT_DIR, MODELS, WEIGHTS_MARKER  # noqa: E402
-from sdserve.checkpoint import read_marker  # noqa: E402
+from sdserve.catalog import CHECKPOINT_DIR, MODELS, WEIGHTS_MARKER
+from sdserve.checkpoint import read_marker
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "models"
 TINY_KIND = "tiny-random"
