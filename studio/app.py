@@ -211,6 +211,7 @@ def build_app(
                     inputs_kwargs=panel.controls,
                     outputs=[status, history, history_gallery, banner, *panel.result_outputs],
                     show_progress="minimal",
+                    show_progress_on=[status],  # not on every output: an error would be flagged on each
                     **endpoint_limits,
                     **ui_only,
                 )
