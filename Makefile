@@ -9,8 +9,12 @@ INSTALLED := $(VENV)/.installed
 MODELS := sd_base sd_depth sd_inpaint sd_upscale
 TINY_MARKERS := $(foreach m,$(MODELS),serving/models/$(m)/1/checkpoint/model_index.json)
 PORT ?= 8080
+# The sagemaker SDK (Triton image lookup) needs importlib-metadata<7, which nvidia-pytriton in
+# .venv cannot share: it gets its own environment, used by `python -m deploy`.
+SDK_VENV := build/sagemaker-sdk
+SDK_INSTALLED := $(SDK_VENV)/.installed
 
-.PHONY: venv system-packages tiny-models real-weights test demo endpoint bench clean
+.PHONY: venv sdk-venv system-packages tiny-models real-weights test demo endpoint bench deploy-plan clean
 
 venv: $(INSTALLED)
 
@@ -19,6 +23,14 @@ $(INSTALLED): requirements.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip check
+	touch $@
+
+sdk-venv: $(SDK_INSTALLED)
+
+$(SDK_INSTALLED): deploy/sdk-requirements.txt
+	test -d $(SDK_VENV) || $(PYTHON) -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SDK_VENV)/bin/python -m pip install --quiet -r deploy/sdk-requirements.txt
 	touch $@
 
 # Debian's chromium for the browser tests (Playwright's own browser download cannot work here).
@@ -34,7 +46,7 @@ tiny-models: $(INSTALLED)
 real-weights: $(INSTALLED)
 	$(PY) -m serving.weights hub
 
-test: $(INSTALLED) system-packages tiny-models
+test: $(INSTALLED) $(SDK_INSTALLED) system-packages tiny-models
 	$(PY) -m pytest
 
 endpoint: $(INSTALLED) tiny-models
@@ -45,6 +57,9 @@ demo: $(INSTALLED) tiny-models
 
 bench: $(INSTALLED) tiny-models
 	$(PY) -m serving.bench
+
+deploy-plan: $(INSTALLED)
+	$(PY) -m deploy plan
 
 clean:
 	rm -rf $(VENV) build test-artifacts serving/models/*/1/checkpoint
