@@ -1,0 +1,120 @@
+"""A designer's session in a real browser (Debian chromium through Playwright), against
+`python -m studio` on the checkout's local endpoint: generate, send to Erase, paint a mask with
+the mouse, erase, send to Upscale, upscale, and find all three results in the session history,
+also after a reload. The final page is saved as test-artifacts/studio-session.png.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+
+from tests.test_studio_api import launched_studio
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+CALL_TIMEOUT_MS = 300_000  # a model's first call loads it into Triton
+
+pytestmark = [pytest.mark.triton, pytest.mark.browser]
+
+
+@pytest.fixture(scope="module")
+def studio_url(model_repository, tmp_path_factory) -> Iterator[str]:
+    with launched_studio(tmp_path_factory.mktemp("studio-results")) as url:
+        yield url
+
+
+@pytest.fixture
+def page(tmp_path) -> Iterator[Page]:
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tmp_path / "profile",  # a fresh profile: no history from an earlier run
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()
+
+
+def set_number(page: Page, elem_id: str, value: float) -> None:
+    """Type into a slider's (or number box's) number field."""
+    field = page.locator(f"#{elem_id} input[type=number]")
+    field.fill(str(value))
+    field.press("Enter")
+
+
+def paint(page: Page, canvas_selector: str) -> None:
+    """Three horizontal brush strokes across the middle of the editor's canvas."""
+    canvas = page.locator(canvas_selector).first
+    expect(canvas).to_be_visible()
+    box = canvas.bounding_box()
+    center_x, center_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    for offset in (-30, 0, 30):
+        page.mouse.move(center_x - 60, center_y + offset)
+        page.mouse.down()
+        for step in range(1, 13):
+            page.mouse.move(center_x - 60 + 10 * step, center_y + offset, steps=2)
+        page.mouse.up()
+
+
+def run_and_wait(page: Page, task: str, title: str) -> None:
+    set_number(page, f"{task}-steps", 2)
+    page.locator(f"#{task}-run").click()
+    expect(page.locator("#status")).to_contain_text(f"Done: {title}", timeout=CALL_TIMEOUT_MS)
+    expect(page.locator(f"#{task}-results img").first).to_be_visible()
+
+
+def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
+    page.goto(studio_url)
+    expect(page.locator("#tiny-weights-banner")).to_contain_text("Demo weights", timeout=60_000)
+
+    page.locator("#generate-prompt textarea").fill("a small house under a blue sky")
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 64)
+    run_and_wait(page, "generate", "Generate")
+    expect(page.locator("#generate-seed-used textarea")).not_to_have_value("")
+
+    page.locator("#generate-send-erase").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Erase")
+    expect(page.locator("#erase-prompt textarea")).to_have_value("a small house under a blue sky")
+    set_number(page, "erase-brush-size", 6)
+    page.wait_for_timeout(500)  # the new brush size reaches the editor
+    paint(page, "#erase-editor canvas")
+    expect(page.locator("#erase-mask img")).to_be_visible()
+    run_and_wait(page, "erase", "Erase")
+
+    page.locator("#erase-send-upscale").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Upscale")
+    run_and_wait(page, "upscale", "Upscale")
+
+    history = page.locator("#history img")
+    expect(history).to_have_count(3)
+    for caption in ("Upscale · seed", "Erase · seed", "Generate · seed"):
+        expect(page.locator("#history")).to_contain_text(caption)
+    page.screenshot(path=str(artifacts_dir / "studio-session.png"), full_page=True)
+
+    page.reload()
+    expect(page.locator("#history img")).to_have_count(3, timeout=30_000)
+
+    # Picking the oldest result restores it into Generate, with its size and effective seed.
+    page.locator("#history img").nth(2).click()
+    expect(page.locator("#status")).to_contain_text("Restored a Generate result")
+    expect(page.locator("#generate-width input[type=number]")).to_have_value("64")
+    seed = page.locator("#generate-seed-used textarea").input_value()
+    expect(page.locator("#generate-seed input")).to_have_value(seed)
+    page.screenshot(path=str(artifacts_dir / "studio-restored.png"), full_page=True)
