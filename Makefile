@@ -14,7 +14,7 @@ PORT ?= 8080
 SDK_VENV := build/sagemaker-sdk
 SDK_INSTALLED := $(SDK_VENV)/.installed
 
-.PHONY: venv sdk-venv system-packages tiny-models real-weights test demo endpoint bench deploy-plan clean
+.PHONY: venv sdk-venv system-packages tiny-models real-weights test demo triton endpoint bench deploy-plan clean
 
 venv: $(INSTALLED)
 
@@ -48,6 +48,10 @@ real-weights: $(INSTALLED)
 
 test: $(INSTALLED) $(SDK_INSTALLED) system-packages tiny-models
 	$(PY) -m pytest
+
+# The four models on a plain local Triton (KServe v2 HTTP on 127.0.0.1:8000).
+triton: $(INSTALLED) tiny-models
+	$(PY) -m serving.local_triton --model-repository serving/models --http-port 8000
 
 endpoint: $(INSTALLED) tiny-models
 	$(PY) -m deploy.local_endpoint --port $(PORT)

@@ -27,12 +27,11 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+import serving  # noqa: F401  (puts sdserve on the path)
+from sdserve.checkpoint import checkpoint_dir, has_checkpoint
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SDSERVE_DIR = REPO_ROOT / "serving" / "sdserve"
-# Kept in step with serving/sdserve/catalog.py (CHECKPOINT_DIR, WEIGHTS_MARKER); not imported so
-# that packaging works without the serving package on sys.path.
-CHECKPOINT_DIR = "checkpoint"
-MODEL_INDEX = "model_index.json"
 VENDORED_PACKAGE = "sdserve"
 # Never packed: bytecode is rebuilt by the container's Python and would break determinism.
 IGNORED_NAMES = frozenset({"__pycache__", ".DS_Store"})
@@ -58,14 +57,6 @@ class CorruptArchiveError(ValueError):
 def archive_name(model_name: str) -> str:
     """The S3 object name, which is also the TargetModel a client sends (`sd_base.tar.gz`)."""
     return f"{model_name}.tar.gz"
-
-
-def checkpoint_dir(repository: Path, model_name: str) -> Path:
-    return repository / model_name / "1" / CHECKPOINT_DIR
-
-
-def has_checkpoint(repository: Path, model_name: str) -> bool:
-    return (checkpoint_dir(repository, model_name) / MODEL_INDEX).is_file()
 
 
 def build_model_archive(

@@ -23,7 +23,8 @@ from typing import Any
 
 import boto3
 
-from deploy.archive import REPO_ROOT, has_checkpoint
+from deploy.archive import REPO_ROOT
+from sdserve.checkpoint import has_checkpoint
 from serving.sdserve.catalog import MODELS
 
 ENV_PREFIX = "SD_DEPLOY_"

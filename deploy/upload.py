@@ -7,13 +7,13 @@ archive whose hash matches the object's is not uploaded again. Archives are dete
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from deploy.archive import build_model_archive, checkpoint_dir, format_size, sha256_file
+from deploy.archive import build_model_archive, format_size, sha256_file
+from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 from deploy.aws import Aws, Call, DeployError
 from deploy.config import DeployConfig
 
@@ -80,12 +80,8 @@ def build_archives(cfg: DeployConfig, models: tuple[str, ...]) -> list[Archive]:
 
 
 def _tiny_warning(cfg: DeployConfig, model: str) -> str:
-    marker = checkpoint_dir(cfg.repository, model) / "weights.json"
-    try:
-        kind = json.loads(marker.read_text()).get("kind")
-    except (OSError, ValueError):
-        return ""
-    return "  (tiny random weights: fine for a smoke test, the images are noise)" if kind == "tiny-random" else ""
+    kind = read_marker(checkpoint_dir(cfg.repository, model)).get("kind")
+    return "  (tiny random weights: fine for a smoke test, the images are noise)" if kind == TINY_KIND else ""
 
 
 def ensure_bucket(cfg: DeployConfig, aws: Aws) -> None:

@@ -26,12 +26,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sdserve.catalog import CHECKPOINT_DIR, MODELS, WEIGHTS_MARKER
-from sdserve.checkpoint import read_marker
+from sdserve.catalog import MODELS, WEIGHTS_MARKER
+from sdserve.checkpoint import HUB_KIND, TINY_KIND, checkpoint_dir, read_marker
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "models"
-TINY_KIND = "tiny-random"
-HUB_KIND = "hub"
 HUB_VARIANT = "fp16"
 
 # torch, diffusers and transformers are imported only once a pipeline is really built: they take
@@ -423,21 +421,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     for name in args.models:
-        checkpoint_dir = args.repository / name / "1" / CHECKPOINT_DIR
-        if args.command == "tiny" and args.keep_existing and tiny_is_current(name, checkpoint_dir):
-            print(f"{name}: kept the {read_marker(checkpoint_dir)['kind']} weights in {checkpoint_dir}")
+        folder = checkpoint_dir(args.repository, name)
+        if args.command == "tiny" and args.keep_existing and tiny_is_current(name, folder):
+            print(f"{name}: kept the {read_marker(folder)['kind']} weights in {folder}")
             continue
         started = time.perf_counter()
         if args.command == "tiny":
-            write_tiny(name, checkpoint_dir)
+            write_tiny(name, folder)
         else:
             try:
-                write_hub(name, checkpoint_dir, args.revision)
+                write_hub(name, folder, args.revision)
             except OSError as error:  # how huggingface_hub reports a Hub it cannot reach or that refuses
                 sys.exit(_hub_error_line(name, error))
         elapsed = time.perf_counter() - started
-        megabytes = _folder_megabytes(checkpoint_dir)
-        print(f"{name}: wrote {megabytes:.1f} MB to {checkpoint_dir} in {elapsed:.1f} s")
+        print(f"{name}: wrote {_folder_megabytes(folder):.1f} MB to {folder} in {elapsed:.1f} s")
 
 
 def _hub_error_line(name: str, error: OSError) -> str:

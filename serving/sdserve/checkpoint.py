@@ -5,7 +5,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .catalog import WEIGHTS_MARKER
+from .catalog import CHECKPOINT_DIR, WEIGHTS_MARKER
+
+TINY_KIND = "tiny-random"
+HUB_KIND = "hub"
+
+
+def checkpoint_dir(repository: Path, model: str) -> Path:
+    """Where a model's diffusers pipeline folder sits in a Triton model repository."""
+    return Path(repository) / model / "1" / CHECKPOINT_DIR
+
+
+def has_checkpoint(repository: Path, model: str) -> bool:
+    return (checkpoint_dir(repository, model) / "model_index.json").is_file()
 
 
 def read_marker(checkpoint_dir: Path) -> dict:
@@ -16,4 +28,4 @@ def read_marker(checkpoint_dir: Path) -> dict:
 
 def checkpoint_variant(checkpoint_dir: Path) -> str | None:
     """The weights variant to ask from_pretrained for: the Hub download keeps fp16 files only."""
-    return "fp16" if read_marker(checkpoint_dir).get("kind") == "hub" else None
+    return "fp16" if read_marker(checkpoint_dir).get("kind") == HUB_KIND else None
