@@ -1,0 +1,93 @@
+"""How `python -m studio` picks its endpoint, and the local endpoint it starts and stops itself
+(exercised here with a stand-in `deploy.local_endpoint` that only answers /ping)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from studio import __main__ as cli
+from studio.endpoint import EndpointStartError, LocalEndpoint, checkout_has_tiny_weights
+
+STAND_IN = """\
+import argparse, http.server, sys
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int)
+port = parser.parse_args().port
+if {fail!r}:
+    sys.exit(3)
+class Ping(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/ping" else 404)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", port), Ping).serve_forever()
+"""
+
+
+def stand_in_checkout(tmp_path, fail=False):
+    package = tmp_path / "deploy"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "local_endpoint.py").write_text(STAND_IN.format(fail=fail))
+    return tmp_path
+
+
+def test_the_local_endpoint_is_started_and_stopped(tmp_path):
+    with LocalEndpoint(cwd=stand_in_checkout(tmp_path), startup_timeout_s=30) as endpoint:
+        with urllib.request.urlopen(f"{endpoint.url}/ping", timeout=5) as response:
+            assert response.status == 200
+        process = endpoint.process
+    assert process.poll() is not None
+
+
+def test_an_endpoint_that_dies_while_starting_is_reported(tmp_path):
+    with pytest.raises(EndpointStartError, match="exited with status 3"):
+        with LocalEndpoint(cwd=stand_in_checkout(tmp_path, fail=True), startup_timeout_s=30):
+            pass
+
+
+def test_tiny_weights_are_recognized_by_their_marker(tmp_path):
+    assert not checkout_has_tiny_weights(tmp_path)
+    for model, kind in (("sd_base", "hub"), ("sd_depth", "tiny-random")):
+        checkpoint = tmp_path / model / "1" / "checkpoint"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "weights.json").write_text(json.dumps({"kind": kind}))
+    assert checkout_has_tiny_weights(tmp_path)
+
+
+@pytest.fixture
+def no_endpoint_env(monkeypatch):
+    for name in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME", "AWS_REGION", "AWS_DEFAULT_REGION", "GRADIO_SERVER_NAME", "GRADIO_SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_defaults_serve_on_localhost_7860(no_endpoint_env, monkeypatch):
+    monkeypatch.setattr(cli, "local_endpoint_available", lambda: True)
+    args = cli.parse_args([])
+    assert (args.host, args.port) == ("127.0.0.1", 7860)
+    assert args.endpoint_url is None and args.endpoint_name is None
+
+
+def test_a_sagemaker_endpoint_is_one_setting(no_endpoint_env):
+    no_endpoint_env.setenv("STUDIO_ENDPOINT_NAME", "sd-studio")
+    no_endpoint_env.setenv("AWS_REGION", "eu-west-1")
+    args = cli.parse_args([])
+    assert (args.endpoint_name, args.region) == ("sd-studio", "eu-west-1")
+    assert cli.parse_args(["--endpoint-name", "other", "--region", "us-west-2"]).region == "us-west-2"
+
+
+def test_url_and_name_together_are_refused(no_endpoint_env, capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--endpoint-url", "http://127.0.0.1:8080", "--endpoint-name", "x"])
+    assert "not both" in capsys.readouterr().err
+
+
+def test_the_history_key_survives_a_restart(tmp_path):
+    first = cli._history_secret(tmp_path)
+    assert first and cli._history_secret(tmp_path) == first
+
