@@ -33,11 +33,12 @@ $(SDK_INSTALLED): deploy/sdk-requirements.txt
 	$(SDK_VENV)/bin/python -m pip install --quiet -r deploy/sdk-requirements.txt
 	touch $@
 
-# Debian's chromium for the browser tests (Playwright's own browser download cannot work here).
+# Debian's chromium for the browser tests (Playwright's own browser download cannot work here),
+# and a C compiler for serving/loopback_bind.c (keeps the local Triton's SageMaker port on loopback).
 system-packages:
-	@command -v chromium >/dev/null || { \
+	@command -v chromium >/dev/null && command -v cc >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium gcc libc6-dev; }
 
 # Tiny random-weight pipelines, built offline; real weights already present are kept.
 tiny-models: $(INSTALLED)
@@ -53,10 +54,10 @@ test: $(INSTALLED) $(SDK_INSTALLED) system-packages tiny-models
 triton: $(INSTALLED) tiny-models
 	$(PY) -m serving.local_triton --model-repository serving/models --http-port 8000
 
-endpoint: $(INSTALLED) tiny-models
+endpoint: $(INSTALLED) system-packages tiny-models
 	$(PY) -m deploy.local_endpoint --port $(PORT)
 
-demo: $(INSTALLED) tiny-models
+demo: $(INSTALLED) system-packages tiny-models
 	$(PY) -m studio
 
 bench: $(INSTALLED) tiny-models

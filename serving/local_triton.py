@@ -13,8 +13,9 @@ the wheel leaves undone, and runs the server as a child process in one of two mo
 Facts about this binary that the code relies on (checked by experiment on Triton 2.51.0):
 
 * ``--http-address``, ``--grpc-address`` and ``--metrics-address`` exist, so those listeners
-  are bound to 127.0.0.1. There is no ``--sagemaker-address``: the SageMaker listener always
-  binds 0.0.0.0 (also when ``--http-address`` is set), so its port is reachable from the network.
+  are bound to 127.0.0.1. There is no ``--sagemaker-address``: the SageMaker listener binds
+  0.0.0.0 (also when ``--http-address`` is set). In SageMaker mode the launcher preloads
+  ``loopback_bind.c`` (built on first use) to turn that wildcard bind into 127.0.0.1.
 * ``--allow-http=false --allow-grpc=false --allow-metrics=false`` work together with
   ``--allow-sagemaker=true``; ``--model-repository`` is still required (an empty folder will do).
 * ``--model-config-name=cpu`` also applies to models loaded through SageMaker's ``POST /models``:
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -215,6 +217,39 @@ def _install_pythonpath_bridge() -> None:
         raise
 
 
+LOOPBACK_SOURCE = SERVING_DIR / "loopback_bind.c"
+
+
+def loopback_preload(install: TritonInstallation) -> Path:
+    """The shared library that keeps the SageMaker listener on 127.0.0.1, built on first use.
+
+    Triton has no address flag for that listener (it binds 0.0.0.0); loopback_bind.c, preloaded,
+    turns wildcard binds into loopback ones. The library is named after the source's hash, so an
+    edited source is rebuilt, and written under a temporary name first, so racing builds are safe.
+    """
+    digest = hashlib.sha256(LOOPBACK_SOURCE.read_bytes()).hexdigest()[:12]
+    library = install.root / f"loopback_bind-{digest}.so"
+    if library.is_file():
+        return library
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise TritonLaunchError(
+            "SageMaker mode needs a C compiler to keep its port on 127.0.0.1 (Triton has no address "
+            "flag for it): apt-get install gcc")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{library.name}.", dir=install.root)
+    os.close(fd)
+    try:
+        built = subprocess.run(
+            [compiler, "-shared", "-fPIC", "-O2", "-o", tmp_name, str(LOOPBACK_SOURCE), "-ldl"],
+            capture_output=True, text=True)
+        if built.returncode != 0:
+            raise TritonLaunchError(f"could not build {LOOPBACK_SOURCE.name}: {built.stderr.strip()}")
+        os.replace(tmp_name, library)
+    finally:
+        Path(tmp_name).unlink(missing_ok=True)
+    return library
+
+
 def _make_executable(path: Path) -> None:
     # Only chmod when needed: the package may be read-only once prepared.
     mode = path.stat().st_mode
@@ -273,7 +308,8 @@ def server_env(install: TritonInstallation, *, sagemaker: bool = False,
       PYTHONPATH (isolated mode), so the same list also goes into LOCAL_TRITON_PYTHONPATH, which
       the .pth bridge installed by prepare_triton() adds to the stub's sys.path.
     * SAGEMAKER_MULTI_MODEL=true in SageMaker mode only (removed otherwise: it changes how the
-      binary behaves). Everything else passes through; ``extra_env`` wins.
+      binary behaves), with loopback_bind preloaded so that its listener binds 127.0.0.1.
+      Everything else passes through; ``extra_env`` wins.
     """
     env = dict(os.environ if base_env is None else base_env)
     extra = dict(extra_env or {})
@@ -287,6 +323,7 @@ def server_env(install: TritonInstallation, *, sagemaker: bool = False,
     env[BRIDGE_ENV] = env["PYTHONPATH"]
     if sagemaker:
         env["SAGEMAKER_MULTI_MODEL"] = "true"
+        env["LD_PRELOAD"] = _env_paths(loopback_preload(install), env.get("LD_PRELOAD"))
     else:
         env.pop("SAGEMAKER_MULTI_MODEL", None)
     env.update(extra)

@@ -107,13 +107,14 @@ def port_free(port: int, host: str = "127.0.0.1") -> bool:
 
 
 def listen_addresses(port: int) -> set[str]:
-    """Hex IPv4 addresses (as /proc/net/tcp writes them) listening on a port."""
+    """Hex IPv4 and IPv6 addresses (as /proc/net/tcp and tcp6 write them) listening on a port."""
     found = set()
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        address, hex_port = local.split(":")
-        if state == "0A" and int(hex_port, 16) == port:
-            found.add(address)
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:
+                found.add(address)
     return found
 
 
@@ -279,6 +280,8 @@ def test_sagemaker_ping_and_only_the_sagemaker_port(sm_server):
     assert sm_server.ports["http"] is None and sm_server.ports["grpc"] is None
     assert sm_server.ports["metrics"] is None
     assert web.get(sm_server.sagemaker_url + "/models", timeout=5).json() == {"models": []}
+    # Triton binds this listener to 0.0.0.0; the preloaded loopback_bind keeps it on 127.0.0.1.
+    assert listen_addresses(sm_server.ports["sagemaker"]) == {"0100007F"}
 
 
 def test_sagemaker_load_invoke_list_unload_by_body_name(sm_server, tmp_path):
