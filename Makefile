@@ -6,15 +6,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
-MODELS := sd_base sd_depth sd_inpaint sd_upscale
-TINY_MARKERS := $(foreach m,$(MODELS),serving/models/$(m)/1/checkpoint/model_index.json)
 PORT ?= 8080
 # The sagemaker SDK (Triton image lookup) needs importlib-metadata<7, which nvidia-pytriton in
 # .venv cannot share: it gets its own environment, used by `python -m deploy`.
 SDK_VENV := build/sagemaker-sdk
 SDK_INSTALLED := $(SDK_VENV)/.installed
 
-.PHONY: venv sdk-venv system-packages tiny-models real-weights test demo triton endpoint bench deploy-plan clean
+.PHONY: venv sdk-venv compiler chromium tiny-models real-weights test demo triton endpoint bench deploy-plan clean
 
 venv: $(INSTALLED)
 
@@ -33,12 +31,16 @@ $(SDK_INSTALLED): deploy/sdk-requirements.txt
 	$(SDK_VENV)/bin/python -m pip install --quiet -r deploy/sdk-requirements.txt
 	touch $@
 
-# Debian's chromium for the browser tests (Playwright's own browser download cannot work here),
-# and a C compiler for serving/loopback_bind.c (keeps the local Triton's SageMaker port on loopback).
-system-packages:
-	@command -v chromium >/dev/null && command -v cc >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium gcc libc6-dev; }
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+APT_INSTALL := $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq
+
+# A C compiler for serving/loopback_bind.c (keeps the local Triton's SageMaker port on loopback).
+compiler:
+	@command -v cc >/dev/null || { $(APT_INSTALL) gcc libc6-dev; }
+
+# Debian's chromium for the browser tests (Playwright's own browser download cannot work here).
+chromium:
+	@command -v chromium >/dev/null || { $(APT_INSTALL) chromium; }
 
 # Tiny random-weight pipelines, built offline; real weights already present are kept.
 tiny-models: $(INSTALLED)
@@ -47,17 +49,17 @@ tiny-models: $(INSTALLED)
 real-weights: $(INSTALLED)
 	$(PY) -m serving.weights hub
 
-test: $(INSTALLED) $(SDK_INSTALLED) system-packages tiny-models
+test: $(INSTALLED) $(SDK_INSTALLED) compiler chromium tiny-models
 	$(PY) -m pytest
 
 # The four models on a plain local Triton (KServe v2 HTTP on 127.0.0.1:8000).
 triton: $(INSTALLED) tiny-models
 	$(PY) -m serving.local_triton --model-repository serving/models --http-port 8000
 
-endpoint: $(INSTALLED) system-packages tiny-models
+endpoint: $(INSTALLED) compiler tiny-models
 	$(PY) -m deploy.local_endpoint --port $(PORT)
 
-demo: $(INSTALLED) system-packages tiny-models
+demo: $(INSTALLED) compiler tiny-models
 	$(PY) -m studio
 
 bench: $(INSTALLED) tiny-models
