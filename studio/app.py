@@ -34,7 +34,7 @@ from studio.session import (
 from studio.status import run_with_status
 from studio.store import ResultStore
 from studio.tasks import TASKS, Task
-from studio.ui import TaskPanel, brush, task_panel
+from studio.ui import EDITOR_CANVAS_SIZE, TaskPanel, brush, task_panel
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +113,15 @@ def build_app(
             values = restored_values(panel.task, entry["parameters"])
             updates = {panel.controls[name]: value for name, value in values.items()}
             inputs = restored_inputs(entry, store)
+            message = f"Restored a {panel.task.title} result (seed {effective_seed(entry)})."
             if panel.source is not None and "image" in inputs:
-                updates.update(_source_update(panel, inputs["image"], inputs.get("mask")))
+                source = _source_update(panel, inputs["image"], inputs.get("mask"))
+                if "mask" in inputs and source[panel.mask_preview] is None:
+                    message += " Paint the mask again: the editor shows masks only on 512×512 images."
+                updates.update(source)
             return {
                 tabs: gr.Tabs(selected=panel.task.name),
-                status: f"Restored a {panel.task.title} result (seed {effective_seed(entry)}).",
+                status: message,
                 **updates,
                 **show_results(panel, [entry]),
             }
@@ -275,10 +279,12 @@ def _source_components(panel: TaskPanel) -> list:
     return [component for component in (panel.source, panel.mask_preview) if component is not None]
 
 
-def _source_update(panel: TaskPanel, image: Any, mask: Any = None) -> dict:
-    """Put an image (and for Erase its mask, painted on) into a tab's input."""
+def _source_update(panel: TaskPanel, image: Image.Image, mask: Image.Image | None = None) -> dict:
+    """Put an image (and for Erase its mask, painted on, where the editor can show it) into a tab's input."""
     if panel.mask_preview is None:
         return {panel.source: image}
+    if image.size != EDITOR_CANVAS_SIZE:
+        mask = None  # it would show up shifted (see EDITOR_CANVAS_SIZE); the designer paints it again
     return {panel.source: editor_value(image, mask), panel.mask_preview: mask}
 
 
@@ -291,12 +297,10 @@ def _examples(panel: TaskPanel, prompts: list[dict], assets_dir: Path) -> None:
     if panel.source is None:
         gr.Examples(rows, inputs=text, label="Example prompts", cache_examples=False)
         return
-    sample = str(assets_dir / "sample.png")
+    sample: Any = str(assets_dir / "sample.png")
     if panel.mask_preview is not None:
         sample = editor_value(Image.open(sample).convert("RGB"), Image.open(assets_dir / "sample_mask.png"))
-    gr.Examples(
-        [[sample, *row] for row in rows], inputs=[panel.source, *text], label="Examples", cache_examples=False
-    )
+    gr.Examples([[sample, *row] for row in rows], inputs=[panel.source, *text], label="Examples", cache_examples=False)
 
 
 def _api_description(task: Task) -> str:

@@ -48,11 +48,9 @@ def brush_layer(mask: Image.Image) -> Image.Image:
 
 
 def editor_value(image: Image.Image | None, mask: Image.Image | None = None) -> dict[str, Any]:
-    """A gr.ImageEditor value showing `image`, with `mask` painted on it when given."""
-    if image is None:
-        return {"background": None, "layers": [], "composite": None}
-    layers = [brush_layer(mask)] if mask is not None else []
-    composite = image.convert("RGBA")
-    for layer in layers:
-        composite = Image.alpha_composite(composite, layer)
-    return {"background": image, "layers": layers, "composite": composite}
+    """A gr.ImageEditor value showing `image`, with `mask` painted on it when given.
+
+    No composite: the editor makes its own, and one given here is shown in place of the image.
+    """
+    layers = [brush_layer(mask)] if image is not None and mask is not None else []
+    return {"background": image, "layers": layers, "composite": None}

@@ -12,6 +12,10 @@ from studio.tasks import TASKS, Control, Task
 # Every result can be sent on to these tabs (the ones that take an image).
 SEND_TARGETS = tuple(name for name, task in TASKS.items() if task.takes_image)
 DEFAULT_BRUSH_SIZE = 24  # px, in the image's own pixels
+# Gradio 6.31's editor places a layer that comes with its value (a restored mask, the example's)
+# centred on the canvas size it was built with, not on the image: it lines up only on images of
+# this size, the sample's and the default generation size.
+EDITOR_CANVAS_SIZE = (512, 512)
 # Settings shown beside the prompts; the rest go in the "Sampling" group.
 MAIN_CONTROLS = ("prompt", "negative_prompt", "width", "height", "strength", "noise_level")
 
@@ -116,7 +120,7 @@ def _image_inputs(task: Task):
         type="pil", image_mode="RGBA", format="png", sources=("upload", "clipboard"),
         # No crop or resize: the mask must stay aligned with the image it was painted on.
         transforms=(), layers=False, brush=brush(DEFAULT_BRUSH_SIZE), eraser=gr.Eraser(default_size=DEFAULT_BRUSH_SIZE),
-        height=420, elem_id=f"{task.name}-editor",
+        canvas_size=EDITOR_CANVAS_SIZE, height=420, elem_id=f"{task.name}-editor",
     )
     with gr.Row():
         brush_size = gr.Slider(1, 128, value=DEFAULT_BRUSH_SIZE, step=1, label="Brush size (px)", elem_id=f"{task.name}-brush-size")

@@ -164,7 +164,7 @@ def test_editor_value_round_trips_the_mask():
     image = Image.new("RGB", (64, 48), (1, 2, 3))
     mask = painted_mask((64, 48), (5, 5, 30, 30))
     value = editor_value(image, mask)
-    assert value["layers"][0].mode == "RGBA" and value["composite"].size == (64, 48)
+    assert value["layers"][0].mode == "RGBA" and value["layers"][0].size == (64, 48)
     back_image, back_mask = mask_from_editor(value)
     assert back_image.tobytes() == image.tobytes()
     assert back_mask.tobytes() == mask.tobytes()
