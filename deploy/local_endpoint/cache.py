@@ -49,6 +49,13 @@ def folder_size(folder: Path) -> int:
     return total
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # not empty (extracted, or in use by another process), or already gone
+
+
 def _slug(target: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", target)[:60] or "model"
 
@@ -91,8 +98,11 @@ class ModelCache:
 
     def _extract(self, store: ModelStore, info: ArchiveInfo, repo: Path) -> None:
         try:
-            with store.local_copy(info, self.downloads) as archive:
-                safe_extract(archive, repo, max_total_bytes=self.max_archive_bytes)
+            try:
+                with store.local_copy(info, self.downloads) as archive:
+                    safe_extract(archive, repo, max_total_bytes=self.max_archive_bytes)
+            finally:
+                _remove_if_empty(repo.parent)  # a refused archive leaves no trace
         except UnsafeArchiveError as error:
             raise ValidationError(
                 f"Refused to extract model data archive {info.url}: {error}. Nothing was written "
@@ -117,6 +127,7 @@ class ModelCache:
         models = [name for name in entries if (repo / name / "config.pbtxt").is_file()]
         if len(models) != 1 or len(entries) != 1:
             shutil.rmtree(repo, ignore_errors=True)  # never load it; a fixed archive has a new version
+            _remove_if_empty(repo.parent)
             raise ValidationError(
                 f"Model data archive {info.url} must hold exactly one Triton model folder at its root "
                 f"(<model>/config.pbtxt, <model>/1/model.py); it holds {entries[:10] or 'nothing'}.")

@@ -31,6 +31,14 @@ class EndpointError(Exception):
     def fields(self) -> dict[str, Any]:
         return {}
 
+    def __copy__(self) -> "EndpointError":
+        # A remembered error is raised again as a copy: one instance raised by many threads
+        # would share (and keep growing) one traceback.
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        Exception.__init__(clone, self.message)
+        return clone
+
     def body(self) -> bytes:
         return json.dumps({"Message": self.message, **self.fields()}).encode("utf-8")
 
@@ -99,7 +107,8 @@ def model_error(target: str, status: int, original: str, *, log_hint: str, log_s
     AWS puts in OriginalMessage; the message quotes its text.
     """
     kind = "client" if 400 <= status < 500 else "server"
-    message = f'Received {kind} error ({status}) from model {target} with message "{triton_error_text(original)}".'
+    text = triton_error_text(original) or "(no message)"
+    message = f'Received {kind} error ({status}) from model {target} with message "{text}".'
     if note:
         message += f" {note}"
     message += f" See {log_hint} for more information."

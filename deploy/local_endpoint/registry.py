@@ -82,7 +82,8 @@ class ModelEntry:
     load_seconds: float | None = None
     error: EndpointError | None = None
     failed_version: str | None = None
-    retry_at: float = 0.0  # monotonic; a failed entry is not retried before this
+    failed_at: float = 0.0  # monotonic
+    remembered: bool = False  # a failure answered from memory until the archive changes or the cool-down
     attempt: int = 0  # load attempts so far; requests wait for one attempt's outcome
 
     def touch(self) -> None:
@@ -177,7 +178,7 @@ class ModelRegistry:
                     if entry.state is State.LOADED and self._triton_down is None:
                         return self._use(entry)
                     if entry.state is State.FAILED:
-                        if entry.failed_version == info.version and time.monotonic() < entry.retry_at:
+                        if self._remembered(entry, info):
                             raise copy.copy(entry.error)  # remembered: not retried yet
                         entry.state, entry.error = State.ABSENT, None
                     if entry.state is State.ABSENT and self._triton_down is None:
@@ -199,6 +200,10 @@ class ModelRegistry:
                 if remaining <= 0:
                     raise self._not_ready(target)
                 self._cond.wait(min(remaining, 1.0))
+
+    def _remembered(self, entry: ModelEntry, info: ArchiveInfo) -> bool:
+        return (entry.remembered and entry.failed_version == info.version
+                and time.monotonic() - entry.failed_at < self.limits.retry_failed_after_s)
 
     def _use(self, entry: ModelEntry) -> ModelEntry:
         entry.in_flight += 1
@@ -338,7 +343,8 @@ class ModelRegistry:
             entry.state = State.FAILED
             entry.error = error
             entry.failed_version = info.version
-            entry.retry_at = time.monotonic() + (self.limits.retry_failed_after_s if remember else 0.0)
+            entry.failed_at = time.monotonic()
+            entry.remembered = remember
             entry.load_seconds = time.monotonic() - started
             self._cond.notify_all()
         log.warning("loading %s failed: %s", entry.target, error.message)
@@ -382,9 +388,15 @@ class ModelRegistry:
         started = time.monotonic()
         clean = False
         try:
-            answer = self.triton.unload(victim.triton_name, timeout=self.limits.unload_timeout_s)
-            clean = answer.status == 200
-            if not clean:
+            if victim.folder is not None and not self.triton.stub_pids(victim.folder):
+                # Its stub died unnoticed: the SageMaker DELETE would hang (see triton.py).
+                self.triton.unload_core(victim.triton_name)
+                victim.crashes += 1
+                answer = None
+            else:
+                answer = self.triton.unload(victim.triton_name, timeout=self.limits.unload_timeout_s)
+                clean = answer.status == 200
+            if answer is not None and not clean:
                 log.warning("unloading %s answered %s: %s", victim.target, answer.status, answer.text[:200])
         except TritonUnreachable as error:
             log.warning("unloading %s failed: %s", victim.target, error)
@@ -398,11 +410,13 @@ class ModelRegistry:
         log.info("evicted %s (%s) in %.1f s", victim.target, reason, time.monotonic() - started)
 
     def _unload_crashed(self, name: str) -> None:
-        # Triton unloads the model at once but answers only after its 350 s unload wait.
+        # Through the core API: the SageMaker DELETE of a dead model hangs 350 s (see triton.py).
         try:
-            self.triton.unload(name, timeout=400)
-        except TritonUnreachable:
-            pass
+            answer = self.triton.unload_core(name)
+            if answer.status != 200:
+                log.warning("unloading crashed %s answered %s: %s", name, answer.status, answer.text[:200])
+        except TritonUnreachable as error:
+            log.warning("unloading crashed %s failed: %s", name, error)
 
     # -- listing ------------------------------------------------------------------------------
 

@@ -7,10 +7,17 @@ Facts this relies on (Triton 2.51, see serving/local_triton.py and tests/test_lo
   must carry the same header, and the path's name must be the body's ``model_name``. Here all
   three are the same string.
 * When a model's Python-backend stub process dies, every invoke answers 400 ``Stub process
-  '<name>_0_0' is not healthy.`` and the stub is never restarted. ``DELETE`` then unloads the
-  model from Triton within a second, but the SageMaker layer keeps the name and folder registered
-  (and the DELETE unanswered) for its full 350 s unload wait: a reload must use a new name and a
-  new folder (see ModelCache.generation).
+  '<name>_0_0' is not healthy.`` and the stub is never restarted. The SageMaker ``DELETE`` then
+  unloads the model from Triton's core within a second, but keeps the name and folder registered
+  and answers only after its full 350 s unload wait - all that time blocking the SageMaker HTTP
+  worker thread it runs on, and with it every other connection that thread serves (a later load
+  on such a connection hung until the DELETE gave up). So a dead model is unloaded through the
+  core's own repository API on Triton's KServe HTTP port (127.0.0.1, answers at once), and the
+  reload uses a new name and a new folder (see ModelCache.generation), since the SageMaker layer
+  still holds the old ones.
+* SageMaker ``POST /models`` is synchronous: it holds its worker thread for the whole load, so
+  other connections served by that thread wait meanwhile; ``--sagemaker-thread-count=16`` (twice
+  the default) makes that less likely.
 * The SageMaker listener binds 0.0.0.0 (no address flag exists); its port is a free one.
 * Idle keep-alive connections delay Triton's stop by its exit timeout: close() every connection
   before stopping it.
@@ -157,7 +164,8 @@ class TritonBackend:
         self.exit_timeout_secs = exit_timeout_secs
         self.model_config_name = model_config_name
         self.server: LocalTriton | None = None
-        self.pool: ConnectionPool | None = None
+        self.pool: ConnectionPool | None = None  # the SageMaker port
+        self.core_pool: ConnectionPool | None = None  # the KServe port (127.0.0.1), for unloads only
         self.starts = 0
         self._lock = threading.Lock()
 
@@ -166,20 +174,23 @@ class TritonBackend:
     def start(self, timeout: float = 180.0) -> None:
         with self._lock:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            server = LocalTriton(sagemaker=True, sagemaker_port=0, log_path=self.log_path,
+            server = LocalTriton(sagemaker=True, sagemaker_port=0, http_port=0, log_path=self.log_path,
                                  exit_timeout_secs=self.exit_timeout_secs,
-                                 model_config_name=self.model_config_name)
+                                 model_config_name=self.model_config_name,
+                                 extra_args=["--sagemaker-thread-count=16"])
             server.start(timeout=timeout)
             self.server = server
             self.pool = ConnectionPool(LocalTriton.HOST, server.ports["sagemaker"])
+            self.core_pool = ConnectionPool(LocalTriton.HOST, server.ports["http"], max_idle=2)
             self.starts += 1
             log.info("tritonserver pid %s ready in %.1f s (SageMaker port %s, log %s)", server.pid,
                      server.startup_seconds, server.ports["sagemaker"], self.log_path)
 
     def stop(self) -> int | None:
         with self._lock:
-            if self.pool is not None:
-                self.pool.close()  # first: open connections would hold Triton's stop
+            for pool in (self.pool, self.core_pool):
+                if pool is not None:
+                    pool.close()  # first: open connections would hold Triton's stop
             code = self.server.stop() if self.server is not None else None
             return code
 
@@ -209,7 +220,9 @@ class TritonBackend:
 
     @staticmethod
     def _path(name: str, suffix: str = "") -> str:
-        return f"/models/{urllib.parse.quote(name, safe='')}{suffix}"
+        # The SageMaker layer matches the path's name verbatim (no percent-decoding): names are
+        # kept to characters that need no quoting (see registry.triton_model_name).
+        return f"/models/{urllib.parse.quote(name, safe='@')}{suffix}"
 
     def ping(self, timeout: float = 2.0) -> bool:
         try:
@@ -225,6 +238,14 @@ class TritonBackend:
     def unload(self, name: str, *, timeout: float) -> TritonAnswer:
         return self._pool().request("DELETE", self._path(name), headers={TARGET_HEADER: name},
                                     timeout=timeout)
+
+    def unload_core(self, name: str, *, timeout: float = 30.0) -> TritonAnswer:
+        """Unload through Triton's core repository API (for a model whose stub is dead)."""
+        pool = self.core_pool
+        if pool is None:
+            raise TritonUnreachable("tritonserver is not started")
+        return pool.request("POST", f"/v2/repository/models/{urllib.parse.quote(name, safe='@')}/unload",
+                            body=b"{}", headers={"Content-Type": "application/json"}, timeout=timeout)
 
     def invoke(self, name: str, body: bytes, headers: dict[str, str], *, timeout: float) -> TritonAnswer:
         return self._pool().request("POST", self._path(name, "/invoke"), body=body, timeout=timeout,
