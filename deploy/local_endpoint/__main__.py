@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return serve_until_signalled(LocalEndpoint(settings))
     except OSError as error:
-        print(f"error: {error}", file=sys.stderr)
+        where = f": {error.filename}" if error.filename else ""
+        print(f"error: {error.strerror or error}{where}", file=sys.stderr)
         return 1
     except (TritonLaunchError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -120,7 +120,10 @@ class LocalEndpoint:
     def start(self) -> "LocalEndpoint":
         s = self.settings
         # Bind first, so a taken port is reported before anything slow; answer 503 until ready.
-        self.httpd = _Server((s.host, s.port), _Handler, self)
+        try:
+            self.httpd = _Server((s.host, s.port), _Handler, self)
+        except OSError as error:
+            raise OSError(error.errno, f"cannot listen on {s.host}:{s.port}: {error.strerror}") from None
         self._thread(self.httpd.serve_forever, "http front")
         try:
             if s.build_from is not None:
@@ -459,7 +462,12 @@ def serve_until_signalled(endpoint: LocalEndpoint) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        endpoint.start()
+        endpoint.start()  # cleans up after itself when it fails
+    except BaseException:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        raise
+    try:
         print(f"local endpoint {endpoint.settings.endpoint_name} at {endpoint.url} "
               f"(boto3: endpoint_url='{endpoint.url}'); Ctrl-C to stop", flush=True)
         while not stop.wait(1.0):
