@@ -48,6 +48,10 @@ TINY_WEIGHTS_BANNER = (
     "⚠️ **Demo weights:** the endpoint serves tiny random-weight models, so every image is noise. "
     "Real pictures need the real weights (`make real-weights`) or a SageMaker endpoint."
 )
+# On the demo's tiny weights (a CPU), the article's 512 px and 50 steps take minutes an image;
+# the studio starts small instead, and says so.
+TINY_WEIGHTS_START = {"width": 128, "height": 128, "steps": 10}
+TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
 
 
 def build_app(
@@ -66,7 +70,10 @@ def build_app(
     examples = json.loads((assets_dir / "prompts.json").read_text())
 
     with gr.Blocks(title="SD Studio", analytics_enabled=False) as demo:
-        banner = gr.Markdown(TINY_WEIGHTS_BANNER, visible=tiny_weights, elem_id="tiny-weights-banner")
+        banner = gr.Markdown(
+            TINY_WEIGHTS_BANNER + (TINY_WEIGHTS_START_NOTE if tiny_weights else ""),
+            visible=tiny_weights, elem_id="tiny-weights-banner",
+        )
         gr.Markdown(
             "# SD Studio\nGenerate an image, then send it on to restyle it, erase part of it or upscale it."
             + (f"\n\nEndpoint: `{endpoint}`" if endpoint else "")
@@ -80,7 +87,7 @@ def build_app(
         with gr.Tabs(selected="generate") as tabs:
             for task in TASKS.values():
                 with gr.Tab(task.title, id=task.name, elem_id=f"tab-{task.name}"):
-                    panels[task.name] = panel = task_panel(task)
+                    panels[task.name] = panel = task_panel(task, TINY_WEIGHTS_START if tiny_weights else None)
                     _examples(panel, examples.get(task.name, []), assets_dir)
 
         gr.Markdown("## Session history")
@@ -113,7 +120,7 @@ def build_app(
             values = restored_values(panel.task, entry["parameters"])
             updates = {panel.controls[name]: value for name, value in values.items()}
             inputs = restored_inputs(entry, store)
-            message = f"Restored a {panel.task.title} result (seed {effective_seed(entry)})."
+            message = f"Restored into {panel.task.title}: seed {effective_seed(entry)}."
             if panel.source is not None and "image" in inputs:
                 source = _source_update(panel, inputs["image"], inputs.get("mask"))
                 if "mask" in inputs and source[panel.mask_preview] is None:
@@ -215,7 +222,7 @@ def build_app(
                     inputs_kwargs=panel.controls,
                     outputs=[status, history, history_gallery, banner, *panel.result_outputs],
                     show_progress="minimal",
-                    show_progress_on=[status],  # not on every output: an error would be flagged on each
+                    show_progress_on=[status, panel.gallery],  # not on every output: an error would be flagged on each
                     **endpoint_limits,
                     **ui_only,
                 )

@@ -21,7 +21,7 @@ Result = TypeVar("Result")
 TICK_S = 1.0
 # After this long without an answer the line says why it can take so long.
 SLOW_AFTER_S = 8.0
-SLOW_HINT = "a model that is not loaded yet is loaded first, which can take a few minutes on a cold endpoint"
+SLOW_HINT = "a model's first call loads it, which takes minutes on a cold endpoint; large images and many steps take longer"
 _DONE = object()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import gradio as gr
 
@@ -59,22 +60,26 @@ def brush(size: int) -> gr.Brush:
     return gr.Brush(default_size=int(size), colors=[(f"rgb({red}, {green}, {blue})", BRUSH_OPACITY)], color_mode="fixed")
 
 
-def task_panel(task: Task) -> TaskPanel:
-    """The tab's components, rendered in the current Blocks context (inside its gr.Tab)."""
+def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> TaskPanel:
+    """The tab's components, rendered in the current Blocks context (inside its gr.Tab).
+
+    `starting_values` replace the controls' defaults where given (see TINY_WEIGHTS_START).
+    """
     name = task.name
+    start = {**task.defaults(), **(starting_values or {})}
     gr.Markdown(task.summary)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             source, brush_size, mask_preview, api_images = _image_inputs(task)
             controls = {
-                control.name: control_widget(control, f"{name}-{control.name}")
+                control.name: control_widget(control, start[control.name], f"{name}-{control.name}")
                 for control in task.controls
                 if control.name in MAIN_CONTROLS
             }
             with gr.Accordion("Sampling", open=True):
                 with gr.Row():
                     controls.update(
-                        (control.name, control_widget(control, f"{name}-{control.name}"))
+                        (control.name, control_widget(control, start[control.name], f"{name}-{control.name}"))
                         for control in task.controls
                         if control.name not in MAIN_CONTROLS
                     )
@@ -132,16 +137,14 @@ def _image_inputs(task: Task):
     return editor, brush_size, mask_preview, {"image": api_image, "mask": mask_preview}
 
 
-def control_widget(control: Control, elem_id: str) -> gr.components.Component:
-    common = {"label": control.label, "info": control.info, "elem_id": elem_id}
+def control_widget(control: Control, value: Any, elem_id: str) -> gr.components.Component:
+    common = {"value": value, "label": control.label, "info": control.info, "elem_id": elem_id}
     if control.widget == "text":
-        return gr.Textbox(value=control.default, lines=2 if control.name == "prompt" else 1, **common)
+        return gr.Textbox(lines=2 if control.name == "prompt" else 1, **common)
     if control.widget == "slider":
-        return gr.Slider(control.minimum, control.maximum, value=control.default, step=control.step, **common)
+        return gr.Slider(control.minimum, control.maximum, step=control.step, **common)
     if control.widget == "dropdown":
-        return gr.Dropdown(list(control.choices), value=control.default, **common)
+        return gr.Dropdown(list(control.choices), **common)
     if control.widget == "number":
-        return gr.Number(
-            value=control.default, precision=0, minimum=control.minimum, maximum=control.maximum, **common
-        )
+        return gr.Number(precision=0, minimum=control.minimum, maximum=control.maximum, **common)
     raise ValueError(f"unknown widget {control.widget!r} for {control.name}")

@@ -1,7 +1,8 @@
 """A designer's session in a real browser (Debian chromium through Playwright), against
 `python -m studio` on the checkout's local endpoint: generate, send to Erase, paint a mask with
 the mouse, erase, send to Upscale, upscale, and find all three results in the session history,
-also after a reload. The final page is saved as test-artifacts/studio-session.png.
+also after a reload; and a downloaded PNG dropped back restores its parameters. The final page
+of the session is saved as test-artifacts/studio-session.png.
 """
 
 from __future__ import annotations
@@ -113,8 +114,54 @@ def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
 
     # Picking the oldest result restores it into Generate, with its size and effective seed.
     page.locator("#history img").nth(2).click()
-    expect(page.locator("#status")).to_contain_text("Restored a Generate result")
+    expect(page.locator("#status")).to_contain_text("Restored into Generate")
     expect(page.locator("#generate-width input[type=number]")).to_have_value("64")
     seed = page.locator("#generate-seed-used textarea").input_value()
     expect(page.locator("#generate-seed input")).to_have_value(seed)
     page.screenshot(path=str(artifacts_dir / "studio-restored.png"), full_page=True)
+
+
+def test_a_downloaded_png_brings_its_parameters_back(studio_url, page, tmp_path):
+    page.goto(studio_url)
+    page.locator("#generate-prompt textarea").fill("a lighthouse")
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 72)
+    set_number(page, "generate-seed", 4242)
+    run_and_wait(page, "generate", "Generate")
+    with page.expect_download() as download:
+        page.locator("#generate-download").click()
+    png = tmp_path / download.value.suggested_filename
+    download.value.save_as(png)
+    assert png.name == "generate-seed-4242.png"
+
+    page.reload()  # a fresh page: nothing of the above in the controls
+    expect(page.locator("#generate-prompt textarea")).to_have_value("")
+    page.locator("#png-drop input[type=file]").set_input_files(str(png))
+    expect(page.locator("#status")).to_contain_text("Restored into Generate: seed 4242")
+    expect(page.locator("#generate-prompt textarea")).to_have_value("a lighthouse")
+    expect(page.locator("#generate-height input[type=number]")).to_have_value("72")
+    expect(page.locator("#generate-seed input")).to_have_value("4242")
+
+
+def test_cancelled_work_never_shows_up(studio_url, page):
+    page.goto(studio_url)
+    page.locator("#generate-prompt textarea").fill("a slow one")
+    set_number(page, "generate-width", 256)
+    set_number(page, "generate-height", 256)
+    set_number(page, "generate-steps", 12)  # ten seconds or so on the CPU
+    page.locator("#generate-run").click()
+    expect(page.locator("#status")).to_contain_text("Working:", timeout=30_000)
+    # The page takes clicks on Generate again once Gradio has reset the cancelled event.
+    with page.expect_response(lambda response: response.url.endswith("/gradio_api/reset")):
+        page.locator("#cancel").click()
+    expect(page.locator("#status")).to_contain_text("Cancelled")
+
+    # The endpoint still finishes the cancelled call; a quick one sent after it ends after it.
+    page.locator("#generate-prompt textarea").fill("a quick one")
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 64)
+    run_and_wait(page, "generate", "Generate")
+    expect(page.locator("#generate-results img")).to_have_count(1)
+    expect(page.locator("#history img")).to_have_count(1)
+    expect(page.locator("#history")).to_contain_text("a quick one")
+

@@ -3,17 +3,19 @@ result store, the session history and the status stream."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
 
+import botocore.exceptions
 import pytest
 from PIL import Image, PngImagePlugin
 
 from sdserve.params import MODEL_PARAMS, RANDOM_SEED as SERVING_RANDOM_SEED, SCHEDULERS as SERVING_SCHEDULERS, SEED_MAX as SERVING_SEED_MAX
 from sdserve.request import MAX_WORKING_SIDE, MIN_IMAGE_SIDE as SERVING_MIN_SIDE, PROMPT_REQUIRED
 from studio import session
-from studio.client import GenerationResult, StudioError
+from studio.client import EndpointConfig, GenerationResult, StudioClient, StudioError
 from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
 from studio.metadata import embed_parameters, image_to_png, read_parameters
 from studio.status import run_with_status, status_line
@@ -309,6 +311,16 @@ def test_captions_and_banner_flag():
 # --- the status stream ------------------------------------------------------------------------
 
 
+def drain(stream) -> tuple[list, object]:
+    """Everything a generator yields, and what it returns."""
+    items = []
+    while True:
+        try:
+            items.append(next(stream))
+        except StopIteration as done:
+            return items, done.value
+
+
 def test_status_stream_relays_reports_and_returns_the_result():
     def call(on_status):
         on_status("Sending to sd_base…")
@@ -316,14 +328,9 @@ def test_status_stream_relays_reports_and_returns_the_result():
         on_status("sd_base answered in 0.1 s.")
         return "result"
 
-    stream = run_with_status(call, present=lambda line: {"status": line}, tick_s=0.01)
-    lines = []
-    while True:
-        try:
-            lines.append(next(stream)["status"])
-        except StopIteration as done:
-            assert done.value == "result"
-            break
+    updates, result = drain(run_with_status(call, present=lambda line: {"status": line}, tick_s=0.01))
+    assert result == "result"
+    lines = [update["status"] for update in updates]
     assert any("Sending to sd_base" in line for line in lines)
     assert "answered" in lines[-1]
 
@@ -336,6 +343,32 @@ def test_status_stream_raises_the_calls_error():
         list(run_with_status(call, tick_s=0.01))
 
 
+class LoadingRuntime:
+    """A sagemaker-runtime stand-in whose model is still loading on the first call."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def invoke_endpoint(self, **request):
+        self.calls += 1
+        if self.calls == 1:
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "ModelNotReadyException", "Message": "loading"}}, "InvokeEndpoint"
+            )
+        png = base64.b64encode(png_with_parameters({"model": "sd_base", "seed": 1})).decode()
+        answer = {"outputs": [{"name": "generated_image", "data": [png]}, {"name": "parameters", "data": ['{"seed": 1}']}]}
+        return {"Body": io.BytesIO(json.dumps(answer).encode())}
+
+
+def test_the_status_line_says_when_the_model_is_loading():
+    client = StudioClient(EndpointConfig("sd-studio", endpoint_url="http://127.0.0.1:9", backoff_s=0.01), runtime=LoadingRuntime())
+    lines, result = drain(
+        run_with_status(lambda on_status: TASKS["generate"].run(client, {"prompt": "a house"}, on_status=on_status), tick_s=0.01)
+    )
+    assert result.seeds == [1]
+    assert any("still loading" in line for line in lines), lines
+
+
 def test_a_slow_call_says_why():
-    assert "loaded first" not in status_line("Sending…", 2)
-    assert "loaded first" in status_line("Sending…", 30)
+    assert "loads it" not in status_line("Sending…", 2)
+    assert "loads it" in status_line("Sending…", 30)
