@@ -243,10 +243,13 @@ def _gen_args(steps, guidance_scale, scheduler, seed, num_images, **specific) ->
 
 def _runtime_client(config: EndpointConfig) -> Any:
     # Retries are done by StudioClient.invoke, where "model still loading" can be reported.
+    # botocore itself must not retry: its `max_attempts` counts retries *after* the first call, so
+    # {"max_attempts": 1} let it send a timed-out or 5xx request a second time (the endpoint ran
+    # the job twice and the designer waited twice the timeout). `total_max_attempts` counts calls.
     settings = botocore.config.Config(
         connect_timeout=config.connect_timeout_s,
         read_timeout=config.read_timeout_s,
-        retries={"max_attempts": 1, "mode": "standard"},
+        retries={"total_max_attempts": 1, "mode": "standard"},
     )
     session_args: dict[str, Any] = {"region_name": config.region}
     if config.endpoint_url:

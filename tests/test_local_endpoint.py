@@ -424,3 +424,15 @@ def test_tritonserver_killed_then_restarted(endpoint, runtime, studio):
     assert info["triton"]["starts"] == starts + 1 and info["triton"]["pid"] != old_pid
     assert wait_for(lambda: group_members(old_pid) == [], timeout=15)
     assert requests.get(endpoint.url + "/ping", timeout=5).status_code == 200
+
+
+def test_client_timeout_sends_the_request_once(endpoint, runtime):
+    invoke(runtime, "sd_base.tar.gz")  # loaded
+    client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url, read_timeout_s=1))
+    before = endpoint.invocations_total
+    started = time.monotonic()
+    with pytest.raises(StudioError, match=f"{endpoint.url} did not answer within 1 s"):
+        client.generate("a slow one", steps=40, width=SIZE, height=SIZE)
+    assert endpoint.invocations_total - before == 1  # botocore did not send it again
+    assert time.monotonic() - started < 4
+    wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)

@@ -419,10 +419,13 @@ class _Handler(BaseHTTPRequestHandler):
                                        f"POST /endpoints/<name>/invocations, GET /ping, GET /models.")
         except EndpointError as error:
             status = error.status
-            self._send(error.status, error.body(), error.headers(), request_id)
+            try:
+                self._send(error.status, error.body(), error.headers(), request_id)
+            except OSError:  # the caller is gone (it timed out, or the endpoint is stopping)
+                self.close_connection = True
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-            status = 499
+            status = 499  # the caller hung up before the answer was written
         except Exception as error:  # noqa: BLE001 - answered, logged without the body
             log.exception("request failed")
             failure = InternalFailure(f"The local endpoint failed: {type(error).__name__}: {error}")

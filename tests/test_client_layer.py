@@ -1,0 +1,96 @@
+"""The studio's client layer without a model server: the payload it builds, the 6 MB limit,
+reading answers, and failures that never reach a model (the calls through a real endpoint are in
+tests/test_local_endpoint*.py)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import socket
+
+import pytest
+from PIL import Image
+
+from studio.client import (
+    MAX_REQUEST_BYTES,
+    EndpointConfig,
+    StudioClient,
+    StudioError,
+    build_payload,
+    parse_answer,
+)
+
+
+def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """An image that barely compresses: worst case for the request size."""
+    return Image.frombytes("RGB", size, random.Random(seed).randbytes(size[0] * size[1] * 3))
+
+
+def inputs_of(body: bytes) -> dict[str, str]:
+    payload = json.loads(body)
+    for tensor in payload["inputs"]:
+        assert tensor["shape"] == [1, 1] and tensor["datatype"] == "BYTES" and len(tensor["data"]) == 1
+    return {tensor["name"]: tensor["data"][0] for tensor in payload["inputs"]}
+
+
+def test_the_payload_is_the_articles_kserve_v2_json():
+    image = Image.new("RGB", (64, 48), (10, 20, 30))
+    body = build_payload({"prompt": "a cat", "negative_prompt": "", "image": image},
+                         {"num_inference_steps": 5, "seed": 3})
+    values = inputs_of(body)
+    assert values["prompt"] == "a cat" and values["negative_prompt"] == ""
+    assert json.loads(values["gen_args"]) == {"num_inference_steps": 5, "seed": 3}
+    png = base64.b64decode(values["image"])
+    assert png.startswith(b"\x89PNG") and Image.open(io.BytesIO(png)).size == (64, 48)
+
+
+def test_a_request_over_6_mb_as_png_is_sent_as_jpeg_and_the_mask_stays_png():
+    image = noise((1600, 1600))
+    mask = Image.new("L", (1600, 1600), 0)
+    body = build_payload({"prompt": "x", "image": image, "mask_image": mask}, {})
+    assert len(body) <= MAX_REQUEST_BYTES == 6 * 1024 * 1024
+    values = inputs_of(body)
+    assert base64.b64decode(values["image"]).startswith(b"\xff\xd8")  # JPEG
+    assert base64.b64decode(values["mask_image"]).startswith(b"\x89PNG")
+    as_png = io.BytesIO()
+    image.save(as_png, format="PNG")
+    assert len(as_png.getvalue()) * 4 / 3 > MAX_REQUEST_BYTES  # PNG alone would not have fit
+
+
+def test_a_request_too_large_even_as_jpeg_is_refused_with_what_to_do():
+    with pytest.raises(StudioError, match=r"over the endpoint's 6 MB limit\. Make the image smaller \(it is 3000 px"):
+        build_payload({"prompt": "x", "image": noise((3000, 2400))}, {})
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"{}", b'{"outputs": [{"name": "generated_image", "data": ["!!"]}]}'])
+def test_an_unreadable_answer_is_a_studio_error(answer):
+    with pytest.raises(StudioError, match="answer from sd_base could not be read"):
+        parse_answer("sd_base", answer)
+
+
+def test_an_endpoint_that_is_not_running_is_named():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again: nothing listens there
+    client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=f"http://127.0.0.1:{port}",
+                                         connect_timeout_s=2))
+    with pytest.raises(StudioError, match=f"Cannot reach http://127.0.0.1:{port}. Is it running?"):
+        client.generate("a cat", steps=2, width=64, height=64)
+
+
+def test_configuration_from_the_environment(monkeypatch):
+    monkeypatch.delenv("STUDIO_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("STUDIO_ENDPOINT_NAME", raising=False)
+    assert EndpointConfig.from_env().endpoint_url == "http://127.0.0.1:8080"
+    monkeypatch.setenv("STUDIO_ENDPOINT_NAME", "sd-prod")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    config = EndpointConfig.from_env()
+    assert (config.endpoint_name, config.region, config.endpoint_url) == ("sd-prod", "eu-west-1", None)
+
+
+def test_the_runtime_client_never_retries_by_itself():
+    client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url="http://127.0.0.1:9"))
+    retries = client.runtime.meta.config.retries
+    assert retries["total_max_attempts"] == 1  # StudioClient.invoke does the retrying
