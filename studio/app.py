@@ -237,7 +237,7 @@ def build_app(
                 **endpoint_limits,
             )
             panel.gallery.select(
-                pick_result(panel), inputs=panel.results, outputs=panel.result_outputs[2:], **ui_only
+                pick_result(panel), inputs=panel.results, outputs=panel.current_outputs, **ui_only
             )
             panel.reuse_seed.click(
                 lambda seed: int(seed) if seed and seed.isdigit() else gr.skip(),
@@ -248,7 +248,7 @@ def build_app(
                 button.click(
                     send_to(target),
                     inputs=panel.current,
-                    outputs=[tabs, status, target.controls["prompt"], *_source_components(target)],
+                    outputs=[tabs, status, target.controls["prompt"], *target.source_outputs],
                     **ui_only,
                 )
 
@@ -280,10 +280,6 @@ def _source_images(task: Task, source: Any):
     if task.takes_mask:
         return mask_from_editor(source)
     return source, None
-
-
-def _source_components(panel: TaskPanel) -> list:
-    return [component for component in (panel.source, panel.mask_preview) if component is not None]
 
 
 def _source_update(panel: TaskPanel, image: Image.Image, mask: Image.Image | None = None) -> dict:

@@ -66,10 +66,10 @@ def valid_history(history: Any, store: ResultStore) -> list[Entry]:
     """
     if not isinstance(history, list):
         return []
-    return [entry for entry in history if is_valid_entry(entry, store)][:HISTORY_LIMIT]
+    return [entry for entry in history if _is_valid_entry(entry, store)][:HISTORY_LIMIT]
 
 
-def is_valid_entry(entry: Any, store: ResultStore) -> bool:
+def _is_valid_entry(entry: Any, store: ResultStore) -> bool:
     return (
         isinstance(entry, dict)
         and entry.get("task") in TASKS

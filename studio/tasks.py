@@ -78,9 +78,6 @@ class Task:
     prompt_required: bool = False
     max_image_side: int | None = None
 
-    def control(self, name: str) -> Control:
-        return next(control for control in self.controls if control.name == name)
-
     def defaults(self) -> dict[str, Any]:
         return {control.name: control.default for control in self.controls}
 

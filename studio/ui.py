@@ -44,15 +44,24 @@ class TaskPanel:
     api_images: dict[str, gr.Image] = field(default_factory=dict)
 
     @property
+    def source_outputs(self) -> list[gr.components.Component]:
+        """The tab's input image components (none for Generate)."""
+        return [component for component in (self.source, self.mask_preview) if component is not None]
+
+    @property
+    def current_outputs(self) -> list[gr.components.Component]:
+        """What picking a result in this tab updates."""
+        return [self.current, self.parameters, self.seed_used, self.download]
+
+    @property
     def result_outputs(self) -> list[gr.components.Component]:
         """What showing results in this tab updates."""
-        return [self.gallery, self.results, self.current, self.parameters, self.seed_used, self.download]
+        return [self.gallery, self.results, *self.current_outputs]
 
     @property
     def restore_outputs(self) -> list[gr.components.Component]:
         """What restoring a result into this tab updates."""
-        inputs = [component for component in (self.source, self.mask_preview) if component is not None]
-        return [*inputs, *self.controls.values(), *self.result_outputs]
+        return [*self.source_outputs, *self.controls.values(), *self.result_outputs]
 
 
 def brush(size: int) -> gr.Brush:

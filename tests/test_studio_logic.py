@@ -87,19 +87,23 @@ def test_image_limits_mirror_the_serving_side():
     assert set(TASK_BY_MODEL) == set(MODEL_PARAMS)
 
 
+def control(task: str, name: str):
+    return next(control for control in TASKS[task].controls if control.name == name)
+
+
 def test_coerce_gives_the_endpoint_its_types_and_ranges():
-    steps = TASKS["generate"].control("steps")
+    steps = control("generate", "steps")
     assert steps.coerce(50.0) == 50 and isinstance(steps.coerce(50.0), int)
     assert steps.coerce(1000) == 150
     assert steps.coerce("nonsense") == 50
     assert steps.coerce(float("nan")) == 50
-    seed = TASKS["generate"].control("seed")
+    seed = control("generate", "seed")
     assert seed.coerce(None) == RANDOM_SEED
     assert seed.coerce(2**40) == SEED_MAX
-    scheduler = TASKS["generate"].control("scheduler")
+    scheduler = control("generate", "scheduler")
     assert scheduler.coerce("euler_a") == "euler_a"
     assert scheduler.coerce("rm -rf") == "default"
-    assert TASKS["restyle"].control("strength").coerce("0.3") == 0.3
+    assert control("restyle", "strength").coerce("0.3") == 0.3
 
 
 # --- tasks: running one through the client layer --------------------------------------------
