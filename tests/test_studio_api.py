@@ -5,7 +5,6 @@ runs it: the studio starts the checkout's local endpoint (real Triton, tiny weig
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import subprocess
 import sys
