@@ -55,17 +55,16 @@ def free_port() -> int:
 class LocalEndpoint:
     """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs."""
 
-    def __init__(self, port: int | None = None, *, startup_timeout_s: float = 600, cwd: Path = REPO_ROOT):
+    def __init__(self, port: int | None = None, *, startup_timeout_s: float = 600):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout_s = startup_timeout_s
-        self.cwd = cwd
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> "LocalEndpoint":
         self.process = subprocess.Popen(
             [sys.executable, "-m", LOCAL_ENDPOINT_MODULE, "--port", str(self.port)],
-            cwd=self.cwd,
+            cwd=REPO_ROOT,
             preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
         )
         try:

@@ -1,9 +1,9 @@
-"""How `python -m studio` picks its endpoint, and the local endpoint it starts and stops itself
-(exercised here with a stand-in `deploy.local_endpoint` that only answers /ping)."""
+"""How `python -m studio` picks its endpoint, and the real local endpoint it starts and stops itself."""
 
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 
 import pytest
@@ -11,43 +11,21 @@ import pytest
 from studio import __main__ as cli
 from studio.endpoint import EndpointStartError, LocalEndpoint, checkout_has_tiny_weights
 
-STAND_IN = """\
-import argparse, http.server, sys
-parser = argparse.ArgumentParser()
-parser.add_argument("--port", type=int)
-port = parser.parse_args().port
-if {fail!r}:
-    sys.exit(3)
-class Ping(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.send_response(200 if self.path == "/ping" else 404)
-        self.end_headers()
-    def log_message(self, *args):
-        pass
-http.server.HTTPServer(("127.0.0.1", port), Ping).serve_forever()
-"""
-
-
-def stand_in_checkout(tmp_path, fail=False):
-    package = tmp_path / "deploy"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "local_endpoint.py").write_text(STAND_IN.format(fail=fail))
-    return tmp_path
-
-
-def test_the_local_endpoint_is_started_and_stopped(tmp_path):
-    with LocalEndpoint(cwd=stand_in_checkout(tmp_path), startup_timeout_s=30) as endpoint:
+def test_the_local_endpoint_is_started_and_stopped():
+    with LocalEndpoint(startup_timeout_s=120) as endpoint:
         with urllib.request.urlopen(f"{endpoint.url}/ping", timeout=5) as response:
             assert response.status == 200
         process = endpoint.process
     assert process.poll() is not None
 
 
-def test_an_endpoint_that_dies_while_starting_is_reported(tmp_path):
-    with pytest.raises(EndpointStartError, match="exited with status 3"):
-        with LocalEndpoint(cwd=stand_in_checkout(tmp_path, fail=True), startup_timeout_s=30):
-            pass
+def test_an_endpoint_that_dies_while_starting_is_reported():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(EndpointStartError, match="exited with status"):
+            with LocalEndpoint(port=taken.getsockname()[1], startup_timeout_s=120):
+                pass
 
 
 def test_tiny_weights_are_recognized_by_their_marker(tmp_path):
