@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 
 from deploy.archive import archive_name, build_model_archive
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
-from serving.sdserve.catalog import MODELS
+import serving  # noqa: F401 - puts sdserve on sys.path, as the model.py files import it
+from sdserve.catalog import MODELS
 
 ENDPOINT_NAME = "sd-studio"
 SIZE = 64
