@@ -41,27 +41,38 @@ class Control:
     def parameter_key(self) -> str:
         return self.parameter or self.name
 
-    def coerce(self, value: Any) -> Any:
-        """`value` as the endpoint wants it: the right type, within range; the default when unusable.
+    def validate(self, value: Any) -> Any:
+        """`value` as the endpoint wants it, or a StudioError naming the control and its limits.
 
         Sliders and number boxes hand over floats (50.0), which the endpoint refuses for an
-        integer argument; values restored from a PNG or the browser's storage may be anything.
+        integer argument, so numbers are converted to the control's type first; an emptied
+        field (None) means the default.
         """
         kind = type(self.default)
+        if value is None:  # an emptied field
+            return self.default
+        if kind is str:
+            value = str(value)
+            if self.choices and value not in self.choices:
+                raise StudioError(f"{self.label} must be one of {', '.join(self.choices)}; got {value!r}.")
+            return value
         try:
-            if kind is str:
-                value = "" if value is None else str(value)
-                return value if not self.choices or value in self.choices else self.default
-            value = int(round(float(value))) if kind is int else float(value)
-        except (TypeError, ValueError, OverflowError):
+            number = float(value)
+        except (TypeError, ValueError):
+            raise StudioError(f"{self.label} must be a number; got {value!r}.") from None
+        if number != number or number in (float("inf"), float("-inf")):  # NaN or infinite
+            raise StudioError(f"{self.label} must be a finite number; got {value!r}.")
+        number = int(round(number)) if kind is int else number
+        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
+            raise StudioError(f"{self.label} must be from {kind(self.minimum)} to {kind(self.maximum)}; got {value}.")
+        return number
+
+    def restore(self, value: Any) -> Any:
+        """A value read back from a PNG or the browser's storage: the default where it is unusable."""
+        try:
+            return self.validate(value)
+        except StudioError:
             return self.default
-        if value != value:  # NaN
-            return self.default
-        if self.minimum is not None:
-            value = max(value, kind(self.minimum))
-        if self.maximum is not None:
-            value = min(value, kind(self.maximum))
-        return value
 
 
 @dataclass(frozen=True)
@@ -90,7 +101,7 @@ class Task:
         on_status: StatusCallback | None = None,
     ) -> GenerationResult:
         """Check the inputs, then call the model through the client layer."""
-        arguments = {control.name: control.coerce(values.get(control.name, control.default)) for control in self.controls}
+        arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
         if self.prompt_required and not arguments["prompt"].strip():
             raise StudioError(f"Write a prompt: {self.title} needs one.")
         images = []

@@ -152,6 +152,7 @@ def test_several_images_each_carry_their_own_seed(client):
         ("/upscale", {"image": "large picture"}, "at most 512 px a side"),
         ("/restyle", {"image": "huge picture", "prompt": "x"}, "at most 1024 px a side"),
         ("/generate", {"prompt": ""}, "Write a prompt"),
+        ("/generate", {"prompt": "x", "width": 4096}, "Value 4096 is greater than maximum value 1024"),  # Gradio checks sliders
     ],
 )
 def test_bad_inputs_get_a_clear_message(client, tmp_path, endpoint, inputs, message):

@@ -91,25 +91,36 @@ def control(task: str, name: str):
     return next(control for control in TASKS[task].controls if control.name == name)
 
 
-def test_coerce_gives_the_endpoint_its_types_and_ranges():
+def test_validate_gives_the_endpoint_its_types_and_refuses_what_is_out_of_range():
     steps = control("generate", "steps")
-    assert steps.coerce(50.0) == 50 and isinstance(steps.coerce(50.0), int)
-    assert steps.coerce(1000) == 150
-    assert steps.coerce("nonsense") == 50
-    assert steps.coerce(float("nan")) == 50
+    assert steps.validate(50.0) == 50 and isinstance(steps.validate(50.0), int)
+    assert steps.validate(None) == 50
+    for bad, words in ((1000, "from 1 to 150; got 1000"), ("nonsense", "must be a number"), (float("nan"), "finite")):
+        with pytest.raises(StudioError, match=words) as raised:
+            steps.validate(bad)
+        assert str(raised.value).startswith(steps.label)
     seed = control("generate", "seed")
-    assert seed.coerce(None) == RANDOM_SEED
-    assert seed.coerce(2**40) == SEED_MAX
+    assert seed.validate(None) == RANDOM_SEED and seed.validate(SEED_MAX) == SEED_MAX
+    with pytest.raises(StudioError, match=str(SEED_MAX)):
+        seed.validate(2**40)
     scheduler = control("generate", "scheduler")
-    assert scheduler.coerce("euler_a") == "euler_a"
-    assert scheduler.coerce("rm -rf") == "default"
-    assert control("restyle", "strength").coerce("0.3") == 0.3
+    assert scheduler.validate("euler_a") == "euler_a"
+    with pytest.raises(StudioError, match="must be one of default"):
+        scheduler.validate("rm -rf")
+    assert control("restyle", "strength").validate("0.3") == 0.3
+
+
+def test_restore_falls_back_to_the_default_for_unusable_stored_values():
+    steps = control("generate", "steps")
+    assert steps.restore(20.0) == 20
+    assert steps.restore(1000) == steps.restore("nonsense") == 50
+    assert control("generate", "scheduler").restore("rm -rf") == "default"
 
 
 # --- tasks: running one through the client layer --------------------------------------------
 
 
-def test_run_calls_the_client_method_with_coerced_arguments():
+def test_run_calls_the_client_method_with_validated_arguments():
     client = RecordingClient()
     TASKS["generate"].run(client, {"prompt": "a house", "steps": 2.0, "width": 64.0, "height": 64, "seed": -1.0})
     method, images, arguments = client.calls[0]
