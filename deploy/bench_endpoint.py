@@ -6,9 +6,10 @@ compared things alternate):
    includes extracting the archive and Triton's load (each model's stub imports torch).
 2. Overhead of the whole path for one sd_base request, at each step count given: the
    end-to-end client call vs the same pipeline called in-process, alternating. Also shown, to
-   place the overhead: the same body posted straight to Triton's SageMaker port (no front), and
+   place the overhead: the same body posted straight to Triton's SageMaker port (no front),
    sdserve's serve_batch in-process (pipeline + PNG encoding + parameters, i.e. what the model
-   runs inside Triton).
+   runs inside Triton), and the client call to a copy of sd_base whose config has no
+   dynamic_batching block (the shipped config waits up to 50 ms for a batch to fill).
 3. The eviction cycle: a budget of 2 models, the 4 models called in turn twice; every call
    loads its model (after evicting the least recently used one), so the time per call is a load
    plus a call. The archives are already extracted by then (cached on disk as on SageMaker).
@@ -22,6 +23,8 @@ import argparse
 import http.client
 import json
 import logging
+import re
+import shutil
 import statistics
 import sys
 import tempfile
@@ -65,6 +68,20 @@ def model_call(client: StudioClient, model: str, size: int, steps: int):
     return client.upscale(scene(max(32, size // 2)), PROMPT, **common)
 
 
+def unbatched_repository(repository: Path, work: Path) -> Path:
+    """A repository whose sd_base has no dynamic_batching block (weights linked, not copied)."""
+    target = work / "unbatched-repo" / "sd_base"
+    (target / "configs").mkdir(parents=True)
+    source = repository / "sd_base"
+    for config in ("config.pbtxt", "configs/cpu.pbtxt"):
+        text = (source / config).read_text()
+        (target / config).write_text(re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.S))
+    (target / "1").mkdir()
+    shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
+    (target / "1" / "checkpoint").symlink_to((source / "1" / "checkpoint").resolve())
+    return target.parent
+
+
 def timed(function) -> float:
     started = time.perf_counter()
     function()
@@ -101,10 +118,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work)
         for model in MODELS:
             build_model_archive(model, args.repository, work / "store")
+        build_model_archive("sd_base", unbatched_repository(args.repository, work), work / "store" / "unbatched")
         settings = dict(port=0, model_store=str(work / "store"), cache_dir=work / "cache", log_dir=work / "logs")
 
         # 1 + 2: one endpoint with room for every model.
-        with LocalEndpoint(EndpointSettings(max_models=4, **settings)) as endpoint:
+        with LocalEndpoint(EndpointSettings(max_models=5, **settings)) as endpoint:
             client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=endpoint.url))
             print(f"Local endpoint {endpoint.url}, tiny weights, {args.size}x{args.size}, "
                   f"torch threads {torch.get_num_threads()}, medians of {args.repeats}")
@@ -154,8 +172,14 @@ def main(argv: list[str] | None = None) -> int:
                 def end_to_end() -> None:
                     client.generate(PROMPT, steps=steps, width=args.size, height=args.size, seed=1)
 
+                def end_to_end_unbatched() -> None:
+                    client.invoke("unbatched/sd_base", {"prompt": PROMPT, "negative_prompt": ""},
+                                  {**gen_args, "guidance_scale": 7.5, "scheduler": "default",
+                                   "num_images_per_prompt": 1})
+
                 variants = {"in-process pipeline": in_process, "in-process serve_batch": serve_batch_call,
-                            "Triton SageMaker port": triton_direct, "client -> endpoint": end_to_end}
+                            "Triton SageMaker port": triton_direct, "client -> endpoint": end_to_end,
+                            "same, no batching window": end_to_end_unbatched}
                 for function in variants.values():  # warm-up
                     function()
                 samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -175,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"     {name:24} {ms(medians[name])} {medians[name] / base:8.2f}x "
                           f"(+{(medians[name] - base) * 1000:3.0f} ms) {ms(minima[name])} "
                           f"{minima[name] / base_min:6.2f}x (+{(minima[name] - base_min) * 1000:3.0f} ms)")
-                print(f"     overhead ratio end-to-end / in-process: {ratio:.2f} (medians), {ratio_min:.2f} (minima)")
+                unbatched = medians["same, no batching window"] / base
+                figures["overhead"][steps]["ratio_unbatched_median"] = unbatched
+                print(f"     overhead ratio end-to-end / in-process: {ratio:.2f} (medians), {ratio_min:.2f} (minima); "
+                      f"{unbatched:.2f} without the 50 ms batching window")
             del loaded
 
         # 3: a budget of two, the four models in turn, twice.
