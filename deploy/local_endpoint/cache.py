@@ -3,6 +3,7 @@
 Layout under the cache folder::
 
     models/<name>-<hash>/repo/<model>/config.pbtxt   one archive version, extracted
+    models/<name>-<hash>/source.json                 which store, TargetModel and version
     models/<name>-<hash>/repo-r<N>/...               hard-linked copy used after a crash (N > 0)
     downloads/                                       S3 downloads while they are extracted
 
@@ -11,6 +12,8 @@ folder, ETag for S3), so a changed archive is extracted afresh and an unchanged 
 across restarts, as SageMaker keeps unloaded models on disk. Extraction goes to a temporary
 folder renamed into place only when the whole archive was accepted, so a ``repo`` folder that
 exists is complete, and two endpoint processes sharing the cache cannot see a half-written one.
+When a changed archive has been extracted, the folders of its older versions are removed unless
+this endpoint still uses them (``in_use``).
 Nothing is ever written outside the cache folder (safe_extract refuses absolute names, ``..``,
 links, devices and archives over the size limit).
 """
@@ -19,12 +22,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from deploy.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
@@ -35,6 +40,7 @@ from .store import ArchiveInfo, ModelStore
 log = logging.getLogger("deploy.local_endpoint")
 
 REPO_DIR = "repo"
+SOURCE_FILE = "source.json"
 
 
 def folder_size(folder: Path) -> int:
@@ -68,6 +74,7 @@ class ModelCache:
         self.max_archive_bytes = max_archive_bytes
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self.in_use: Callable[[Path], bool] = lambda folder: False  # set by the registry
         self.models.mkdir(parents=True, exist_ok=True)
 
     def _lock(self, key: str) -> threading.Lock:
@@ -93,8 +100,33 @@ class ModelCache:
                         f"Refused to extract model data archive {info.url}: it is {info.size} bytes, "
                         f"over the endpoint's limit of {self.max_archive_bytes} bytes (--max-archive-gb).")
                 self._extract(store, info, repo)
+                self.check_layout(repo, info)
+                self._write_source(folder, store, info)
+                self._remove_older_versions(store, info, keep=folder)
             self.check_layout(repo, info)
         return repo
+
+    @staticmethod
+    def _write_source(folder: Path, store: ModelStore, info: ArchiveInfo) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{SOURCE_FILE}.")
+        with os.fdopen(fd, "w") as out:
+            json.dump({"store": store.url, "target": info.target, "version": info.version}, out)
+        os.replace(name, folder / SOURCE_FILE)
+
+    def _remove_older_versions(self, store: ModelStore, info: ArchiveInfo, *, keep: Path) -> None:
+        for folder in self.models.glob(f"{_slug(info.target)}-*"):
+            if folder == keep or not folder.is_dir():
+                continue
+            try:
+                source = json.loads((folder / SOURCE_FILE).read_text())
+            except (OSError, ValueError):
+                continue  # not ours to judge (being extracted, or from an older layout)
+            if source.get("store") != store.url or source.get("target") != info.target:
+                continue
+            if self.in_use(folder):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s: an older version of %s", folder, info.target)
 
     def _extract(self, store: ModelStore, info: ArchiveInfo, repo: Path) -> None:
         try:

@@ -144,6 +144,13 @@ class ModelRegistry:
         self._load_lock = threading.Lock()  # one load (with its evictions) at a time
         self._triton_down: str | None = None  # why, while tritonserver is being restarted
         self._threads: list[threading.Thread] = []
+        cache.in_use = self._uses_folder
+
+    def _uses_folder(self, folder: Path) -> bool:
+        """Whether a model this endpoint has loaded (or is loading, unloading) came from there."""
+        with self._cond:
+            return any(e.repo is not None and e.repo.parent == folder and e.state is not State.ABSENT
+                       for e in self._entries.values())
 
     # -- what the front calls -----------------------------------------------------------------
 
