@@ -75,7 +75,7 @@ def unbatched_repository(repository: Path, work: Path) -> Path:
     source = repository / "sd_base"
     for config in ("config.pbtxt", "configs/cpu.pbtxt"):
         text = (source / config).read_text()
-        (target / config).write_text(re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.S))
+        (target / config).write_text(re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.DOTALL))
     (target / "1").mkdir()
     shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
     (target / "1" / "checkpoint").symlink_to((source / "1" / "checkpoint").resolve())
@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
 
     import torch
-
     from sdserve.batch import serve_batch
     from sdserve.catalog import CHECKPOINT_DIR
     from sdserve.pipelines import load_pipeline
@@ -203,7 +202,6 @@ def main(argv: list[str] | None = None) -> int:
                 figures["overhead"][steps]["ratio_unbatched_median"] = unbatched
                 print(f"     overhead ratio end-to-end / in-process: {ratio:.2f} (medians), {ratio_min:.2f} (minima); "
                       f"{unbatched:.2f} without the 50 ms batching window")
-            del loaded
 
         # 3: a budget of two, the four models in turn, twice.
         with LocalEndpoint(EndpointSettings(max_models=2, **settings)) as endpoint:

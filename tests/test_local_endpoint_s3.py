@@ -18,7 +18,6 @@ from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fix
     ENDPOINT_NAME,
     SIZE,
     STEPS,
-    answer_image,
     archive_store,
     evil_archive,
     invoke,

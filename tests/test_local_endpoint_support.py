@@ -18,11 +18,10 @@ import botocore.config
 import pytest
 import requests
 from PIL import Image, ImageDraw
+from sdserve.catalog import MODELS
 
 from deploy.archive import archive_name, build_model_archive
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
-import serving  # noqa: F401 - puts sdserve on sys.path, as the model.py files import it
-from sdserve.catalog import MODELS
 
 ENDPOINT_NAME = "sd-studio"
 SIZE = 64

@@ -9,7 +9,13 @@ eviction, failures remembered), ``store`` (folder or S3 prefix), ``cache`` (safe
 ``triton`` (tritonserver and the MME container API), ``errors`` (SageMaker error shapes).
 """
 
-from .errors import EndpointError, InternalFailure, ModelError, ModelNotReady, ValidationError
+from .errors import (
+    EndpointError,
+    InternalFailure,
+    ModelError,
+    ModelNotReady,
+    ValidationError,
+)
 from .registry import Limits, ModelRegistry, State
 from .server import MAX_REQUEST_BYTES, EndpointSettings, LocalEndpoint
 from .store import LocalStore, S3Store, build_missing_archives, open_store

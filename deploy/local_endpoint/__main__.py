@@ -9,8 +9,15 @@ from pathlib import Path
 
 from serving.local_triton import TritonLaunchError
 
-from .server import (DEFAULT_CACHE, DEFAULT_LOG_DIR, DEFAULT_REPOSITORY, DEFAULT_STORE, EndpointSettings,
-                     LocalEndpoint, serve_until_signalled)
+from .server import (
+    DEFAULT_CACHE,
+    DEFAULT_LOG_DIR,
+    DEFAULT_REPOSITORY,
+    DEFAULT_STORE,
+    EndpointSettings,
+    LocalEndpoint,
+    serve_until_signalled,
+)
 
 DESCRIPTION = """\
 A local SageMaker multi-model endpoint: the real tritonserver (SageMaker MME mode) behind a front

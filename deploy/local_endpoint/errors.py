@@ -31,7 +31,7 @@ class EndpointError(Exception):
     def fields(self) -> dict[str, Any]:
         return {}
 
-    def __copy__(self) -> "EndpointError":
+    def __copy__(self) -> EndpointError:
         # A remembered error is raised again as a copy: one instance raised by many threads
         # would share (and keep growing) one traceback.
         clone = self.__class__.__new__(self.__class__)

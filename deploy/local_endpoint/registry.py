@@ -28,14 +28,21 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from .cache import ModelCache, folder_size
-from .errors import (EndpointError, InternalFailure, ModelError, ModelNotReady, ServiceUnavailable,
-                     ValidationError, model_error)
+from .errors import (
+    EndpointError,
+    InternalFailure,
+    ModelError,
+    ModelNotReady,
+    ServiceUnavailable,
+    ValidationError,
+    model_error,
+)
 from .store import ArchiveInfo, ModelStore
 from .triton import TritonBackend, TritonUnreachable
 

@@ -36,8 +36,15 @@ from typing import Any
 from deploy.archive import REPO_ROOT
 
 from .cache import ModelCache
-from .errors import (LOCAL_ACCOUNT, EndpointError, InternalFailure, ServiceUnavailable, UnknownOperation,
-                     ValidationError, model_error)
+from .errors import (
+    LOCAL_ACCOUNT,
+    EndpointError,
+    InternalFailure,
+    ServiceUnavailable,
+    UnknownOperation,
+    ValidationError,
+    model_error,
+)
 from .registry import Limits, ModelEntry, ModelRegistry
 from .store import ModelStore, build_missing_archives, check_target, open_store
 from .triton import TARGET_HEADER, TritonBackend, TritonUnreachable
@@ -117,7 +124,7 @@ class LocalEndpoint:
     def log_hint(self) -> str:
         return f"the endpoint's Triton log {self.triton.log_path}"
 
-    def start(self) -> "LocalEndpoint":
+    def start(self) -> LocalEndpoint:
         s = self.settings
         # Bind first, so a taken port is reported before anything slow; answer 503 until ready.
         try:
@@ -155,7 +162,7 @@ class LocalEndpoint:
             self.httpd.server_close()
         return self.triton.stop()
 
-    def __enter__(self) -> "LocalEndpoint":
+    def __enter__(self) -> LocalEndpoint:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

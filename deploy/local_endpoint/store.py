@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from deploy.archive import DEFAULT_SDSERVE_DIR, MissingCheckpointError, archive_name, build_model_archive, has_checkpoint
+from deploy.archive import (
+    DEFAULT_SDSERVE_DIR,
+    MissingCheckpointError,
+    archive_name,
+    build_model_archive,
+    has_checkpoint,
+)
 
 from .errors import InternalFailure, ValidationError
 

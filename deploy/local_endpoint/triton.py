@@ -95,7 +95,7 @@ class ConnectionPool:
                 if reused and attempt == 1:
                     continue
                 raise TritonUnreachable(f"tritonserver closed the connection ({error})") from None
-            except socket.timeout:
+            except TimeoutError:
                 self._discard(connection)
                 raise TritonUnreachable(f"no answer from tritonserver within {timeout:.0f} s",
                                         timed_out=True) from None
