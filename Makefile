@@ -56,14 +56,17 @@ test: $(INSTALLED) $(SDK_INSTALLED) compiler chromium tiny-models
 triton: $(INSTALLED) tiny-models
 	$(PY) -m serving.local_triton --model-repository serving/models --http-port 8000
 
+ENDPOINT_ARGS ?=
+
 endpoint: $(INSTALLED) compiler tiny-models
-	$(PY) -m deploy.local_endpoint --port $(PORT)
+	$(PY) -m deploy.local_endpoint --port $(PORT) $(ENDPOINT_ARGS)
 
 demo: $(INSTALLED) compiler tiny-models
 	$(PY) -m studio
 
-bench: $(INSTALLED) tiny-models
+bench: $(INSTALLED) compiler tiny-models
 	$(PY) -m serving.bench
+	$(PY) -m deploy.bench_endpoint --json build/bench-endpoint.json
 
 deploy-plan: $(INSTALLED)
 	$(PY) -m deploy plan
