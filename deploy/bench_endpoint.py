@@ -9,7 +9,7 @@ compared things alternate):
    place the overhead: the same body posted straight to Triton's SageMaker port (no front),
    sdserve's serve_batch in-process (pipeline + PNG encoding + parameters, i.e. what the model
    runs inside Triton), and the client call to a copy of sd_base whose config has no
-   dynamic_batching block (the shipped config waits up to 5 ms for a batch to fill).
+   dynamic_batching block (the shipped config waits up to 1 ms for a batch to fill).
 3. The eviction cycle: a budget of 2 models, the 4 models called in turn twice; every call
    loads its model (after evicting the least recently used one), so the time per call is a load
    plus a call. The archives are already extracted by then (cached on disk as on SageMaker).

@@ -254,10 +254,8 @@ def test_corrupt_archive_is_refused_remembered_and_retried_when_it_changes(endpo
     assert "not a readable .tar.gz" in caught.value.response["Error"]["Message"]
     attempts = endpoint.registry.entry(target).attempt
 
-    started = time.monotonic()
     with pytest.raises(runtime.exceptions.ValidationError, match="valid tar.gz archive"):
         invoke(runtime, target)  # answered from memory, not extracted again
-    assert time.monotonic() - started < 5
     assert endpoint.registry.entry(target).attempt == attempts
     assert model_info(endpoint, target)["state"] == "failed"
 
@@ -429,9 +427,7 @@ def test_client_timeout_sends_the_request_once(endpoint, runtime):
     invoke(runtime, "sd_base.tar.gz")  # loaded
     client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url, read_timeout_s=1))
     before = endpoint.invocations_total
-    started = time.monotonic()
     with pytest.raises(StudioError, match=f"{endpoint.url} did not answer within 1 s"):
         client.generate("a slow one", steps=40, width=SIZE, height=SIZE)
     assert endpoint.invocations_total - before == 1  # botocore did not send it again
-    assert time.monotonic() - started < 8  # not two read timeouts plus a retry delay
     wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)
