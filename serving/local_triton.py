@@ -68,6 +68,7 @@ __all__ = [
     "find_triton",
     "gpu_available",
     "group_members",
+    "port_is_free",
     "prepare_triton",
 ]
 
@@ -273,7 +274,7 @@ def find_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _port_is_free(port: int, host: str) -> bool:
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         # Triton sets SO_REUSEADDR too: sockets in TIME_WAIT must not count as "taken".
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -538,7 +539,7 @@ class LocalTriton:
         # SageMaker's listener binds 0.0.0.0, so check that address for it.
         hosts = {"http": self.HOST, "grpc": self.HOST, "metrics": self.HOST, "sagemaker": "0.0.0.0"}
         for protocol, port in self._requested_ports.items():
-            if port and not _port_is_free(port, hosts[protocol]):
+            if port and not port_is_free(port, hosts[protocol]):
                 raise TritonLaunchError(f"port {port} (requested for {protocol}) is already in "
                                         f"use on {hosts[protocol]}; pick another or pass 0")
         # Free ports are picked while the earlier picks are still held, so they all differ.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from serving.local_triton import (
     TritonLaunchError,
     gpu_available,
     group_members,
+    port_is_free,
 )
 
 pytestmark = pytest.mark.triton
@@ -94,16 +94,6 @@ def alive(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
-
-
-def port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-        return True
 
 
 def listen_addresses(port: int) -> set[str]:
@@ -201,7 +191,7 @@ def test_stop_ends_server_and_stubs_and_frees_the_port(echo_repo, tmp_path):
     assert not triton.is_running()
     assert not any(alive(pid) for pid in members)
     assert group_members(members[0]) == []
-    assert port_free(port)
+    assert port_is_free(port)
     assert "successfully unloaded 'echo'" in "\n".join(triton.log_tail(200))
     assert triton.stop() == 0  # stopping twice is harmless
 
