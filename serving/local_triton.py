@@ -536,7 +536,8 @@ class LocalTriton:
 
     def _resolve_ports(self) -> None:
         # Explicit ports are checked first, so a taken one is reported before anything starts.
-        # SageMaker's listener binds 0.0.0.0, so check that address for it.
+        # The SageMaker listener is checked on 0.0.0.0, what Triton asks for before the loopback
+        # shim narrows it: a port free there is free on 127.0.0.1 too.
         hosts = {"http": self.HOST, "grpc": self.HOST, "metrics": self.HOST, "sagemaker": "0.0.0.0"}
         for protocol, port in self._requested_ports.items():
             if port and not port_is_free(port, hosts[protocol]):

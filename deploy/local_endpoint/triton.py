@@ -18,7 +18,8 @@ Facts this relies on (Triton 2.51, see serving/local_triton.py and tests/test_lo
 * SageMaker ``POST /models`` is synchronous: it holds its worker thread for the whole load, so
   other connections served by that thread wait meanwhile; ``--sagemaker-thread-count=16`` (twice
   the default) makes that less likely.
-* The SageMaker listener binds 0.0.0.0 (no address flag exists); its port is a free one.
+* The SageMaker listener has no address flag; serving.local_triton preloads a bind shim that keeps
+  it on 127.0.0.1. Its port is a free one.
 * Idle keep-alive connections delay Triton's stop by its exit timeout: close() every connection
   before stopping it.
 """
