@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import json
 import signal
 import socket
 import subprocess
@@ -19,7 +18,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
 LOCAL_ENDPOINT_MODULE = "deploy.local_endpoint"
-TINY_WEIGHTS_KIND = "tiny-random"  # what serving/weights.py writes into a tiny checkpoint's weights.json
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -36,10 +34,18 @@ def local_endpoint_available() -> bool:
 
 
 def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
-    """Whether any model in the checkout holds the tiny random demo weights."""
-    for marker in models.glob("*/1/checkpoint/weights.json"):
+    """Whether any model in the checkout holds the tiny random demo weights.
+
+    Only called in a checkout (beside the local endpoint it starts), so the serving package that
+    writes and reads those markers is there; the studio's Docker image has none, hence the late import.
+    """
+    import serving  # noqa: F401  (puts sdserve on the path)
+    from sdserve.catalog import MODELS
+    from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
+
+    for model in MODELS:
         try:
-            if json.loads(marker.read_text()).get("kind") == TINY_WEIGHTS_KIND:
+            if read_marker(checkpoint_dir(models, model)).get("kind") == TINY_KIND:
                 return True
         except (OSError, ValueError):
             continue
