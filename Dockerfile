@@ -20,6 +20,9 @@ COPY studio/requirements.txt studio/requirements.txt
 RUN pip install -r studio/requirements.txt
 
 COPY studio/ studio/
+# The model table the studio derives its tabs from (standard library only; the modules that
+# need torch are never imported here).
+COPY serving/sdserve/ sdserve/
 COPY assets/ assets/
 
 USER studio

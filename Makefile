@@ -16,10 +16,12 @@ SDK_INSTALLED := $(SDK_VENV)/.installed
 
 venv: $(INSTALLED)
 
-$(INSTALLED): requirements.txt
+$(INSTALLED): requirements.txt pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
+	# The project itself (sdserve, studio, deploy, serving), editable: imported by its one name.
+	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
 	touch $@
 

@@ -3,9 +3,9 @@
 `build_model_archive` writes `<name>.tar.gz` with the model's Triton folder at the archive root,
 which is what SageMaker's Triton container loads after downloading `<prefix>/<name>.tar.gz`:
 
-    sd_base/config.pbtxt           sd_base/configs/cpu.pbtxt
-    sd_base/1/model.py             sd_base/1/sdserve/*.py       (vendored copy of serving/sdserve)
-    sd_base/1/checkpoint/**        (the diffusers pipeline folder)
+    <model>/config.pbtxt           <model>/configs/cpu.pbtxt
+    <model>/1/model.py             <model>/1/sdserve/*.py       (vendored copy of serving/sdserve)
+    <model>/1/checkpoint/**        (the diffusers pipeline folder)
 
 `safe_extract` unpacks such an archive without trusting it (the local endpoint uses it, and so
 can anyone who downloads an archive from S3).
@@ -27,7 +27,6 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
-import serving  # noqa: F401  (puts sdserve on the path)
 from sdserve.checkpoint import checkpoint_dir, has_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,7 +54,7 @@ class CorruptArchiveError(ValueError):
 
 
 def archive_name(model_name: str) -> str:
-    """The S3 object name, which is also the TargetModel a client sends (`sd_base.tar.gz`)."""
+    """The S3 object name, which is also the TargetModel a client sends (`<model>.tar.gz`)."""
     return f"{model_name}.tar.gz"
 
 

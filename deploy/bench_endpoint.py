@@ -4,11 +4,11 @@ compared things alternate):
 1. Cold first call vs warm call per model, through the studio's client layer (boto3
    sagemaker-runtime -> the local endpoint -> Triton in SageMaker MME mode). The cold call
    includes extracting the archive and Triton's load (each model's stub imports torch).
-2. Overhead of the whole path for one sd_base request, at each step count given: the
+2. Overhead of the whole path for one text-to-image request, at each step count given: the
    end-to-end client call vs the same pipeline called in-process, alternating. Also shown, to
    place the overhead: the same body posted straight to Triton's SageMaker port (no front),
    sdserve's serve_batch in-process (pipeline + PNG encoding + parameters, i.e. what the model
-   runs inside Triton), and the client call to a copy of sd_base whose config has no
+   runs inside Triton), and the client call to a copy of the model whose config has no
    dynamic_batching block (the shipped config waits up to 1 ms for a batch to fill).
 3. The eviction cycle: a budget of 2 models, the 4 models called in turn twice; every call
    loads its model (after evicting the least recently used one), so the time per call is a load
@@ -23,8 +23,6 @@ import argparse
 import http.client
 import json
 import logging
-import re
-import shutil
 import statistics
 import sys
 import tempfile
@@ -32,54 +30,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
 
-import serving  # noqa: F401 - puts sdserve on sys.path, as the model.py files import it
 from deploy.archive import REPO_ROOT, build_model_archive
+from deploy.invoke import sample_job
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
+from sdserve.catalog import MODELS, MODELS_BY_TASK
+from serving.triton_configs import model_variant
 from studio.client import EndpointConfig, StudioClient, build_payload
 
-MODELS = ("sd_base", "sd_depth", "sd_inpaint", "sd_upscale")
 PROMPT = "a lighthouse at dusk"
-
-
-def scene(size: int) -> Image.Image:
-    image = Image.new("RGB", (size, size), (135, 180, 230))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, size * 3 // 5, size, size), fill=(120, 90, 60))
-    draw.rectangle((size // 3, size // 3, size * 2 // 3, size * 2 // 3), fill=(200, 40, 40))
-    return image
-
-
-def mask(size: int) -> Image.Image:
-    image = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(image).rectangle((size // 4, size // 4, size * 3 // 4, size * 3 // 4), fill=255)
-    return image
-
-
-def model_call(client: StudioClient, model: str, size: int, steps: int):
-    common = {"steps": steps, "seed": 1}
-    if model == "sd_base":
-        return client.generate(PROMPT, width=size, height=size, **common)
-    if model == "sd_depth":
-        return client.restyle(scene(size), PROMPT, **common)
-    if model == "sd_inpaint":
-        return client.erase(scene(size), mask(size), PROMPT, **common)
-    return client.upscale(scene(max(32, size // 2)), PROMPT, **common)
-
-
-def unbatched_repository(repository: Path, work: Path) -> Path:
-    """A repository whose sd_base has no dynamic_batching block (weights linked, not copied)."""
-    target = work / "unbatched-repo" / "sd_base"
-    (target / "configs").mkdir(parents=True)
-    source = repository / "sd_base"
-    for config in ("config.pbtxt", "configs/cpu.pbtxt"):
-        text = (source / config).read_text()
-        (target / config).write_text(re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.DOTALL))
-    (target / "1").mkdir()
-    shutil.copy(source / "1" / "model.py", target / "1" / "model.py")
-    (target / "1" / "checkpoint").symlink_to((source / "1" / "checkpoint").resolve())
-    return target.parent
+GENERATE = MODELS_BY_TASK["generate"]
+UNBATCHED = "unbatched"  # a copy of the generate model without the dynamic-batching window
 
 
 def timed(function) -> float:
@@ -117,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work)
         for model in MODELS:
             build_model_archive(model, args.repository, work / "store")
-        build_model_archive("sd_base", unbatched_repository(args.repository, work), work / "store" / "unbatched")
+        model_variant(args.repository, GENERATE, work / "unbatched-repo", UNBATCHED, dynamic_batching=False)
+        build_model_archive(UNBATCHED, work / "unbatched-repo", work / "store")
         settings = dict(port=0, model_store=str(work / "store"), cache_dir=work / "cache", log_dir=work / "logs")
 
         # 1 + 2: one endpoint with room for every model.
@@ -126,21 +88,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Local endpoint {endpoint.url}, tiny weights, {args.size}x{args.size}, "
                   f"torch threads {torch.get_num_threads()}, medians of {args.repeats}")
             print("\n1. Cold first call vs warm call, through the client layer "
-                  f"({args.cold_steps} steps; upscale input {max(32, args.size // 2)} px)")
+                  f"({args.cold_steps} steps; each model makes {args.size} px images)")
             print(f"   {'model':11} {'cold':>11} {'of which load':>14} {'warm':>11}  cold/warm")
             figures["cold_warm"] = {}
             for model in MODELS:
-                cold = timed(lambda: model_call(client, model, args.size, args.cold_steps))
+                cold = timed(lambda: sample_job(client, MODELS[model], args.size, num_inference_steps=args.cold_steps, seed=1))
                 load = endpoint.registry.entry(f"{model}.tar.gz").load_seconds
-                warm = statistics.median(timed(lambda: model_call(client, model, args.size, args.cold_steps))
+                warm = statistics.median(timed(lambda: sample_job(client, MODELS[model], args.size, num_inference_steps=args.cold_steps, seed=1))
                                          for _ in range(args.repeats))
                 figures["cold_warm"][model] = {"cold_s": cold, "load_s": load, "warm_s": warm}
                 print(f"   {model:11} {ms(cold)} {ms(load)}   {ms(warm)}  {cold / warm:7.1f}x")
 
-            print("\n2. One sd_base request: end-to-end client call vs in-process pipeline call")
-            loaded = load_pipeline("sd_base", args.repository / "sd_base" / "1" / CHECKPOINT_DIR)
+            print(f"\n2. One {GENERATE.name} request: end-to-end client call vs in-process pipeline call")
+            loaded = load_pipeline(GENERATE.name, args.repository / GENERATE.name / "1" / CHECKPOINT_DIR)
             port = endpoint.triton.server.ports["sagemaker"]
-            triton_name = endpoint.registry.entry("sd_base.tar.gz").triton_name
+            triton_name = endpoint.registry.entry(f"{GENERATE.name}.tar.gz").triton_name
             figures["overhead"] = {}
             for steps in args.steps:
                 gen_args = {"num_inference_steps": steps, "width": args.size, "height": args.size, "seed": 1}
@@ -169,10 +131,10 @@ def main(argv: list[str] | None = None) -> int:
                     assert response.status == 200, response.status
 
                 def end_to_end() -> None:
-                    client.generate(PROMPT, steps=steps, width=args.size, height=args.size, seed=1)
+                    client.generate(PROMPT, num_inference_steps=steps, width=args.size, height=args.size, seed=1)
 
                 def end_to_end_unbatched() -> None:
-                    client.invoke("unbatched/sd_base", {"prompt": PROMPT, "negative_prompt": ""},
+                    client.invoke(UNBATCHED, {"prompt": PROMPT, "negative_prompt": ""},
                                   {**gen_args, "guidance_scale": 7.5, "scheduler": "default",
                                    "num_images_per_prompt": 1})
 
@@ -210,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             times = []
             for round_ in (1, 2):
                 for model in MODELS:
-                    times.append(timed(lambda: model_call(client, model, args.size, args.cold_steps)))
+                    times.append(timed(lambda: sample_job(client, MODELS[model], args.size, num_inference_steps=args.cold_steps, seed=1)))
             listing = {m["target_model"]: m for m in endpoint.registry.snapshot()}
             loads = sum(m["loads"] for m in listing.values())
             evictions = sum(m["evictions"] for m in listing.values())

@@ -25,7 +25,7 @@ import boto3
 
 from deploy.archive import REPO_ROOT
 from sdserve.checkpoint import has_checkpoint
-from serving.sdserve.catalog import MODELS
+from sdserve.catalog import MODELS
 
 ENV_PREFIX = "SD_DEPLOY_"
 CONFIG_ENV = "SD_DEPLOY_CONFIG"

@@ -2,43 +2,41 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from deploy.config import DeployConfig
+from sdserve.catalog import MIN_IMAGE_SIDE, MODELS, ModelSpec
 
-PROMPT = "a red cube on a wooden table, studio lighting"
+PROMPT = "a house under a blue sky, green hills and a tree"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 
 
 def sample_image(size: int) -> Image.Image:
-    """A small scene with clear shapes and depth: sky, ground, a box."""
-    image = Image.new("RGB", (size, size), (135, 180, 230))
-    draw = ImageDraw.Draw(image)
-    draw.rectangle((0, size * 3 // 5, size, size), fill=(120, 90, 60))
-    draw.rectangle((size // 3, size // 3, size * 2 // 3, size * 2 // 3 + size // 10), fill=(200, 40, 40))
-    return image
+    """The studio's sample picture (assets/sample.png) at `size` x `size`."""
+    with Image.open(ASSETS_DIR / "sample.png") as image:
+        return image.convert("RGB").resize((size, size), Image.Resampling.LANCZOS)
 
 
 def sample_mask(size: int) -> Image.Image:
-    """White (repaint) over the box, black (keep) elsewhere."""
-    mask = Image.new("L", (size, size), 0)
-    ImageDraw.Draw(mask).ellipse((size // 4, size // 4, size * 3 // 4, size * 3 // 4), fill=255)
-    return mask
+    """Its mask (white over the tree), at `size` x `size`, hard-edged."""
+    with Image.open(ASSETS_DIR / "sample_mask.png") as mask:
+        return mask.convert("L").resize((size, size), Image.Resampling.NEAREST)
 
 
-def smoke_calls(steps: int, seed: int) -> dict[str, Callable[[Any], Any]]:
-    """Model name -> a call on a StudioClient, with small inputs."""
-    scene, small = sample_image(512), sample_image(128)
-    common = {"steps": steps, "seed": seed}
-    return {
-        "sd_base": lambda client: client.generate(PROMPT, **common),
-        "sd_depth": lambda client: client.restyle(scene, "an oil painting of " + PROMPT, **common),
-        "sd_inpaint": lambda client: client.erase(scene, sample_mask(512), "a green plant in a pot", **common),
-        "sd_upscale": lambda client: client.upscale(small, PROMPT, **common),
-    }
+def sample_job(client: Any, spec: ModelSpec, size: int, **gen_args: Any) -> Any:
+    """One call of `spec`'s model on the sample picture, making `size` x `size` images.
+
+    The input is the sample at `size / output_scale` (the upscaler's input is a quarter of its
+    output), with the sample mask where the model takes one; `client` is a StudioClient.
+    """
+    if not spec.takes_image:
+        return client.run(spec.task, PROMPT, "", {"width": size, "height": size, **gen_args})
+    side = max(MIN_IMAGE_SIDE, size // spec.output_scale)
+    mask = sample_mask(side) if spec.takes_mask else None
+    return client.run(spec.task, PROMPT, "", gen_args, image=sample_image(side), mask=mask)
 
 
 def smoke_test(cfg: DeployConfig, out_dir: Path, *, steps: int, seed: int) -> bool:
@@ -47,11 +45,10 @@ def smoke_test(cfg: DeployConfig, out_dir: Path, *, steps: int, seed: int) -> bo
 
     client = StudioClient.for_sagemaker(cfg.endpoint_name, cfg.region)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calls = smoke_calls(steps, seed)
     ok = True
     for model in cfg.models:
         try:
-            result = calls[model](client)
+            result = sample_job(client, MODELS[model], 512, num_inference_steps=steps, seed=seed)
         except StudioError as error:
             print(f"{model}: FAILED: {error}")
             ok = False

@@ -1,7 +1,7 @@
 """Serving benchmark, measured side by side in one run (machines are noisy).
 
-1. Throughput of 8 concurrent `sd_base` requests with Triton's dynamic batching on vs off:
-   one server holds two copies of sd_base, identical but for the `dynamic_batching` block,
+1. Throughput of 8 concurrent text-to-image requests with Triton's dynamic batching on vs off:
+   one server holds two copies of the model, identical but for the `dynamic_batching` block,
    and rounds alternate between them.
 2. Overhead of Triton for one request: the HTTP round trip vs calling the same pipeline
    in-process, alternating.
@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shutil
 import statistics
 import tempfile
 import time
@@ -24,33 +22,23 @@ import numpy as np
 import torch
 import tritonclient.http as httpclient
 
-from serving.local_triton import LocalTriton
-from sdserve.catalog import CHECKPOINT_DIR
+from sdserve.catalog import CHECKPOINT_DIR, MODELS_BY_TASK
 from sdserve.pipelines import load_pipeline
+from serving.local_triton import LocalTriton
+from serving.triton_configs import model_variant
 
 REPOSITORY = Path(__file__).resolve().parent / "models"
 CONCURRENT = 8
-
-
-def unbatched_copy(repository: Path, target: Path, name: str) -> None:
-    """sd_base under another name, with the dynamic_batching block taken out of its config."""
-    source = repository / "sd_base"
-    (target / name / "configs").mkdir(parents=True)
-    for config in ("config.pbtxt", "configs/cpu.pbtxt"):
-        text = (source / config).read_text()
-        text = re.sub(r"dynamic_batching \{.*?\n\}\n", "", text, flags=re.S)
-        text = text.replace('name: "sd_base"', f'name: "{name}"')
-        (target / name / config).write_text(text)
-    (target / name / "1").mkdir()
-    shutil.copy(source / "1" / "model.py", target / name / "1" / "model.py")
-    (target / name / "1" / CHECKPOINT_DIR).symlink_to(source / "1" / CHECKPOINT_DIR)
+GENERATE = MODELS_BY_TASK["generate"]
+UNBATCHED = f"{GENERATE.name}_unbatched"
 
 
 def bench_repository(repository: Path, workdir: Path) -> Path:
+    """The generate model as it ships, and a copy without dynamic batching named UNBATCHED."""
     bench_repo = workdir / "models"
     bench_repo.mkdir()
-    (bench_repo / "sd_base").symlink_to(repository / "sd_base")
-    unbatched_copy(repository, bench_repo, "sd_base_unbatched")
+    (bench_repo / GENERATE.name).symlink_to(repository / GENERATE.name)
+    model_variant(repository, GENERATE, bench_repo, UNBATCHED, dynamic_batching=False)
     return bench_repo
 
 
@@ -80,22 +68,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repository", type=Path, default=REPOSITORY)
     args = parser.parse_args(argv)
     gen_args = {"num_inference_steps": args.steps, "height": args.size, "width": args.size}
-    print(f"sd_base, tiny weights, {args.size}x{args.size}, {args.steps} steps, torch threads {torch.get_num_threads()}")
+    print(f"{GENERATE.name}, tiny weights, {args.size}x{args.size}, {args.steps} steps, torch threads {torch.get_num_threads()}")
 
     with tempfile.TemporaryDirectory() as workdir:
         with LocalTriton(bench_repository(args.repository.resolve(), Path(workdir))) as triton, \
                 httpclient.InferenceServerClient(triton.http_address, concurrency=CONCURRENT, network_timeout=600) as client:
-            for model in ("sd_base", "sd_base_unbatched"):  # warm-up
+            for model in (GENERATE.name, UNBATCHED):  # warm-up
                 concurrent_round(client, model, gen_args)
             batched, unbatched = [], []
             for _ in range(args.rounds):
-                batched.append(concurrent_round(client, "sd_base", gen_args))
-                unbatched.append(concurrent_round(client, "sd_base_unbatched", gen_args))
+                batched.append(concurrent_round(client, GENERATE.name, gen_args))
+                unbatched.append(concurrent_round(client, UNBATCHED, gen_args))
             on, off = statistics.median(batched), statistics.median(unbatched)
             print(f"{CONCURRENT} concurrent requests: dynamic batching on {on:.2f} s, off {off:.2f} s (median of {args.rounds})")
             print(f"throughput ratio batching on/off: {off / on:.2f}x")
 
-            loaded = load_pipeline("sd_base", args.repository / "sd_base" / "1" / CHECKPOINT_DIR)
+            loaded = load_pipeline(GENERATE.name, args.repository / GENERATE.name / "1" / CHECKPOINT_DIR)
             one_request = {**gen_args, "seed": 1}
             direct, served = [], []
             for _ in range(args.rounds):
@@ -109,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
                 direct.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                client.infer("sd_base", request_inputs(one_request))
+                client.infer(GENERATE.name, request_inputs(one_request))
                 served.append(time.perf_counter() - started)
             in_process, round_trip = statistics.median(direct), statistics.median(served)
             print(f"one request: in-process pipeline {in_process * 1000:.0f} ms, Triton round trip {round_trip * 1000:.0f} ms")

@@ -22,10 +22,11 @@ Facts about this binary that the code relies on (checked by experiment on Triton
   ``configs/cpu.pbtxt`` is used, and without the flag a ``KIND_GPU`` config fails with
   "has kind KIND_GPU but no GPUs are available".
 * The Python-backend stub runs its embedded Python in isolated mode: PYTHONPATH is ignored
-  there (see the .pth bridge below). It takes sys.prefix from the first ``python3`` on PATH.
+  there. It takes sys.prefix from the first ``python3`` on PATH, so it sees this environment's
+  site-packages, where the set-up installed the project (``sdserve`` included) in editable mode.
 * In SageMaker mode, ``POST /models`` names the Triton model after the body's ``model_name``;
   with an ``X-Amzn-SageMaker-Target-Model`` header (what SageMaker sends) the header value,
-  e.g. ``sd_base.tar.gz``, is the Triton model name instead, and invoke/unload must carry the
+  e.g. ``<model>.tar.gz``, is the Triton model name instead, and invoke/unload must carry the
   same header. (Details in tests/test_local_triton.py.)
 * On SIGTERM Triton first waits, up to ``--exit-timeout-secs``, for every open HTTP connection
   to close (idle keep-alive ones too: a client holding one makes the stop take the whole
@@ -72,7 +73,6 @@ __all__ = [
     "prepare_triton",
 ]
 
-# The folder holding the ``sdserve`` package that every model.py imports.
 SERVING_DIR = Path(__file__).resolve().parent
 
 # Port value meaning "the mode's default": a free port in model-repository mode, switched off in
@@ -180,42 +180,11 @@ def prepare_triton(install: TritonInstallation | None = None) -> TritonInstallat
                     raise
             for binary in (install.binary, target):
                 _make_executable(binary)
-            _install_pythonpath_bridge()
         except OSError as exc:
             raise TritonLaunchError(
                 f"could not prepare the Triton server in {install.root} ({exc}); the first start "
                 f"needs write access to this environment's site-packages") from exc
     return install
-
-
-# The stub embeds Python in isolated mode (sys.flags.isolated=1, ignore_environment=1, found
-# by experiment): it ignores PYTHONPATH, so a model.py in the checkout could not `import sdserve`.
-# It does run `site` for the environment whose python is first on PATH, and `site` runs the
-# `import` lines of .pth files. This one-line .pth adds the folders named in BRIDGE_ENV to
-# sys.path (after site-packages, never shadowing the standard library); it does nothing in any
-# process where that variable is unset, i.e. everywhere but under a LocalTriton server.
-BRIDGE_ENV = "LOCAL_TRITON_PYTHONPATH"
-BRIDGE_PTH = "local_triton_pythonpath.pth"
-BRIDGE_LINE = (
-    "import os, sys; sys.path.extend(p for p in os.environ.get('" + BRIDGE_ENV + "', '')"
-    ".split(os.pathsep) if p and p not in sys.path)\n"
-)
-
-
-def _install_pythonpath_bridge() -> None:
-    # purelib of this interpreter = site-packages of the environment the stub runs (PATH).
-    target = Path(sysconfig.get_paths()["purelib"]) / BRIDGE_PTH
-    if target.is_file() and target.read_text() == BRIDGE_LINE:
-        return
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{BRIDGE_PTH}.", dir=target.parent)
-    try:
-        with os.fdopen(fd, "w") as tmp:
-            tmp.write(BRIDGE_LINE)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 LOOPBACK_SOURCE = SERVING_DIR / "loopback_bind.c"
@@ -304,10 +273,6 @@ def server_env(install: TritonInstallation, *, sagemaker: bool = False,
       the wheel's bundled libraries, then whatever was there.
     * PATH: the bin folder of this interpreter's virtual environment first: the stub runs the
       first Python on PATH, and model.py must import torch/diffusers from this environment.
-    * PYTHONPATH: the checkout's ``serving/`` (model.py files do ``import sdserve``), then any
-      PYTHONPATH given in ``extra_env``, then the inherited one. The stub's Python ignores
-      PYTHONPATH (isolated mode), so the same list also goes into LOCAL_TRITON_PYTHONPATH, which
-      the .pth bridge installed by prepare_triton() adds to the stub's sys.path.
     * SAGEMAKER_MULTI_MODEL=true in SageMaker mode only (removed otherwise: it changes how the
       binary behaves), with loopback_bind preloaded so that its listener binds 127.0.0.1.
       Everything else passes through; ``extra_env`` wins.
@@ -319,9 +284,6 @@ def server_env(install: TritonInstallation, *, sagemaker: bool = False,
                                         env.get("LD_LIBRARY_PATH"))
     env["PATH"] = _env_paths(Path(sys.executable).parent, extra.pop("PATH", None),
                              env.get("PATH") or os.defpath)
-    env["PYTHONPATH"] = _env_paths(SERVING_DIR, extra.pop("PYTHONPATH", None),
-                                   env.get("PYTHONPATH"))
-    env[BRIDGE_ENV] = env["PYTHONPATH"]
     if sagemaker:
         env["SAGEMAKER_MULTI_MODEL"] = "true"
         env["LD_PRELOAD"] = _env_paths(loopback_preload(install), env.get("LD_PRELOAD"))

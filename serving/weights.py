@@ -1,11 +1,13 @@
 """Weights for the Triton model repository: one diffusers pipeline folder per model.
 
     python -m serving.weights tiny [--models NAME ...] [--repository DIR] [--keep-existing]
-    python -m serving.weights hub  [--models NAME ...] [--repository DIR] [--revision REV]
+    python -m serving.weights hub  [--models NAME ...] [--repository DIR] [--source NAME=REPO@COMMIT ...]
 
 `tiny` builds small random-weight pipelines from the real diffusers and transformers classes,
 offline and deterministically, so the whole serving stack runs and is tested on a CPU in seconds
-(the images are noise). `hub` downloads the real fp16 weights of each model's Hub repository.
+(the images are noise). `hub` downloads the real fp16 weights of each model from the Hugging Face
+Hub repository and commit the model table names (sdserve.catalog); `--source` or the environment
+variable SD_STUDIO_WEIGHTS_<NAME> (e.g. SD_STUDIO_WEIGHTS_SD_BASE=org/repo@commit) choose another.
 Either way the folder is `<repository>/<name>/1/checkpoint/`, with a `weights.json` marker beside
 `model_index.json` saying what it holds (read back by `sdserve.checkpoint`).
 """
@@ -26,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sdserve.catalog import MODELS, WEIGHTS_MARKER
+from sdserve.catalog import MODELS, WEIGHTS_MARKER, WeightsSource
 from sdserve.checkpoint import HUB_KIND, TINY_KIND, checkpoint_dir, read_marker
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "models"
@@ -303,12 +305,45 @@ def rename_removed_classes(model_index: dict) -> dict:
     }
 
 
-def write_hub(name: str, checkpoint_dir: Path, revision: str) -> None:
-    """Download the model's real weights, pinned to the commit `revision` points at now."""
+SOURCE_ENV_PREFIX = "SD_STUDIO_WEIGHTS_"
+
+
+def source_env_name(name: str) -> str:
+    return SOURCE_ENV_PREFIX + name.upper()
+
+
+def parse_source(text: str) -> tuple[str, str | None]:
+    """"org/repo@commit" -> (repo, commit); "org/repo" -> (repo, None): keep the table's commit."""
+    repo, _, revision = text.strip().partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{text!r} is not a Hub repository (org/name, optionally @commit)")
+    return repo, revision or None
+
+
+def weights_source(name: str, overrides: dict[str, str] | None = None,
+                   environ: dict[str, str] | None = None) -> WeightsSource:
+    """Where a model's real weights come from: `overrides` (the command line), then the
+    environment (SD_STUDIO_WEIGHTS_<NAME>), then the model table."""
+    table = MODELS[name].weights
+    given = (overrides or {}).get(name) or (os.environ if environ is None else environ).get(source_env_name(name))
+    if not given:
+        return table
+    repo, revision = parse_source(given)
+    same_repo = repo == table.repo
+    return WeightsSource(
+        repo=repo,
+        revision=revision or (table.revision if same_repo else "main"),
+        licence=table.licence if same_repo else "see the repository's model card",
+        note=table.note if same_repo else "chosen on the command line or in the environment",
+    )
+
+
+def write_hub(name: str, checkpoint_dir: Path, source: WeightsSource) -> None:
+    """Download the model's real weights from `source`, pinned to its commit."""
     from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 
     # huggingface_hub reads the token from HF_TOKEN (or a saved login) by itself.
-    repo_id = MODELS[name].hub_repo
+    repo_id, revision = source.repo, source.revision
     with _replacing(checkpoint_dir) as staging:
         # First, as it also tells whether the Hub can be reached: hf_hub_download reports a Hub it
         # cannot reach, or offline mode, as an OSError.
@@ -414,8 +449,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Download each model's fp16 safetensors and configs from its Hugging Face Hub "
         "repository (a few GB each). The token, when one is needed, comes from HF_TOKEN.",
     )
-    hub.add_argument("--revision", default="main", help="branch, tag or commit to fetch (default: main)")
-    return parser.parse_args(argv)
+    hub.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=REPO[@COMMIT]",
+        help="fetch NAME from another Hub repository (and commit; default: the table's commit when the "
+        f"repository is the table's, else main); also {SOURCE_ENV_PREFIX}<NAME>=REPO[@COMMIT] in the "
+        "environment. The table's sources: "
+        + "; ".join(f"{name}: {spec.weights.repo}@{spec.weights.revision[:12]}" for name, spec in MODELS.items()),
+    )
+    args = parser.parse_args(argv)
+    args.sources = {}
+    for item in getattr(args, "source", []):
+        name, _, source = item.partition("=")
+        if name not in MODELS or not source:
+            parser.error(f"--source {item!r}: expected NAME=REPO[@COMMIT] with NAME one of {', '.join(MODELS)}")
+        try:
+            parse_source(source)
+        except ValueError as error:
+            parser.error(f"--source {item!r}: {error}")
+        args.sources[name] = source
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -430,20 +485,36 @@ def main(argv: list[str] | None = None) -> None:
             write_tiny(name, folder)
         else:
             try:
-                write_hub(name, folder, args.revision)
+                source = weights_source(name, args.sources)
+            except ValueError as error:
+                sys.exit(f"error: {name}: {source_env_name(name)}: {error}")
+            print(f"{name}: {source.repo}@{source.revision} ({source.licence}). {source.note}".rstrip())
+            try:
+                write_hub(name, folder, source)
             except OSError as error:  # how huggingface_hub reports a Hub it cannot reach or that refuses
-                sys.exit(_hub_error_line(name, error))
+                sys.exit(_hub_error_line(name, source, error))
         elapsed = time.perf_counter() - started
         print(f"{name}: wrote {_folder_megabytes(folder):.1f} MB to {folder} in {elapsed:.1f} s")
 
 
-def _hub_error_line(name: str, error: OSError) -> str:
+def _hub_error_line(name: str, source: WeightsSource, error: OSError) -> str:
     """One line for the terminal, instead of a traceback from deep inside huggingface_hub."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
-    repo_id = MODELS[name].hub_repo
-    if isinstance(error, HfHubHTTPError):  # the Hub answered: no access, no such repository or revision
+    repo_id = f"{source.repo}@{source.revision}"
+    override = (f"choose another source with --source {name}=REPO@COMMIT "
+                f"or {source_env_name(name)}=REPO@COMMIT")
+    if isinstance(error, RepositoryNotFoundError):
+        return f"error: {name}: the Hub has no repository {source.repo} (or it needs a token in HF_TOKEN); {override}"
+    if isinstance(error, RevisionNotFoundError):
+        return f"error: {name}: {source.repo} has no commit {source.revision}; {override}"
+    if isinstance(error, HfHubHTTPError):  # the Hub answered: no access, or another refusal
         problem = f"the Hugging Face Hub refused {repo_id}: {str(error).splitlines()[0]}"
     elif isinstance(error, (ConnectionError, LocalEntryNotFoundError)):
         reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else "no connection"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from studio.app import build_app
 from studio.client import StudioClient
-from studio.endpoint import LocalEndpoint, checkout_has_tiny_weights, local_endpoint_available
+from studio.endpoint import LocalEndpointProcess, checkout_has_tiny_weights, local_endpoint_available
 from studio.store import ResultStore
 
 DEFAULT_RESULTS_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-studio" / "results"
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             url = args.endpoint_url
             if not url:
                 print("Starting the local endpoint (the first start takes a minute)…", flush=True)
-                url = stack.enter_context(LocalEndpoint()).url
+                url = stack.enter_context(LocalEndpointProcess()).url
                 tiny_weights = checkout_has_tiny_weights()
             where = url
             client_factory = lambda: StudioClient.for_local(url)  # noqa: E731

@@ -50,7 +50,7 @@ TINY_WEIGHTS_BANNER = (
 )
 # On the demo's tiny weights (a CPU), the article's 512 px and 50 steps take minutes an image;
 # the studio starts small instead, and says so.
-TINY_WEIGHTS_START = {"width": 128, "height": 128, "steps": 10}
+TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10}
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
 
 

@@ -23,6 +23,8 @@ import botocore.config
 import botocore.exceptions
 from PIL import Image
 
+from sdserve.catalog import IMAGE, MASK_IMAGE, MODELS_BY_TASK, NEGATIVE_PROMPT, PROMPT
+
 MAX_REQUEST_BYTES = 6 * 1024 * 1024  # invoke_endpoint refuses larger bodies
 RETRYABLE_CODES = {"ModelNotReadyException", "ThrottlingException", "ServiceUnavailable", "InternalDependencyException"}
 LOCAL_ENDPOINT_NAME = "sd-studio"
@@ -100,96 +102,52 @@ class StudioClient:
     def from_env(cls) -> "StudioClient":
         return cls(EndpointConfig.from_env())
 
-    # --- the four models ------------------------------------------------------------
+    # --- the four models: thin wrappers, their generation arguments are the table's ----------
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        width: int = 512,
-        height: int = 512,
-        scheduler: str = "default",
-        seed: int = -1,
-        num_images: int = 1,
-        on_status: StatusCallback | None = None,
-    ) -> GenerationResult:
-        """Text-to-image with Stable Diffusion 2.1 base."""
-        return self.invoke(
-            "sd_base",
-            {"prompt": prompt, "negative_prompt": negative_prompt},
-            _gen_args(steps, guidance_scale, scheduler, seed, num_images, width=width, height=height),
-            on_status=on_status,
-        )
+    def generate(self, prompt: str, *, negative_prompt: str = "", on_status: StatusCallback | None = None,
+                 **gen_args: Any) -> GenerationResult:
+        """Text to image. `gen_args`: the arguments of MODELS_BY_TASK["generate"] (sdserve.catalog)."""
+        return self.run("generate", prompt, negative_prompt, gen_args, on_status=on_status)
 
-    def restyle(
-        self,
-        image: Image.Image,
-        prompt: str,
-        *,
-        negative_prompt: str = "",
-        strength: float = 0.8,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        scheduler: str = "default",
-        seed: int = -1,
-        num_images: int = 1,
-        on_status: StatusCallback | None = None,
-    ) -> GenerationResult:
+    def restyle(self, image: Image.Image, prompt: str, *, negative_prompt: str = "",
+                on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
         """Depth-to-image: a new look for the image, keeping its shapes and depth."""
-        return self.invoke(
-            "sd_depth",
-            {"prompt": prompt, "negative_prompt": negative_prompt, "image": image},
-            _gen_args(steps, guidance_scale, scheduler, seed, num_images, strength=strength),
-            on_status=on_status,
-        )
+        return self.run("restyle", prompt, negative_prompt, gen_args, image=image, on_status=on_status)
 
-    def erase(
-        self,
-        image: Image.Image,
-        mask: Image.Image,
-        prompt: str = "",
-        *,
-        negative_prompt: str = "",
-        strength: float = 1.0,
-        steps: int = 50,
-        guidance_scale: float = 7.5,
-        scheduler: str = "default",
-        seed: int = -1,
-        num_images: int = 1,
-        on_status: StatusCallback | None = None,
-    ) -> GenerationResult:
+    def erase(self, image: Image.Image, mask: Image.Image, prompt: str = "", *, negative_prompt: str = "",
+              on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
         """Inpainting: repaint the white part of `mask` with what `prompt` describes."""
-        return self.invoke(
-            "sd_inpaint",
-            {"prompt": prompt, "negative_prompt": negative_prompt, "image": image, "mask_image": mask},
-            _gen_args(steps, guidance_scale, scheduler, seed, num_images, strength=strength),
-            on_status=on_status,
-        )
+        return self.run("erase", prompt, negative_prompt, gen_args, image=image, mask=mask, on_status=on_status)
 
-    def upscale(
+    def upscale(self, image: Image.Image, prompt: str = "", *, negative_prompt: str = "",
+                on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
+        """x4 upscaling; a prompt describing the image guides the detail."""
+        return self.run("upscale", prompt, negative_prompt, gen_args, image=image, on_status=on_status)
+
+    def run(
         self,
-        image: Image.Image,
-        prompt: str = "",
+        task: str,
+        prompt: str,
+        negative_prompt: str,
+        gen_args: dict[str, Any],
         *,
-        negative_prompt: str = "",
-        noise_level: int = 20,
-        steps: int = 50,
-        guidance_scale: float = 9.0,
-        scheduler: str = "default",
-        seed: int = -1,
-        num_images: int = 1,
+        image: Image.Image | None = None,
+        mask: Image.Image | None = None,
         on_status: StatusCallback | None = None,
     ) -> GenerationResult:
-        """x4 upscaling; a prompt describing the image guides the detail."""
-        return self.invoke(
-            "sd_upscale",
-            {"prompt": prompt, "negative_prompt": negative_prompt, "image": image},
-            _gen_args(steps, guidance_scale, scheduler, seed, num_images, noise_level=noise_level),
-            on_status=on_status,
-        )
+        """One job of a task ("generate", ...); unknown generation arguments are refused here."""
+        spec = MODELS_BY_TASK[task]
+        unknown = sorted(set(gen_args) - set(spec.argument_names))
+        if unknown:
+            raise StudioError(
+                f"{task} takes no argument {unknown[0]!r}; it takes {', '.join(spec.argument_names)}."
+            )
+        inputs: dict[str, str | Image.Image] = {PROMPT: prompt, NEGATIVE_PROMPT: negative_prompt}
+        if spec.takes_image:
+            inputs[IMAGE] = image
+        if spec.takes_mask:
+            inputs[MASK_IMAGE] = mask
+        return self.invoke(spec.name, inputs, gen_args, on_status=on_status)
 
     # --- the call itself ------------------------------------------------------------
 
@@ -230,17 +188,6 @@ class StudioClient:
         return result
 
 
-def _gen_args(steps, guidance_scale, scheduler, seed, num_images, **specific) -> dict[str, Any]:
-    return {
-        "num_inference_steps": steps,
-        "guidance_scale": guidance_scale,
-        "scheduler": scheduler,
-        "seed": seed,
-        "num_images_per_prompt": num_images,
-        **specific,
-    }
-
-
 def _runtime_client(config: EndpointConfig) -> Any:
     # Retries are done by StudioClient.invoke, where "model still loading" can be reported.
     # botocore itself must not retry: its `max_attempts` counts retries *after* the first call, so
@@ -274,7 +221,7 @@ def build_payload(inputs: dict[str, str | Image.Image], gen_args: dict[str, Any]
     body = _payload(inputs, gen_args, image_format="JPEG")
     if len(body) <= MAX_REQUEST_BYTES:
         return body
-    image = inputs.get("image")
+    image = inputs.get(IMAGE)
     side = max(image.size) if isinstance(image, Image.Image) else 0
     raise StudioError(
         f"The request is {len(body) / 2**20:.1f} MB even as JPEG, over the endpoint's 6 MB limit. "
@@ -285,7 +232,7 @@ def build_payload(inputs: dict[str, str | Image.Image], gen_args: dict[str, Any]
 def _payload(inputs: dict[str, str | Image.Image], gen_args: dict[str, Any], *, image_format: str) -> bytes:
     values = {
         # Masks stay PNG: JPEG would smear the brush edge into grey.
-        name: encode_image(value, "PNG" if name == "mask_image" else image_format)
+        name: encode_image(value, "PNG" if name == MASK_IMAGE else image_format)
         if isinstance(value, Image.Image)
         else value
         for name, value in inputs.items()

@@ -7,13 +7,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from sdserve.catalog import MODELS
+from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
@@ -36,13 +38,8 @@ def local_endpoint_available() -> bool:
 def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
     """Whether any model in the checkout holds the tiny random demo weights.
 
-    Only called in a checkout (beside the local endpoint it starts), so the serving package that
-    writes and reads those markers is there; the studio's Docker image has none, hence the late import.
+    Only called in a checkout, beside the local endpoint it starts.
     """
-    import serving  # noqa: F401  (puts sdserve on the path)
-    from sdserve.catalog import MODELS
-    from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
-
     for model in MODELS:
         try:
             if read_marker(checkpoint_dir(models, model)).get("kind") == TINY_KIND:
@@ -52,22 +49,21 @@ def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
     return False
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+class LocalEndpointProcess:
+    """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs.
 
-
-class LocalEndpoint:
-    """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs."""
+    Only in a checkout (see local_endpoint_available), where the serving tools are importable.
+    """
 
     def __init__(self, port: int | None = None, *, startup_timeout_s: float = 600):
-        self.port = port or free_port()
+        from serving.local_triton import find_free_port
+
+        self.port = port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout_s = startup_timeout_s
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "LocalEndpoint":
+    def __enter__(self) -> LocalEndpointProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", LOCAL_ENDPOINT_MODULE, "--port", str(self.port)],
             cwd=REPO_ROOT,

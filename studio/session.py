@@ -96,9 +96,9 @@ def gallery_items(entries: list[Entry], store: ResultStore) -> list[tuple[str, s
 def restored_values(task: Task, parameters: dict[str, Any]) -> dict[str, Any]:
     """Control values that make the same image again, for the controls the parameters cover."""
     return {
-        control.name: control.restore(parameters[control.parameter_key])
+        control.name: control.restore(parameters[control.name])
         for control in task.controls
-        if control.parameter_key in parameters
+        if control.name in parameters
     }
 
 

@@ -1,71 +1,82 @@
-"""The studio's four tasks as data: the model each one calls, its controls and their limits.
+"""The studio's tabs, derived from the model table (sdserve.catalog): one Task per model.
 
-Ranges and defaults mirror the serving side's allow-list (serving/sdserve/params.py, whose
-defaults follow the reference article) and its image limits (serving/sdserve/request.py). They
-are copied, not imported, because the studio runs without the serving package (its Docker image
-has none); tests/test_studio_logic.py checks that the copies agree.
+A tab's controls are the model's prompt inputs and its generation arguments, with the table's
+labels, help, ranges and defaults; values are checked by the same `Argument.check` the server
+uses, so a designer hears of a bad value before anything is sent, in the same words.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
+from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
+from sdserve.errors import RequestError
+from sdserve.params import Argument
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
-
-RANDOM_SEED = -1
-SEED_MAX = 2**32 - 1
-SCHEDULERS = ("default", "ddim", "euler", "euler_a", "dpmpp_2m", "unipc", "pndm")
-MIN_IMAGE_SIDE = 32
-MASK_THRESHOLD = 128  # the endpoint reads mask pixels at or above this as "replace"
 
 
 @dataclass(frozen=True)
 class Control:
-    """One argument of a task as the studio shows it: a text box, a slider, a list or a number."""
+    """One input of a tab as the studio shows it: a text box, a slider, a list or a number."""
 
-    name: str  # the StudioClient keyword argument
+    name: str  # the generation argument's name (or "prompt" / "negative_prompt")
     label: str
-    widget: str  # "text", "slider", "dropdown" or "number"
+    widget: str  # "text", or the argument's widget: "slider", "dropdown", "number"
     default: Any
-    minimum: float | None = None
-    maximum: float | None = None
-    step: float | None = None
-    choices: tuple[str, ...] = ()
-    parameter: str | None = None  # its key in the endpoint's `parameters`, when that differs
     info: str | None = None
+    argument: Argument | None = None  # None for the text inputs
 
     @property
-    def parameter_key(self) -> str:
-        return self.parameter or self.name
+    def minimum(self) -> float | None:
+        return self.argument.minimum if self.argument else None
+
+    @property
+    def maximum(self) -> float | None:
+        return self.argument.maximum if self.argument else None
+
+    @property
+    def step(self) -> float | None:
+        return self.argument.step if self.argument else None
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return self.argument.choices if self.argument else ()
+
+    @classmethod
+    def for_argument(cls, argument: Argument) -> Control:
+        return cls(argument.name, argument.label, argument.widget, argument.default, argument.help or None, argument)
 
     def validate(self, value: Any) -> Any:
         """`value` as the endpoint wants it, or a StudioError naming the control and its limits.
 
         Sliders and number boxes hand over floats (50.0), which the endpoint refuses for an
-        integer argument, so numbers are converted to the control's type first; an emptied
+        integer argument, so numbers are converted to the argument's type first; an emptied
         field (None) means the default.
         """
-        kind = type(self.default)
-        if value is None:  # an emptied field
+        if value is None:
             return self.default
-        if kind is str:
+        if self.argument is None:
+            return str(value)
+        kind = self.argument.kind
+        if kind is not str:
+            try:
+                value = float(value)
+            except (TypeError, ValueError):
+                raise StudioError(f"{self.label} must be a number; got {value!r}.") from None
+            if not math.isfinite(value):
+                raise StudioError(f"{self.label} must be a finite number; got {value!r}.")
+            if kind is int:
+                value = int(round(value))
+        else:
             value = str(value)
-            if self.choices and value not in self.choices:
-                raise StudioError(f"{self.label} must be one of {', '.join(self.choices)}; got {value!r}.")
-            return value
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            raise StudioError(f"{self.label} must be a number; got {value!r}.") from None
-        if number != number or number in (float("inf"), float("-inf")):  # NaN or infinite
-            raise StudioError(f"{self.label} must be a finite number; got {value!r}.")
-        number = int(round(number)) if kind is int else number
-        if (self.minimum is not None and number < self.minimum) or (self.maximum is not None and number > self.maximum):
-            raise StudioError(f"{self.label} must be from {kind(self.minimum)} to {kind(self.maximum)}; got {value}.")
-        return number
+            return self.argument.check(value, field=self.label)
+        except RequestError as error:
+            raise StudioError(f"{error}.") from None
 
     def restore(self, value: Any) -> Any:
         """A value read back from a PNG or the browser's storage: the default where it is unusable."""
@@ -79,15 +90,25 @@ class Control:
 class Task:
     """One tab of the studio and one API endpoint: `name` is both, and the StudioClient method."""
 
-    name: str
-    title: str
-    model: str
-    summary: str
+    spec: ModelSpec
     controls: tuple[Control, ...]
-    takes_image: bool = False
-    takes_mask: bool = False
-    prompt_required: bool = False
-    max_image_side: int | None = None
+
+    @classmethod
+    def for_model(cls, spec: ModelSpec) -> Task:
+        text = (
+            Control("prompt", spec.prompt_label, "text", "", spec.prompt_help or None),
+            Control("negative_prompt", "Negative prompt", "text", "", "What to steer away from."),
+        )
+        return cls(spec, (*text, *map(Control.for_argument, spec.arguments)))
+
+    name = property(lambda self: self.spec.task)
+    title = property(lambda self: self.spec.title)
+    model = property(lambda self: self.spec.name)
+    summary = property(lambda self: self.spec.summary)
+    takes_image = property(lambda self: self.spec.takes_image)
+    takes_mask = property(lambda self: self.spec.takes_mask)
+    prompt_required = property(lambda self: self.spec.prompt_required)
+    max_image_side = property(lambda self: self.spec.max_image_side)
 
     def defaults(self) -> dict[str, Any]:
         return {control.name: control.default for control in self.controls}
@@ -140,85 +161,5 @@ def checked_mask(mask: Image.Image | None, image_size: tuple[int, int]) -> Image
     return mask
 
 
-# --- the controls ---------------------------------------------------------------------------
-
-
-def _prompt(label: str, info: str | None = None) -> Control:
-    return Control("prompt", label, "text", "", info=info)
-
-
-def _common(guidance: float) -> tuple[Control, ...]:
-    """The arguments every model takes, with the serving side's ranges."""
-    return (
-        Control("negative_prompt", "Negative prompt", "text", "", info="What to steer away from."),
-        Control("steps", "Steps", "slider", 50, 1, 150, 1, parameter="num_inference_steps"),
-        Control("guidance_scale", "Guidance", "slider", guidance, 0.0, 30.0, 0.5, info="How closely to follow the prompt."),
-        Control("scheduler", "Scheduler", "dropdown", "default", choices=SCHEDULERS),
-        Control(
-            "seed", "Seed", "number", RANDOM_SEED, RANDOM_SEED, SEED_MAX, 1,
-            info="-1 picks a random seed; the one used is shown with the result.",
-        ),
-        Control("num_images", "Images", "slider", 1, 1, 4, 1, parameter="num_images_per_prompt"),
-    )
-
-
-def _size(name: str, label: str) -> Control:
-    return Control(name, label, "slider", 512, 64, 1024, 8)
-
-
-TASKS: dict[str, Task] = {
-    task.name: task
-    for task in (
-        Task(
-            name="generate",
-            title="Generate",
-            model="sd_base",
-            summary="Text to image with Stable Diffusion 2.1 base.",
-            controls=(_prompt("Prompt"), *_common(7.5), _size("width", "Width"), _size("height", "Height")),
-            prompt_required=True,
-        ),
-        Task(
-            name="restyle",
-            title="Restyle",
-            model="sd_depth",
-            summary="A new look for an image that keeps its shapes and depth (depth-to-image).",
-            controls=(
-                _prompt("Prompt", "The new look."),
-                *_common(7.5),
-                Control("strength", "Strength", "slider", 0.8, 0.0, 1.0, 0.05, info="How far to move from the input."),
-            ),
-            takes_image=True,
-            prompt_required=True,
-            max_image_side=1024,
-        ),
-        Task(
-            name="erase",
-            title="Erase",
-            model="sd_inpaint",
-            summary="Paint over what should go; the model fills it in (inpainting).",
-            controls=(
-                _prompt("What should replace it", "Leave empty to blend in with the surroundings."),
-                *_common(7.5),
-                Control("strength", "Strength", "slider", 1.0, 0.0, 1.0, 0.05),
-            ),
-            takes_image=True,
-            takes_mask=True,
-            max_image_side=1024,
-        ),
-        Task(
-            name="upscale",
-            title="Upscale",
-            model="sd_upscale",
-            summary="Four times the width and height; a prompt describing the image guides the detail.",
-            controls=(
-                _prompt("Prompt", "Describe the image."),
-                *_common(9.0),
-                Control("noise_level", "Noise level", "slider", 20, 0, 350, 1, info="More noise, more invented detail."),
-            ),
-            takes_image=True,
-            max_image_side=512,
-        ),
-    )
-}
-
+TASKS: dict[str, Task] = {spec.task: Task.for_model(spec) for spec in MODELS.values()}
 TASK_BY_MODEL: dict[str, Task] = {task.model: task for task in TASKS.values()}

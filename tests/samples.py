@@ -5,6 +5,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 from PIL import Image
 
 
@@ -30,3 +31,21 @@ def bomb_png_b64(width: int, height: int) -> bytes:
     )
     png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
     return base64.b64encode(png)
+
+
+# The project's determinism guarantee (README, "Determinism"): the same seed and parameters give
+# the same image within one level of 255 in every pixel, alone or at any position in a batch, on
+# any x86-64 CPU. Bit-identity is not promised: float kernels may round differently per CPU model
+# and per batch position.
+SAME_IMAGE_TOLERANCE = 1
+
+
+def max_pixel_difference(first: Image.Image, second: Image.Image) -> int:
+    return int(np.abs(np.asarray(first, dtype=np.int16) - np.asarray(second, dtype=np.int16)).max())
+
+
+def assert_same_image(first: Image.Image, second: Image.Image) -> None:
+    """The guarantee above: same size and mode, every pixel within one level."""
+    assert (first.size, first.mode) == (second.size, second.mode)
+    difference = max_pixel_difference(first, second)
+    assert difference <= SAME_IMAGE_TOLERANCE, f"pixels differ by up to {difference} levels"

@@ -73,7 +73,7 @@ def paint(page: Page, canvas_selector: str) -> None:
 
 
 def run_and_wait(page: Page, task: str, title: str) -> None:
-    set_number(page, f"{task}-steps", 2)
+    set_number(page, f"{task}-num_inference_steps", 2)
     page.locator(f"#{task}-run").click()
     expect(page.locator("#status")).to_contain_text(f"Done: {title}", timeout=CALL_TIMEOUT_MS)
     expect(page.locator(f"#{task}-results img").first).to_be_visible()
@@ -147,7 +147,7 @@ def test_cancelled_work_never_shows_up(studio_url, page):
     page.locator("#generate-prompt textarea").fill("a slow one")
     set_number(page, "generate-width", 256)
     set_number(page, "generate-height", 256)
-    set_number(page, "generate-steps", 12)  # ten seconds or so on the CPU
+    set_number(page, "generate-num_inference_steps", 12)  # ten seconds or so on the CPU
     page.locator("#generate-run").click()
     expect(page.locator("#status")).to_contain_text("Working:", timeout=30_000)
     # The page takes clicks on Generate again once Gradio has reset the cancelled event.

@@ -77,7 +77,7 @@ def test_an_endpoint_that_is_not_running_is_named():
     client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=f"http://127.0.0.1:{port}",
                                          connect_timeout_s=2))
     with pytest.raises(StudioError, match=f"Cannot reach http://127.0.0.1:{port}. Is it running?"):
-        client.generate("a cat", steps=2, width=64, height=64)
+        client.generate("a cat", num_inference_steps=2, width=64, height=64)
 
 
 def test_configuration_from_the_environment(monkeypatch):

@@ -18,7 +18,7 @@ from moto.sagemaker.responses import SageMakerResponse
 from moto.server import ThreadedMotoServer
 
 from deploy.cli import main
-from serving.sdserve.catalog import MODELS
+from sdserve.catalog import MODELS
 from tests.test_archive import make_model
 
 ACCOUNT = "123456789012"  # moto's default account

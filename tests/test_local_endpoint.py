@@ -22,6 +22,7 @@ from deploy.local_endpoint import State
 from serving.local_triton import group_members
 from studio.client import EndpointConfig, StudioClient, StudioError
 
+from .samples import assert_same_image
 from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fixture)
     ENDPOINT_NAME,
     EVIL_TRICKS,
@@ -103,7 +104,7 @@ def test_each_model_through_the_client_layer_loads_once_then_is_faster(endpoint,
         assert result.images[0].size == size
         assert result.parameters["model"] == model
         assert result.parameters["seed"] == 7 and result.parameters["num_inference_steps"] == STEPS
-    assert first.png == second.png  # same seed, same model, same answer
+    assert_same_image(first.images[0], second.images[0])  # same seed, same model, same answer
     assert after_first["state"] == "loaded" and after_first["loads"] == 1
     assert after_first["load_seconds"] > 0
     assert second.seconds < first.seconds, (first.seconds, second.seconds)
@@ -364,7 +365,7 @@ def test_model_process_killed_then_clear_error_then_works_again(endpoint, runtim
 
     _, after = invoke(runtime, target)  # reloaded
     assert answer_parameters(after)["seed"] == answer_parameters(before)["seed"]
-    assert answer_image(after).tobytes() == answer_image(before).tobytes()
+    assert_same_image(answer_image(after), answer_image(before))
     info = model_info(endpoint, target)
     assert info["crashes"] == 1 and info["loads"] == 2 and info["state"] == "loaded"
     assert len(endpoint.triton.stub_pids(endpoint.registry.entry(target).folder)) == 1

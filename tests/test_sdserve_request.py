@@ -11,10 +11,14 @@ from PIL import Image
 from sdserve.batch import split_rows
 from sdserve.errors import RequestError
 from sdserve.images import MAX_SIDE, decode_image, encode_png
-from sdserve.params import MODEL_PARAMS, parse_gen_args
-from sdserve.request import MAX_PROMPT_CHARS, parse_request
+from sdserve.catalog import MAX_PROMPT_CHARS, MODELS
+from sdserve.request import parse_request
 
 from .samples import bomb_png_b64, mask_b64, png_b64
+
+
+def parse_gen_args(model: str, raw):
+    return MODELS[model].parse_gen_args(raw)
 
 
 def expect_error(field: str, call, *args, **kwargs) -> RequestError:
@@ -29,7 +33,7 @@ def expect_error(field: str, call, *args, **kwargs) -> RequestError:
 
 def test_defaults_are_filled_in():
     args = parse_gen_args("sd_base", None)
-    assert args == {key: param.default for key, param in MODEL_PARAMS["sd_base"].items()}
+    assert args == {argument.name: argument.default for argument in MODELS["sd_base"].arguments}
     assert args["num_inference_steps"] == 50 and args["seed"] == -1
 
 

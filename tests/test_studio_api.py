@@ -19,12 +19,14 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from studio.endpoint import free_port
+from serving.local_triton import find_free_port
 from studio.metadata import read_parameters
+
+from .samples import assert_same_image
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600  # the first start of Triton on a busy 2-core machine
-TINY = {"steps": 2, "guidance_scale": 5.0}
+TINY = {"num_inference_steps": 2, "guidance_scale": 5.0}
 
 pytestmark = pytest.mark.triton
 
@@ -32,7 +34,7 @@ pytestmark = pytest.mark.triton
 @contextlib.contextmanager
 def launched_studio(results_dir: Path) -> Iterator[str]:
     """`python -m studio` on a free port with no endpoint configured; its URL while it runs."""
-    port = free_port()
+    port = find_free_port()
     env = {name: value for name, value in os.environ.items() if name not in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME")}
     process = subprocess.Popen(
         [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir)], cwd=ROOT, env=env
@@ -100,7 +102,7 @@ def test_the_four_endpoints_are_named_and_documented(client):
     assert set(endpoints) == {"/generate", "/restyle", "/erase", "/upscale"}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names["/erase"][:3] == ["image", "mask", "prompt"]
-    assert {"prompt", "negative_prompt", "steps", "guidance_scale", "scheduler", "seed", "num_images"} <= set(names["/generate"])
+    assert {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "seed", "num_images_per_prompt"} <= set(names["/generate"])
     assert "width" in names["/generate"] and "noise_level" in names["/upscale"] and "strength" in names["/restyle"]
     assert all(info["description"] for info in endpoints.values())
 
@@ -112,7 +114,7 @@ def test_generate_reports_the_effective_seed_and_reproduces_with_it(client):
     again, _ = only_image(
         client.predict(prompt="a red house", width=64, height=64, seed=parameters["seed"], api_name="/generate", **TINY)
     )
-    assert Image.open(first).tobytes() == Image.open(again).tobytes()
+    assert_same_image(Image.open(first), Image.open(again))
 
 
 def test_each_task_takes_the_previous_result(client, tmp_path):
@@ -135,7 +137,7 @@ def test_each_task_takes_the_previous_result(client, tmp_path):
 
 def test_several_images_each_carry_their_own_seed(client):
     gallery, parameters = client.predict(
-        prompt="a boat", width=64, height=64, seed=10, num_images=2, api_name="/generate", **TINY
+        prompt="a boat", width=64, height=64, seed=10, num_images_per_prompt=2, api_name="/generate", **TINY
     )
     seeds = [read_parameters(Path(item["image"]).read_bytes())["seed"] for item in gallery]
     assert seeds == parameters["seeds"] == [10, 11]

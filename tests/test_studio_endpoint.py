@@ -9,10 +9,10 @@ import urllib.request
 import pytest
 
 from studio import __main__ as cli
-from studio.endpoint import EndpointStartError, LocalEndpoint, checkout_has_tiny_weights
+from studio.endpoint import EndpointStartError, LocalEndpointProcess, checkout_has_tiny_weights
 
 def test_the_local_endpoint_is_started_and_stopped():
-    with LocalEndpoint(startup_timeout_s=120) as endpoint:
+    with LocalEndpointProcess(startup_timeout_s=120) as endpoint:
         with urllib.request.urlopen(f"{endpoint.url}/ping", timeout=5) as response:
             assert response.status == 200
         process = endpoint.process
@@ -24,7 +24,7 @@ def test_an_endpoint_that_dies_while_starting_is_reported():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         with pytest.raises(EndpointStartError, match="exited with status"):
-            with LocalEndpoint(port=taken.getsockname()[1], startup_timeout_s=120):
+            with LocalEndpointProcess(port=taken.getsockname()[1], startup_timeout_s=120):
                 pass
 
 

@@ -12,15 +12,15 @@ import botocore.exceptions
 import pytest
 from PIL import Image, PngImagePlugin
 
-from sdserve.params import MODEL_PARAMS, RANDOM_SEED as SERVING_RANDOM_SEED, SCHEDULERS as SERVING_SCHEDULERS, SEED_MAX as SERVING_SEED_MAX
-from sdserve.request import MAX_WORKING_SIDE, MIN_IMAGE_SIDE as SERVING_MIN_SIDE, PROMPT_REQUIRED
+from sdserve.catalog import MODELS
+from sdserve.params import RANDOM_SEED, SEED_MAX
 from studio import session
 from studio.client import EndpointConfig, GenerationResult, StudioClient, StudioError
 from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
 from studio.metadata import embed_parameters, image_to_png, read_parameters
 from studio.status import run_with_status, status_line
 from studio.store import ResultStore
-from studio.tasks import MIN_IMAGE_SIDE, RANDOM_SEED, SCHEDULERS, SEED_MAX, TASK_BY_MODEL, TASKS
+from studio.tasks import TASK_BY_MODEL, TASKS
 
 
 def png_with_parameters(parameters: dict | None, size=(64, 64), color=(10, 120, 200), extra_text=None) -> bytes:
@@ -60,31 +60,28 @@ def store(tmp_path) -> ResultStore:
     return ResultStore(tmp_path / "results")
 
 
-# --- tasks: the copies of the serving side's limits agree with it ----------------------------
+# --- tasks: derived from the model table ------------------------------------------------------
 
 
 @pytest.mark.parametrize("task", TASKS.values(), ids=lambda task: task.name)
-def test_controls_mirror_the_serving_allow_list(task):
-    allowed = MODEL_PARAMS[task.model]
-    controls = [control for control in task.controls if control.name not in ("prompt", "negative_prompt")]
-    assert sorted(control.parameter_key for control in controls) == sorted(allowed)
-    for control in controls:
-        param = allowed[control.parameter_key]
-        assert control.default == param.default, control.name
-        assert type(control.default) is param.kind, control.name
-        assert (control.minimum, control.maximum) == (param.minimum, param.maximum), control.name
-        assert control.choices == param.choices, control.name
-        if param.multiple_of:
-            assert control.step == param.multiple_of and control.minimum % param.multiple_of == 0
+def test_each_model_is_a_tab_whose_controls_are_its_arguments(task):
+    spec = MODELS[task.model]
+    assert TASK_BY_MODEL[spec.name] is task and spec.task == task.name
+    names = [control.name for control in task.controls]
+    assert names == ["prompt", "negative_prompt", *spec.argument_names]
+    for control in task.controls[2:]:
+        argument = spec.argument(control.name)
+        assert (control.label, control.default, control.minimum, control.maximum) == (
+            argument.label, argument.default, argument.minimum, argument.maximum
+        )
 
 
-def test_image_limits_mirror_the_serving_side():
-    assert {task.model: task.max_image_side for task in TASKS.values() if task.takes_image} == MAX_WORKING_SIDE
-    assert {task.model for task in TASKS.values() if task.prompt_required} == PROMPT_REQUIRED
-    assert MIN_IMAGE_SIDE == SERVING_MIN_SIDE
-    assert SCHEDULERS == tuple(SERVING_SCHEDULERS)
-    assert (RANDOM_SEED, SEED_MAX) == (SERVING_RANDOM_SEED, SERVING_SEED_MAX)
-    assert set(TASK_BY_MODEL) == set(MODEL_PARAMS)
+def test_the_client_methods_take_the_tables_arguments():
+    client = StudioClient(EndpointConfig(endpoint_name="x", endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(StudioError, match="takes no argument 'steps'.*num_inference_steps"):
+        client.generate("a house", steps=3)
+    with pytest.raises(StudioError, match="takes no argument 'width'"):
+        client.upscale(Image.new("RGB", (64, 64)), width=256)
 
 
 def control(task: str, name: str):
@@ -92,7 +89,7 @@ def control(task: str, name: str):
 
 
 def test_validate_gives_the_endpoint_its_types_and_refuses_what_is_out_of_range():
-    steps = control("generate", "steps")
+    steps = control("generate", "num_inference_steps")
     assert steps.validate(50.0) == 50 and isinstance(steps.validate(50.0), int)
     assert steps.validate(None) == 50
     for bad, words in ((1000, "from 1 to 150; got 1000"), ("nonsense", "must be a number"), (float("nan"), "finite")):
@@ -111,7 +108,7 @@ def test_validate_gives_the_endpoint_its_types_and_refuses_what_is_out_of_range(
 
 
 def test_restore_falls_back_to_the_default_for_unusable_stored_values():
-    steps = control("generate", "steps")
+    steps = control("generate", "num_inference_steps")
     assert steps.restore(20.0) == 20
     assert steps.restore(1000) == steps.restore("nonsense") == 50
     assert control("generate", "scheduler").restore("rm -rf") == "default"
@@ -122,10 +119,10 @@ def test_restore_falls_back_to_the_default_for_unusable_stored_values():
 
 def test_run_calls_the_client_method_with_validated_arguments():
     client = RecordingClient()
-    TASKS["generate"].run(client, {"prompt": "a house", "steps": 2.0, "width": 64.0, "height": 64, "seed": -1.0})
+    TASKS["generate"].run(client, {"prompt": "a house", "num_inference_steps": 2.0, "width": 64.0, "height": 64, "seed": -1.0})
     method, images, arguments = client.calls[0]
     assert method == "generate" and images == ()
-    assert arguments["steps"] == 2 and arguments["width"] == 64 and arguments["seed"] == -1
+    assert arguments["num_inference_steps"] == 2 and arguments["width"] == 64 and arguments["seed"] == -1
     assert arguments["guidance_scale"] == 7.5 and arguments["scheduler"] == "default"
 
 
@@ -302,7 +299,7 @@ def test_restoring_maps_parameters_back_onto_controls():
     parameters = {"model": "sd_depth", "prompt": "p", "num_inference_steps": 3, "num_images_per_prompt": 2,
                   "strength": 0.4, "seed": 99, "scheduler": "bogus", "weights": "tiny-random"}
     values = session.restored_values(TASKS["restyle"], parameters)
-    assert values == {"prompt": "p", "steps": 3, "num_images": 2, "strength": 0.4, "seed": 99, "scheduler": "default"}
+    assert values == {"prompt": "p", "num_inference_steps": 3, "num_images_per_prompt": 2, "strength": 0.4, "seed": 99, "scheduler": "default"}
 
 
 def test_a_dropped_png_becomes_an_entry_of_its_task(store):

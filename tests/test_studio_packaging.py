@@ -19,8 +19,9 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 STUDIO_REQUIREMENTS = ROOT / "studio" / "requirements.txt"
-# What the studio's image must not need: the serving stack and the deploy tooling.
-SERVING_ONLY = ("torch", "diffusers", "transformers", "accelerate", "tritonclient", "pytriton", "sdserve", "serving", "deploy")
+# What the studio's image must not need: the serving stack and the deploy tooling. It carries
+# sdserve (the model table), whose modules that need torch it never imports.
+SERVING_ONLY = ("torch", "diffusers", "transformers", "accelerate", "tritonclient", "pytriton", "serving", "deploy")
 
 
 def pins(path: Path) -> dict[str, str]:
@@ -77,7 +78,8 @@ def test_dockerfile_copies_what_exists_and_runs_the_studio():
         for source in sources:
             assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
     copied = {source.rstrip("/") for *sources, _ in copies for source in sources}
-    assert {"studio", "assets", "studio/requirements.txt"} <= copied
+    assert {"studio", "assets", "studio/requirements.txt", "serving/sdserve"} <= copied
+    assert ["serving/sdserve/", "sdserve/"] in copies  # imported as `sdserve`, as everywhere
     runs = [arguments for instruction, arguments in instructions if instruction == "RUN"]
     assert "pip install -r studio/requirements.txt" in runs
     last = dict(instructions)  # the last of each instruction

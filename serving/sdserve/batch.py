@@ -18,15 +18,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL
 from .errors import RequestError
 from .images import encode_png
 from .params import RANDOM_SEED, SEED_MAX
 from .pipelines import ImageRow, LoadedPipeline, run_call, scheduler_class_name
-from .request import INPUT_NAMES, GenerationRequest, parse_request
+from .request import GenerationRequest, parse_request
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MAX_IMAGES_PER_CALL = 8
 
 
 @dataclass
@@ -70,7 +69,7 @@ def _as_bytes(value: Any) -> bytes:
 def serve_batch(
     loaded: LoadedPipeline,
     batch: list[Mapping[str, np.ndarray | None]],
-    max_images_per_call: int = DEFAULT_MAX_IMAGES_PER_CALL,
+    max_images_per_call: int = MAX_IMAGES_PER_CALL,
 ) -> list[Answer | Exception]:
     """Answer every request of a batch; a failing one gets its exception instead."""
     outcomes: list[list[GenerationRequest] | Exception] = []
@@ -144,25 +143,18 @@ def effective_parameters(
     loaded: LoadedPipeline, request: GenerationRequest, seeds: list[int], size: tuple[int, int]
 ) -> dict[str, Any]:
     """Everything needed to make the same image again."""
-    args = request.args
     parameters = {
         "model": loaded.model,
         "weights": loaded.weights_kind,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
+        **request.args,
         "seed": seeds[0],
         "seeds": seeds,
-        "num_inference_steps": args["num_inference_steps"],
-        "guidance_scale": args["guidance_scale"],
-        "scheduler": args["scheduler"],
-        "scheduler_class": scheduler_class_name(args["scheduler"], loaded.default_scheduler),
-        "num_images_per_prompt": args["num_images_per_prompt"],
+        "scheduler_class": scheduler_class_name(request.args["scheduler"], loaded.default_scheduler),
         "width": size[0],
         "height": size[1],
     }
-    for key in ("strength", "noise_level"):
-        if key in args:
-            parameters[key] = args[key]
     for field in ("prompt", "negative_prompt"):
         tokens = len(loaded.pipe.tokenizer(getattr(request, field)).input_ids)
         parameters[f"{field}_truncated"] = tokens > loaded.max_prompt_tokens

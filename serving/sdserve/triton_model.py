@@ -12,11 +12,10 @@ from pathlib import Path
 
 import triton_python_backend_utils as pb_utils
 
-from .batch import DEFAULT_MAX_IMAGES_PER_CALL, Answer, serve_batch
-from .catalog import CHECKPOINT_DIR
+from .batch import Answer, serve_batch
+from .catalog import CHECKPOINT_DIR, INPUT_NAMES, MAX_IMAGES_PER_CALL
 from .errors import RequestError
 from .pipelines import load_pipeline
-from .request import INPUT_NAMES
 
 
 class StableDiffusionModel:
@@ -30,7 +29,7 @@ class StableDiffusionModel:
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
         self.loaded = load_pipeline(self.model_name, checkpoint, device)
         setting = config.get("parameters", {}).get("max_images_per_call", {})
-        self.max_images_per_call = int(setting.get("string_value", DEFAULT_MAX_IMAGES_PER_CALL))
+        self.max_images_per_call = int(setting.get("string_value", MAX_IMAGES_PER_CALL))
 
     def execute(self, requests: list) -> list:
         batch = [
