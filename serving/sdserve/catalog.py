@@ -5,7 +5,7 @@ pipeline class, where its real weights come from, which inputs it takes with the
 prompt rules, and every generation argument (see `params.Argument`). Read by:
 
 * sdserve.request / sdserve.pipelines - what a request may carry, and the pipeline call made of it;
-* serving.triton_configs - the models' config.pbtxt files (a test checks they are current);
+* serving.derived - the models' config.pbtxt files and the README's argument table (tests check both);
 * serving.weights - the tiny test weights and the real weights' repository and commit;
 * studio.tasks / studio.client - the tabs, their controls, and the client's keywords.
 
