@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 from sdserve.checkpoint import checkpoint_dir, has_checkpoint
+from sdserve.files import atomic_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SDSERVE_DIR = REPO_ROOT / "serving" / "sdserve"
@@ -96,19 +97,12 @@ def build_model_archive(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / archive_name(model_name)
-    fd, tmp_name = tempfile.mkstemp(dir=out_dir, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # filename="" and mtime=0 keep the gzip header free of the temp name and the clock.
-            with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
-                with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                    for name in sorted(entries, key=str):
-                        _add(tar, name, entries[name])
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(target) as staging, open(staging, "wb") as raw:
+        # filename="" and mtime=0 keep the gzip header free of the temp name and the clock.
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=GZIP_LEVEL) as gz:
+            with tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar:
+                for name in sorted(entries, key=str):
+                    _add(tar, name, entries[name])
     return target
 
 

@@ -60,6 +60,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdserve.files import atomic_file
+
 __all__ = [
     "AUTO",
     "LocalTriton",
@@ -169,15 +171,8 @@ def prepare_triton(install: TritonInstallation | None = None) -> TritonInstallat
                     f"wheel supports (3.8 to 3.13)")
             target = install.stub
             if not target.is_file() or target.stat().st_size != source.stat().st_size:
-                fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-                try:
-                    with os.fdopen(fd, "wb") as tmp, open(source, "rb") as src:
-                        shutil.copyfileobj(src, tmp)
-                    os.chmod(tmp_name, 0o755)
-                    os.replace(tmp_name, target)
-                except BaseException:
-                    Path(tmp_name).unlink(missing_ok=True)
-                    raise
+                with atomic_file(target, mode=0o755) as staging:
+                    shutil.copyfile(source, staging)
             for binary in (install.binary, target):
                 _make_executable(binary)
         except OSError as exc:
@@ -206,17 +201,12 @@ def loopback_preload(install: TritonInstallation) -> Path:
         raise TritonLaunchError(
             "SageMaker mode needs a C compiler to keep its port on 127.0.0.1 (Triton has no address "
             "flag for it): apt-get install gcc")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{library.name}.", dir=install.root)
-    os.close(fd)
-    try:
+    with atomic_file(library, mode=0o755) as staging:
         built = subprocess.run(
-            [compiler, "-shared", "-fPIC", "-O2", "-o", tmp_name, str(LOOPBACK_SOURCE), "-ldl"],
+            [compiler, "-shared", "-fPIC", "-O2", "-o", str(staging), str(LOOPBACK_SOURCE), "-ldl"],
             capture_output=True, text=True)
         if built.returncode != 0:
             raise TritonLaunchError(f"could not build {LOOPBACK_SOURCE.name}: {built.stderr.strip()}")
-        os.replace(tmp_name, library)
-    finally:
-        Path(tmp_name).unlink(missing_ok=True)
     return library
 
 

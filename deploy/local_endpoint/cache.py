@@ -33,6 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deploy.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
+from sdserve.files import atomic_file
 
 from .errors import InternalFailure, ValidationError
 from .store import ArchiveInfo, ModelStore
@@ -108,10 +109,8 @@ class ModelCache:
 
     @staticmethod
     def _write_source(folder: Path, store: ModelStore, info: ArchiveInfo) -> None:
-        fd, name = tempfile.mkstemp(dir=folder, prefix=f".{SOURCE_FILE}.")
-        with os.fdopen(fd, "w") as out:
-            json.dump({"store": store.url, "target": info.target, "version": info.version}, out)
-        os.replace(name, folder / SOURCE_FILE)
+        with atomic_file(folder / SOURCE_FILE) as staging:
+            staging.write_text(json.dumps({"store": store.url, "target": info.target, "version": info.version}))
 
     def _remove_older_versions(self, store: ModelStore, info: ArchiveInfo, *, keep: Path) -> None:
         for folder in self.models.glob(f"{_slug(info.target)}-*"):
