@@ -10,6 +10,7 @@ from PIL import Image
 
 from sdserve import batch as batch_module
 from sdserve.batch import serve_batch
+from sdserve.budget import CallOverBudget
 from sdserve.catalog import CHECKPOINT_DIR, MODELS
 from sdserve.errors import RequestError
 from sdserve.params import SCHEDULERS
@@ -112,7 +113,7 @@ def test_seed_gives_same_image_alone_or_in_a_batch(pipelines, model):
 def test_compatible_requests_share_one_pipeline_call(pipelines, monkeypatch):
     calls = []
     real_run_call = batch_module.run_call
-    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows: calls.append(len(rows)) or real_run_call(loaded, rows))
+    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows, **kw: calls.append(len(rows)) or real_run_call(loaded, rows, **kw))
     answers = serve_batch(
         pipelines["sd_base"],
         [
@@ -128,7 +129,7 @@ def test_compatible_requests_share_one_pipeline_call(pipelines, monkeypatch):
 def test_calls_are_split_at_the_configured_size(pipelines, monkeypatch):
     calls = []
     real_run_call = batch_module.run_call
-    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows: calls.append(len(rows)) or real_run_call(loaded, rows))
+    monkeypatch.setattr(batch_module, "run_call", lambda loaded, rows, **kw: calls.append(len(rows)) or real_run_call(loaded, rows, **kw))
     serve_batch(pipelines["sd_base"], [request(gen_args={"seed": s, "num_images_per_prompt": 3}) for s in range(2)], max_images_per_call=4)
     assert calls == [4, 2]
 
@@ -159,10 +160,10 @@ def test_bad_requests_fail_alone(pipelines):
 def test_a_failing_call_fails_only_its_requests(pipelines, monkeypatch):
     real_run_call = batch_module.run_call
 
-    def fail_on_ddim(loaded, rows):
+    def fail_on_ddim(loaded, rows, **options):
         if rows[0].request.args["scheduler"] == "ddim":
             raise RuntimeError("out of memory")
-        return real_run_call(loaded, rows)
+        return real_run_call(loaded, rows, **options)
 
     monkeypatch.setattr(batch_module, "run_call", fail_on_ddim)
     ok, failed = serve_batch(pipelines["sd_base"], [request(), request(gen_args={"scheduler": "ddim"})])
@@ -195,3 +196,79 @@ def test_multi_row_request(pipelines):
     arrays = answer.as_arrays()
     assert arrays["generated_image"].shape == (2, 1) and arrays["parameters"].shape == (2, 1)
 
+
+
+# --- every answer fits, and no call outlives its invocation --------------------------------------
+
+
+def answer_bytes(answer) -> int:
+    return sum(len(data) for row in answer.images for data in row) + sum(len(p) for p in answer.parameters)
+
+
+def test_an_answer_that_fits_is_lossless_png(pipelines):
+    [answer] = serve_batch(pipelines["sd_upscale"], [image_request("sd_upscale", size=(96, 96))])
+    assert params_of(answer)["encoding"] == "png"
+    assert image_of(answer).format == "PNG" and image_of(answer).size == (384, 384)
+
+
+def test_an_answer_over_the_limit_falls_back_to_lossy_webp_and_says_so(pipelines):
+    loaded = pipelines["sd_upscale"]
+    [png] = serve_batch(loaded, [image_request("sd_upscale", size=(96, 96))])
+    limit = answer_bytes(png) // 2
+    [answer] = serve_batch(loaded, [image_request("sd_upscale", size=(96, 96))], max_answer_bytes=limit)
+    assert params_of(answer)["encoding"].startswith("webp q")
+    assert answer_bytes(answer) <= limit
+    fallback = image_of(answer)
+    assert fallback.format == "WEBP" and fallback.size == (384, 384)
+
+
+def test_an_answer_that_cannot_fit_is_refused_naming_the_limit(pipelines):
+    loaded = pipelines["sd_base"]
+    [refused, served] = serve_batch(loaded, [request(gen_args={"num_images_per_prompt": 4}), request()],
+                                    max_answer_bytes=3000)
+    assert isinstance(refused, RequestError) and refused.field == "gen_args"
+    assert "fewer images per call (now 4)" in str(refused) and "MB one answer may carry" in str(refused)
+    assert isinstance(served, RequestError)  # 3000 bytes hold no image at all
+    [normal] = serve_batch(loaded, [request()])  # the model serves the next request as usual
+    assert params_of(normal)["encoding"] == "png"
+
+
+def test_a_call_predicted_over_the_budget_is_refused_before_any_work(model_repository):
+    loaded = load_pipeline("sd_base", model_repository / "sd_base" / "1" / CHECKPOINT_DIR, call_budget_s=5)
+    assert loaded.budget.predict(1.0) is None  # nothing measured yet
+    serve_batch(loaded, [request()])
+    assert loaded.budget.seconds_per_unit > 0  # measured on its own call
+    calls = []
+    real_run_call = batch_module.run_call
+    big = {"num_inference_steps": 150, "width": 1024, "height": 1024, "num_images_per_prompt": 4}
+    try:
+        batch_module.run_call = lambda *args, **kwargs: calls.append(1) or real_run_call(*args, **kwargs)
+        [refused, small] = serve_batch(loaded, [request(gen_args=big), request()])
+    finally:
+        batch_module.run_call = real_run_call
+    assert isinstance(refused, CallOverBudget) and refused.field == "gen_args"
+    message = str(refused)
+    assert "over the 5 s one invocation may take" in message
+    assert "num_inference_steps (now 150)" in message and "width x height (now 1024x1024)" in message
+    assert "num_images_per_prompt (now 4)" in message
+    assert image_of(small).size == (64, 64) and calls == [1]  # only the small request ran
+
+
+def test_a_call_that_runs_over_is_stopped_at_a_step_and_the_next_is_served(model_repository):
+    loaded = load_pipeline("sd_base", model_repository / "sd_base" / "1" / CHECKPOINT_DIR, call_budget_s=0.2)
+    long_call = {"num_inference_steps": 150, "width": 128, "height": 128}
+    [stopped] = serve_batch(loaded, [request(gen_args=long_call)])
+    assert isinstance(stopped, CallOverBudget)
+    steps_done = int(str(stopped).split("stopped at step ")[1].split(" ")[0])
+    assert 1 <= steps_done < 150 and "of 150" in str(stopped)
+    assert loaded.budget.seconds_per_unit > 0  # the partial call still measured the speed
+    loaded.budget.seconds = 60
+    [served] = serve_batch(loaded, [request()])
+    assert image_of(served).size == (64, 64)
+
+
+@pytest.mark.parametrize("model", ["sd_depth", "sd_inpaint"])
+def test_strength_times_steps_below_one_is_refused_naming_strength(pipelines, model):
+    [refused] = serve_batch(pipelines[model], [image_request(model, {"num_inference_steps": 3, "strength": 0.2})])
+    assert isinstance(refused, RequestError) and refused.field == "gen_args.strength"
+    assert "at least 1" in str(refused)

@@ -12,20 +12,27 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 
-from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL
+from PIL import Image
+
+from .budget import CallOverBudget, what_to_lower, work_units
+from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
-from .images import encode_png
+from .images import encode_within
 from .params import RANDOM_SEED, SEED_MAX
-from .pipelines import ImageRow, LoadedPipeline, run_call, scheduler_class_name
+from .pipelines import CallStopped, ImageRow, LoadedPipeline, run_call, scheduler_class_name
 from .request import GenerationRequest, parse_request
 
 log = logging.getLogger(__name__)
+
+# Triton's KServe JSON around the output tensors (names, shapes, datatypes), with room to spare.
+ANSWER_FRAMING_BYTES = 1024
 
 
 @dataclass
@@ -70,12 +77,22 @@ def serve_batch(
     loaded: LoadedPipeline,
     batch: list[Mapping[str, np.ndarray | None]],
     max_images_per_call: int = MAX_IMAGES_PER_CALL,
+    max_answer_bytes: int = MAX_PAYLOAD_BYTES,
 ) -> list[Answer | Exception]:
-    """Answer every request of a batch; a failing one gets its exception instead."""
+    """Answer every request of a batch; a failing one gets its exception instead.
+
+    The batch shares one invocation's time: calls predicted not to fit in what is left of the
+    model's budget are refused, and a call still running at the deadline is stopped.
+    """
+    deadline = time.monotonic() + loaded.budget.seconds
     outcomes: list[list[GenerationRequest] | Exception] = []
     for inputs in batch:
         try:
-            outcomes.append([parse_request(loaded.model, row) for row in split_rows(inputs)])
+            requests = [parse_request(loaded.model, row) for row in split_rows(inputs)]
+            refusal = loaded.budget.refusal(
+                loaded.model, requests[0].args, sum(request_units(request) for request in requests)
+            )
+            outcomes.append(refusal or requests)
         except RequestError as error:
             outcomes.append(error)
 
@@ -104,12 +121,26 @@ def serve_batch(
             ]
             if not chunk:
                 continue
+            rows = [row for _, _, row in chunk]
+            refusal = loaded.budget.refusal(
+                loaded.model, rows[0].request.args, call_units(rows), within=deadline - time.monotonic()
+            )
             try:
-                generated = run_call(loaded, [row for _, _, row in chunk])
+                if refusal is not None:
+                    raise refusal
+                generated = run_call(loaded, rows, deadline=deadline)
+            except CallStopped as stopped:
+                _fail(outcomes, chunk, CallOverBudget("gen_args", (
+                    f"{loaded.model} stopped at step {stopped.steps_done} of {stopped.steps_total}: the call "
+                    f"reached the {loaded.budget.seconds:.0f} s one invocation may take; lower "
+                    f"{what_to_lower(rows[0].request.args)}")))
+                continue
+            except RequestError as error:
+                _fail(outcomes, chunk, error)
+                continue
             except Exception as error:  # the call's requests fail; the rest of the batch goes on
                 log.exception("pipeline call failed for %d image(s)", len(chunk))
-                for index, _, _ in chunk:
-                    outcomes[index] = RuntimeError(f"{loaded.model} failed to generate: {error}")
+                _fail(outcomes, chunk, RuntimeError(f"{loaded.model} failed to generate: {error}"))
                 continue
             for (index, row_index, _), image in zip(chunk, generated):
                 images[index, row_index].append(image)
@@ -119,20 +150,47 @@ def serve_batch(
         if isinstance(outcome, Exception):
             answers.append(outcome)
             continue
-        answer = Answer(images=[], parameters=[])
-        for row_index, request in enumerate(outcome):
-            row_seeds = seeds[index, row_index]
-            made = images[index, row_index]
-            parameters = effective_parameters(loaded, request, row_seeds, made[0].size)
-            answer.parameters.append(json.dumps(parameters).encode("utf-8"))
-            answer.images.append(
-                [
-                    encode_png(image, {"parameters": json.dumps({**parameters, "seed": seed})})
-                    for image, seed in zip(made, row_seeds)
-                ]
-            )
-        answers.append(answer)
+        try:
+            answers.append(_answer(loaded, outcome, [seeds[index, row] for row in range(len(outcome))],
+                                   [images[index, row] for row in range(len(outcome))], max_answer_bytes))
+        except RequestError as error:
+            answers.append(error)
     return answers
+
+
+def _fail(outcomes: list, chunk: list, error: Exception) -> None:
+    for index, _, _ in chunk:
+        outcomes[index] = error
+
+
+def request_units(request: GenerationRequest) -> float:
+    return work_units(request.args, request.size, request.args["num_images_per_prompt"])
+
+
+def call_units(rows: list[ImageRow]) -> float:
+    return sum(work_units(row.request.args, row.request.size) for row in rows)
+
+
+def _answer(
+    loaded: LoadedPipeline,
+    requests: list[GenerationRequest],
+    seeds: list[list[int]],
+    made: list[list[Image.Image]],
+    max_answer_bytes: int,
+) -> Answer:
+    """One request's answer, its images encoded so that the whole answer fits `max_answer_bytes`."""
+    parameters = [
+        effective_parameters(loaded, request, row_seeds, row_images[0].size)
+        for request, row_seeds, row_images in zip(requests, seeds, made)
+    ]
+    texts = [[json.dumps({**row, "seed": seed}) for seed in row["seeds"]] for row in parameters]
+    # What the answer carries besides the images: the parameters, and JSON framing per tensor.
+    overhead = sum(len(json.dumps(row)) + 64 for row in parameters) + ANSWER_FRAMING_BYTES
+    encoded, encoding = encode_within(made, texts, max_answer_bytes - overhead)
+    return Answer(
+        images=encoded,
+        parameters=[json.dumps({**row, "encoding": encoding}).encode("utf-8") for row in parameters],
+    )
 
 
 def _resolve_seed(seed: int) -> int:

@@ -33,6 +33,18 @@ MASK_THRESHOLD = 128  # mask pixels at or above this are "replace"
 MAX_BATCH_SIZE = 8
 MAX_IMAGES_PER_CALL = 8
 
+# SageMaker's real-time limits: an InvokeEndpoint request body and its answer are each at most
+# 6 MB, and the container has 60 s to answer one invocation.
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024
+INVOCATION_SECONDS = 60
+# How those 60 s are shared: a request may wait this long in Triton's queue (its queue policy
+# refuses it after that, instead of running it for nobody), and a pipeline call (one batch) may
+# take CALL_BUDGET_S; the rest is for decoding, encoding and the network. Waiting behind one
+# full call and then running one fits: QUEUE_TIMEOUT_S >= CALL_BUDGET_S.
+CALL_BUDGET_S = 25
+QUEUE_TIMEOUT_S = 30
+MAX_QUEUE_SIZE = 4 * MAX_BATCH_SIZE  # requests queued per model beyond the running batch
+
 # The KServe v2 BYTES inputs of the reference article, in the order the configs list them.
 PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS = "prompt", "negative_prompt", "image", "mask_image", "gen_args"
 INPUT_NAMES = (PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS)

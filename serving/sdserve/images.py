@@ -63,3 +63,45 @@ def encode_png(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return base64.b64encode(buffer.getvalue())
+
+
+# The fallback when lossless PNG does not fit the answer limit: lossy WebP, at the best of these
+# qualities that fits. The parameters report which ("png" or "webp q90", ...).
+FALLBACK_QUALITIES = (95, 90, 80, 70, 60, 50)
+
+
+def encode_webp(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="WEBP", quality=quality, method=4)
+    return base64.b64encode(buffer.getvalue())
+
+
+def encode_within(
+    images: list[list[Image.Image]], texts: list[list[str]], budget_bytes: int
+) -> tuple[list[list[bytes]], str]:
+    """The images base64-encoded, all of them together within `budget_bytes`, and the encoding.
+
+    Lossless PNG (with each image's `texts` entry as its parameters chunk) when it fits;
+    otherwise WebP at the best quality in FALLBACK_QUALITIES that fits; otherwise a RequestError.
+    """
+    def total(encoded: list[list[bytes]]) -> int:
+        return sum(len(data) for row in encoded for data in row)
+
+    encoded = [
+        [encode_png(image, {"parameters": text}) for image, text in zip(row, row_texts)]
+        for row, row_texts in zip(images, texts)
+    ]
+    if total(encoded) <= budget_bytes:
+        return encoded, "png"
+    png_bytes = total(encoded)
+    for quality in FALLBACK_QUALITIES:
+        encoded = [[encode_webp(image, quality) for image in row] for row in images]
+        if total(encoded) <= budget_bytes:
+            return encoded, f"webp q{quality}"
+    count = sum(len(row) for row in images)
+    raise RequestError(
+        "gen_args",
+        f"the answer would be {png_bytes / 2**20:.1f} MB as PNG and {total(encoded) / 2**20:.1f} MB even as "
+        f"WebP quality {FALLBACK_QUALITIES[-1]}, over the {budget_bytes / 2**20:.1f} MB one answer may carry; "
+        f"ask for fewer images per call (now {count}) or a smaller size",
+    )

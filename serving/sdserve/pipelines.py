@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ import diffusers
 import torch
 from PIL import Image
 
-from .catalog import MODELS
+from .budget import WorkBudget, denoising_steps, work_units
+from .catalog import CALL_BUDGET_S, MODELS
 from .checkpoint import checkpoint_variant, read_marker
 from .params import SCHEDULERS
 from .request import GenerationRequest
@@ -28,13 +31,16 @@ class LoadedPipeline:
     weights_kind: str  # "tiny-random" for the demo weights, "hub" for the real ones
     attention: str  # which attention implementation runs, for the logs
     default_scheduler: Any  # the checkpoint's own; requests may swap in another per call
+    budget: WorkBudget  # the time one call may take, and this model's measured speed
 
     @property
     def max_prompt_tokens(self) -> int:
         return self.pipe.tokenizer.model_max_length
 
 
-def load_pipeline(model: str, checkpoint_dir: Path, device: str | torch.device = "cpu") -> LoadedPipeline:
+def load_pipeline(
+    model: str, checkpoint_dir: Path, device: str | torch.device = "cpu", call_budget_s: float = CALL_BUDGET_S
+) -> LoadedPipeline:
     """from_pretrained on a local folder: fp16 on CUDA, fp32 on the CPU."""
     device = torch.device(device)
     pipeline_class = getattr(diffusers, MODELS[model].pipeline_class)
@@ -53,6 +59,7 @@ def load_pipeline(model: str, checkpoint_dir: Path, device: str | torch.device =
         weights_kind=read_marker(checkpoint_dir).get("kind", "unknown"),
         attention=attention,
         default_scheduler=pipe.scheduler,
+        budget=WorkBudget(call_budget_s),
     )
 
 
@@ -82,11 +89,21 @@ class ImageRow:
     seed: int
 
 
-def run_call(loaded: LoadedPipeline, rows: list[ImageRow]) -> list[Image.Image]:
+class CallStopped(Exception):
+    """A call stopped at its deadline, between two denoising steps."""
+
+    def __init__(self, steps_done: int, steps_total: int):
+        super().__init__(f"stopped after step {steps_done} of {steps_total}")
+        self.steps_done, self.steps_total = steps_done, steps_total
+
+
+def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | None = None) -> list[Image.Image]:
     """One pipeline call for rows that share a batch key; one image back per row.
 
     Every row has its own CPU generator, so a seed gives the same latents whether the
-    row runs alone or beside others, on the CPU or on a GPU.
+    row runs alone or beside others, on the CPU or on a GPU. Past `deadline` (a
+    time.monotonic() value) the call stops at the next step with CallStopped: nobody waits
+    for its answer any more. Its duration is recorded in the model's speed estimate.
     """
     first = rows[0].request
     args = first.args
@@ -107,5 +124,35 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow]) -> list[Image.Image]:
         call["mask_image"] = [row.request.mask_image for row in rows]
     if spec.size_from_image:
         call["width"], call["height"] = first.size
-    with torch.inference_mode():
-        return pipe(**call).images
+    units = sum(work_units(row.request.args, row.request.size) for row in rows)
+    if deadline is not None:
+        call.update(_stop_at(pipe, deadline, denoising_steps(args)))
+    started = time.monotonic()
+    try:
+        with torch.inference_mode():
+            images = pipe(**call).images
+    except CallStopped as stopped:
+        # What ran still tells the speed: the steps done of this call's units.
+        loaded.budget.record(units * stopped.steps_done / stopped.steps_total, time.monotonic() - started)
+        raise
+    loaded.budget.record(units, time.monotonic() - started)
+    return images
+
+
+def _stop_at(pipe: diffusers.DiffusionPipeline, deadline: float, total: int) -> dict[str, Any]:
+    """Step-callback arguments that raise CallStopped once `deadline` has passed.
+
+    Raising (rather than diffusers' `interrupt`) also skips the VAE decode of an unwanted result.
+    The upscaler has only the older `callback(step, timestep, latents)` form.
+    """
+    def check(step: int) -> None:
+        if time.monotonic() > deadline:
+            raise CallStopped(step + 1, total)
+
+    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
+            check(step)
+            return tensors
+
+        return {"callback_on_step_end": on_step_end}
+    return {"callback": lambda step, timestep, latents: check(step), "callback_steps": 1}

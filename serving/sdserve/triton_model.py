@@ -13,7 +13,7 @@ from pathlib import Path
 import triton_python_backend_utils as pb_utils
 
 from .batch import Answer, serve_batch
-from .catalog import CHECKPOINT_DIR, INPUT_NAMES, MAX_IMAGES_PER_CALL
+from .catalog import CALL_BUDGET_S, CHECKPOINT_DIR, INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
 from .pipelines import load_pipeline
 
@@ -27,15 +27,19 @@ class StableDiffusionModel:
         checkpoint = Path(args["model_repository"]) / args["model_version"] / CHECKPOINT_DIR
         on_gpu = args["model_instance_kind"] == "GPU"
         device = f"cuda:{args['model_instance_device_id']}" if on_gpu else "cpu"
-        self.loaded = load_pipeline(self.model_name, checkpoint, device)
-        setting = config.get("parameters", {}).get("max_images_per_call", {})
-        self.max_images_per_call = int(setting.get("string_value", MAX_IMAGES_PER_CALL))
+        settings = {key: value.get("string_value") for key, value in config.get("parameters", {}).items()}
+        self.loaded = load_pipeline(
+            self.model_name, checkpoint, device, float(settings.get("call_budget_seconds") or CALL_BUDGET_S)
+        )
+        self.max_images_per_call = int(settings.get("max_images_per_call") or MAX_IMAGES_PER_CALL)
+        self.max_answer_bytes = int(settings.get("max_answer_bytes") or MAX_PAYLOAD_BYTES)
 
     def execute(self, requests: list) -> list:
         batch = [
             {name: _input_array(request, name) for name in INPUT_NAMES} for request in requests
         ]
-        return [_response(answer) for answer in serve_batch(self.loaded, batch, self.max_images_per_call)]
+        answers = serve_batch(self.loaded, batch, self.max_images_per_call, self.max_answer_bytes)
+        return [_response(answer) for answer in answers]
 
     def finalize(self) -> None:
         del self.loaded
