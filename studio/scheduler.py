@@ -1,0 +1,204 @@
+"""Fair sharing of one endpoint between every designer of the studio.
+
+The endpoint serves a batch of calls per model at a time (Triton's max_batch_size), so the
+studio keeps that many calls in flight, for all designers together, and decides whose call goes
+next: sessions take turns, call by call. A job (one click: one image, four images, nine tiles)
+belongs to a session; a session has one job running, the next ones wait their turn, and a job
+that waits is told its place. So a designer's one-image job never waits for more than one
+call to end behind another designer's nine-tile upscale.
+
+Cancelling a job takes its calls that are not sent yet off the queue at once; a call already
+sent still occupies its place until the endpoint answers (the serving side stops any call at
+the invocation limit), so capacity is only ever freed by calls that really ended.
+
+No Gradio here: app.py hands each job the session's id and shows what the job reports.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from studio.client import StudioError
+
+# Jobs at once (running or waiting), all sessions together, before the studio says it is busy.
+DEFAULT_MAX_JOBS = 64
+
+
+class StudioBusy(StudioError):
+    """The queue of waiting jobs is full."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One designer's job: its calls go through the scheduler, in its session's turn."""
+
+    scheduler: FairScheduler
+    session: str
+    number: int
+    started: threading.Event = field(default_factory=threading.Event)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    pending: deque = field(default_factory=deque)  # (future, fn) not sent yet
+    running: int = 0  # calls sent and not yet answered
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Queue one endpoint call of this job; its Future resolves when the endpoint answers."""
+        return self.scheduler._submit(self, fn)
+
+    def cancel(self) -> None:
+        """Drop the calls not sent yet (their Futures are cancelled); sent ones finish."""
+        self.scheduler._cancel(self)
+
+    def wait_for_turn(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 1.0) -> None:
+        """Block until this job may send calls (the session's earlier jobs are over);
+        `on_wait(jobs ahead)` every `poll_s` while it waits."""
+        while not self.started.wait(poll_s):
+            if self.cancelled.is_set():
+                raise StudioError("Cancelled before it started.")
+            if on_wait is not None:
+                on_wait(self.scheduler.jobs_ahead(self))
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.scheduler._finish(self)
+
+
+class FairScheduler:
+    """At most `capacity` calls in flight; sessions served in turn, one job each at a time."""
+
+    def __init__(self, capacity: int, max_jobs: int = DEFAULT_MAX_JOBS):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self.max_jobs = max_jobs
+        self._lock = threading.Condition()
+        self._numbers = itertools.count(1)
+        # Per session, its jobs in order: the first is the running one, the rest wait.
+        self._jobs: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._in_flight = 0
+        self._turn: deque[str] = deque()  # sessions in the order they get the next free slot
+        self._workers = [
+            threading.Thread(target=self._work, name=f"endpoint-call-{index}", daemon=True)
+            for index in range(capacity)
+        ]
+        for worker in self._workers:
+            worker.start()
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def job(self, session: str) -> Job:
+        """A new job of `session`: it starts when the session's earlier jobs are done."""
+        with self._lock:
+            jobs_now = sum(len(jobs) for jobs in self._jobs.values())
+            if jobs_now >= self.max_jobs:
+                raise StudioBusy(
+                    f"The studio is busy: {jobs_now} jobs are running or waiting for the endpoint, its "
+                    f"limit. Try again in a minute; nothing was sent."
+                )
+            job = Job(self, session, next(self._numbers))
+            jobs = self._jobs.setdefault(session, deque())
+            jobs.append(job)
+            if len(jobs) == 1:
+                job.started.set()
+            return job
+
+    def jobs_ahead(self, job: Job) -> int:
+        """How many of the session's own jobs come before `job`."""
+        with self._lock:
+            jobs = self._jobs.get(job.session, deque())
+            return next((index for index, other in enumerate(jobs) if other is job), 0)
+
+    def sessions_ahead(self, job: Job) -> int:
+        """Sessions whose next call goes before `job`'s next one (each sends one, then it is its turn)."""
+        with self._lock:
+            return list(self._turn).index(job.session) if job.session in self._turn else 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "in_flight": self._in_flight,
+                "queued_calls": sum(len(job.pending) for jobs in self._jobs.values() for job in jobs),
+                "jobs": sum(len(jobs) for jobs in self._jobs.values()),
+            }
+
+    # --- what Job calls ------------------------------------------------------------------------
+
+    def _submit(self, job: Job, fn: Callable[[], Any]) -> Future:
+        future: Future = Future()
+        with self._lock:
+            if job.cancelled.is_set():
+                future.cancel()
+                return future
+            if not job.started.is_set():
+                raise RuntimeError("a job sends calls only once started (wait_for_turn)")
+            job.pending.append((future, fn))
+            if job.session not in self._turn:
+                self._turn.append(job.session)
+            self._lock.notify()
+        return future
+
+    def _cancel(self, job: Job) -> None:
+        with self._lock:
+            job.cancelled.set()
+            while job.pending:
+                future, _ = job.pending.popleft()
+                future.cancel()
+            self._lock.notify_all()
+
+    def _finish(self, job: Job) -> None:
+        """The job is over (done, failed or cancelled): the session's next job may start."""
+        self._cancel(job)
+        with self._lock:
+            jobs = self._jobs.get(job.session)
+            if jobs is not None and job in jobs:
+                jobs.remove(job)
+                if jobs:
+                    jobs[0].started.set()
+                else:
+                    del self._jobs[job.session]
+            self._lock.notify_all()
+
+    # --- the workers ---------------------------------------------------------------------------
+
+    def _next_call(self) -> tuple[Job, Future, Callable[[], Any]]:
+        """The next call (blocking): from the session with the fewest calls in flight, the first
+        in line among equals; that session then goes to the back of the line."""
+        with self._lock:
+            while True:
+                ready = []
+                for position, session in enumerate(self._turn):
+                    jobs = self._jobs.get(session)
+                    if jobs and jobs[0].pending:  # only a session's first job is running
+                        ready.append((jobs[0].running, position, jobs[0]))
+                if ready:
+                    _, _, job = min(ready, key=lambda entry: entry[:2])
+                    self._turn.remove(job.session)
+                    future, fn = job.pending.popleft()
+                    if job.pending:
+                        self._turn.append(job.session)
+                    if not future.set_running_or_notify_cancel():
+                        continue
+                    job.running += 1
+                    self._in_flight += 1
+                    return job, future, fn
+                self._lock.wait()
+
+    def _work(self) -> None:
+        while True:
+            job, future, fn = self._next_call()
+            try:
+                future.set_result(fn())
+            except BaseException as error:  # handed to whoever waits on the future
+                future.set_exception(error)
+            finally:
+                with self._lock:
+                    job.running -= 1
+                    self._in_flight -= 1
+                    self._lock.notify_all()
