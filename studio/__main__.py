@@ -76,9 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                 tiny_weights = checkout_has_tiny_weights()
             where = url
             client_factory = lambda: StudioClient.for_local(url)  # noqa: E731
+        logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
         demo = build_app(
-            client_factory, store=store, tiny_weights=tiny_weights, endpoint=where,
-            history_secret=_history_secret(store.root),
+            client_factory, store=store, tiny_weights=tiny_weights, history_secret=_history_secret(store.root),
         )
         demo.queue().launch(server_name=args.host, server_port=args.port)
 

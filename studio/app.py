@@ -1,8 +1,12 @@
-"""The studio page: `build_app` lays out the four task tabs, the status line and the session
-history, then wires the events, top to bottom.
+"""The studio page, read top to bottom like a Gradio demo: the event handlers (`Handlers`, each
+a plain method translating between components and the tested logic in tasks, session, masks and
+metadata), then `layout` (the components of the page), then `wire` (which event calls which
+handler), and `build_app`, which does the three in order.
 
-What the events do lives in plain, separately tested functions (tasks, session, masks,
-metadata); the handlers below only translate between those and the components.
+Where a click goes: a tab's button calls `Handlers.run`, which takes a turn for the designer's
+session in the scheduler (studio/scheduler.py, the endpoint shared fairly), runs the task
+(studio/tasks.py: checked against the model table, sent by studio/client.py) while streaming its
+status, records the result (studio/session.py) and shows it in the tab and the history.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ import functools
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from PIL import Image
 
+from sdserve.catalog import MAX_BATCH_SIZE
 from studio.client import StudioClient, StudioError
 from studio.masks import editor_value, mask_from_editor
 from studio.session import (
@@ -31,6 +37,7 @@ from studio.session import (
     shows_tiny_weights,
     valid_history,
 )
+from studio.scheduler import FairScheduler
 from studio.status import run_with_status
 from studio.store import ResultStore
 from studio.tasks import TASKS, Task
@@ -40,9 +47,10 @@ log = logging.getLogger(__name__)
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 HISTORY_STORAGE_KEY = "sd-studio-history"
-# Calls in flight to the endpoint at once, for all tabs, API callers and users together; more
-# would only queue on the endpoint, where they cannot be cancelled.
-ENDPOINT_CONCURRENCY = 2
+# Calls in flight to the endpoint at once, for all tabs, API callers and designers together: as
+# many as the endpoint runs in one batch per model, so Triton batches them; more would only queue
+# there, where they cannot be cancelled.
+ENDPOINT_CONCURRENCY = MAX_BATCH_SIZE
 GENERIC_ERROR = "Something went wrong in the studio; the details are in its log."
 TINY_WEIGHTS_BANNER = (
     "⚠️ **Demo weights:** the endpoint serves tiny random-weight models, so every image is noise. "
@@ -54,221 +62,266 @@ TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10}
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
 
 
+@dataclass
+class Page:
+    """The page's components that events read or update (each tab's are in its TaskPanel)."""
+
+    banner: gr.Markdown
+    status: gr.Markdown
+    cancel: gr.Button
+    history: gr.BrowserState
+    tabs: gr.Tabs
+    panels: dict[str, TaskPanel]
+    history_gallery: gr.Gallery
+    png_drop: gr.File
+
+    @property
+    def restore_outputs(self) -> list:
+        return [self.tabs, self.status, *(c for panel in self.panels.values() for c in panel.restore_outputs)]
+
+
+# --- what the events do --------------------------------------------------------------------------
+
+
+class Handlers:
+    """The event handlers; each returns (or yields) updates keyed by component."""
+
+    def __init__(self, page: Page, client: Callable[[], StudioClient], store: ResultStore, scheduler: FairScheduler):
+        self.page, self.client, self.store, self.scheduler = page, client, store, scheduler
+
+    def show_results(self, panel: TaskPanel, entries: list[Entry]) -> dict:
+        return {panel.gallery: gallery_items(entries, self.store), panel.results: entries,
+                **self.show_current(panel, entries[0])}
+
+    def show_current(self, panel: TaskPanel, entry: Entry) -> dict:
+        seed = effective_seed(entry)
+        return {
+            panel.current: entry,
+            panel.parameters: entry["parameters"],
+            panel.seed_used: "" if seed is None else str(seed),
+            panel.download: gr.DownloadButton(value=str(self.store.path(entry["id"])), interactive=True),
+        }
+
+    def restore(self, entry: Entry) -> dict:
+        """The entry's parameters and inputs back into its tab, shown there as the current result."""
+        page, panel = self.page, self.page.panels[entry["task"]]
+        values = restored_values(panel.task, entry["parameters"])
+        updates = {panel.controls[name]: value for name, value in values.items()}
+        inputs = restored_inputs(entry, self.store)
+        message = f"Restored into {panel.task.title}: seed {effective_seed(entry)}."
+        if panel.source is not None and "image" in inputs:
+            source = _source_update(panel, inputs["image"], inputs.get("mask"))
+            if "mask" in inputs and source[panel.mask_preview] is None:
+                message += " Paint the mask again: the editor shows masks only on 512×512 images."
+            updates.update(source)
+        return {page.tabs: gr.Tabs(selected=panel.task.name), page.status: message, **updates,
+                **self.show_results(panel, [entry])}
+
+    def run(self, panel: TaskPanel) -> Callable:
+        """A tab's button: the job in the session's turn, its status streamed, its result shown."""
+        task, page = panel.task, self.page
+
+        def run(history_entries: list, source: Any = None, request: gr.Request = None, **values: Any):
+            try:
+                image, mask = _source_images(task, source)
+                with self.scheduler.job(_session(request)) as job:
+                    result = yield from run_with_status(
+                        lambda on_status: task.run(self.client(), values, image, mask, on_status, job=job),
+                        present=lambda line: {page.status: line},
+                        waiting=job.waiting_line,
+                    )
+            except Exception as error:
+                message = _designer_message(error)
+                yield {page.status: f"**Error:** {message}"}
+                raise gr.Error(message, print_exception=False) from None
+            inputs = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
+            entries = record_result(self.store, task, result, inputs)
+            history_entries = add_to_history(valid_history(history_entries, self.store), entries)
+            yield {
+                page.status: f"**Done:** {task.title}, {_count(len(entries))} in {result.seconds:.1f} s.",
+                page.history: history_entries,
+                page.history_gallery: gallery_items(history_entries, self.store),
+                page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
+                **self.show_results(panel, entries),
+            }
+
+        return run
+
+    def api(self, task: Task) -> Callable:
+        """A task's named API endpoint: the same job, without the page."""
+
+        def call(image=None, mask=None, request: gr.Request = None, **values: Any) -> tuple[list, dict]:
+            try:
+                with self.scheduler.job(_session(request)) as job:
+                    job.wait_for_turn()
+                    result = task.run(self.client(), values, image, mask, job=job)
+            except Exception as error:
+                raise gr.Error(_designer_message(error), print_exception=False) from None
+            return gallery_items(record_result(self.store, task, result), self.store), result.parameters
+
+        return call
+
+    def send_to(self, target: TaskPanel) -> Callable:
+        def send(entry: Entry | None) -> dict:
+            image = self.store.open(entry["id"]) if entry else None
+            if image is None:
+                gr.Warning("Nothing to send yet: make or pick a result first.")
+                return {}
+            return {
+                self.page.tabs: gr.Tabs(selected=target.task.name),
+                self.page.status: f"Sent to {target.task.title}.",
+                target.controls["prompt"]: entry["parameters"].get("prompt", ""),
+                **_source_update(target, image),
+            }
+
+        return send
+
+    def pick_result(self, panel: TaskPanel) -> Callable:
+        def pick(results: list[Entry], selected: gr.SelectData) -> dict:
+            return self.show_current(panel, results[selected.index])
+
+        return pick
+
+    def pick_from_history(self, history_entries: list, selected: gr.SelectData) -> dict:
+        entries = valid_history(history_entries, self.store)
+        return self.restore(entries[selected.index]) if selected.index < len(entries) else {}
+
+    def open_png(self, png: bytes | None) -> dict:
+        entry = entry_from_png(self.store, png) if png else None
+        if entry is None:
+            raise gr.Error("That PNG carries no studio parameters.", print_exception=False)
+        return self.restore(entry)
+
+    def show_history(self, history_entries: Any) -> dict:
+        entries = valid_history(history_entries, self.store)
+        return {
+            self.page.history: entries,
+            self.page.history_gallery: gallery_items(entries, self.store),
+            self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
+        }
+
+
+# --- the page --------------------------------------------------------------------------------------
+
+
+def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path) -> Page:
+    """The components, in the current gr.Blocks: banner, status and Cancel, the tabs, the history."""
+    examples = json.loads((assets_dir / "prompts.json").read_text())
+    banner = gr.Markdown(
+        TINY_WEIGHTS_BANNER + (TINY_WEIGHTS_START_NOTE if tiny_weights else ""),
+        visible=tiny_weights, elem_id="tiny-weights-banner",
+    )
+    gr.Markdown("# SD Studio\nGenerate an image, then send it on to restyle it, erase part of it or upscale it.")
+    with gr.Row(equal_height=True):
+        status = gr.Markdown("Ready.", elem_id="status")
+        cancel = gr.Button("Cancel", variant="stop", size="sm", scale=0, elem_id="cancel")
+    history = gr.BrowserState([], storage_key=HISTORY_STORAGE_KEY, secret=history_secret)
+
+    panels: dict[str, TaskPanel] = {}
+    with gr.Tabs(selected="generate") as tabs:
+        for task in TASKS.values():
+            with gr.Tab(task.title, id=task.name, elem_id=f"tab-{task.name}"):
+                panels[task.name] = panel = task_panel(task, TINY_WEIGHTS_START if tiny_weights else None)
+                _examples(panel, examples.get(task.name, []), assets_dir)
+
+    gr.Markdown("## Session history")
+    history_gallery = gr.Gallery(
+        label="Every result of this session, newest first: pick one to restore it in its tab",
+        columns=8, fit_columns=False, height=240, allow_preview=False, interactive=False, elem_id="history",
+    )
+    png_drop = gr.File(
+        label="Drop a PNG made by the studio here to restore its parameters",
+        file_types=[".png"], type="binary", height=120, elem_id="png-drop",
+    )
+    return Page(banner, status, cancel, history, tabs, panels, history_gallery, png_drop)
+
+
+# --- the wiring ------------------------------------------------------------------------------------
+
+UI_ONLY = {"api_visibility": "private"}
+# Gradio may start every run event at once: the scheduler, not Gradio's queue, decides which
+# calls reach the endpoint (and says when the studio is full).
+SCHEDULED = {"concurrency_limit": None}
+
+
+def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
+    """Every event of the page and the named API endpoints, tab by tab, then the page-wide ones."""
+    run_events = []
+    for panel in page.panels.values():
+        task = panel.task
+        run_events.append(panel.run.click(
+            handlers.run(panel),
+            inputs=[page.history, *([panel.source] if panel.source else [])],
+            inputs_kwargs=panel.controls,
+            outputs=[page.status, page.history, page.history_gallery, page.banner, *panel.result_outputs],
+            show_progress="minimal",
+            show_progress_on=[page.status, panel.gallery],  # not on every output: an error would be flagged on each
+            **SCHEDULED, **UI_ONLY,
+        ))
+        gr.on(
+            triggers=[],  # an API endpoint only: the tab's button above is the UI's way in
+            fn=handlers.api(task),
+            inputs_kwargs={**panel.api_images, **panel.controls},
+            outputs=[panel.gallery, panel.parameters],
+            api_name=task.name,
+            api_description=_api_description(task),
+            **SCHEDULED,
+        )
+        panel.gallery.select(handlers.pick_result(panel), inputs=panel.results, outputs=panel.current_outputs,
+                             **UI_ONLY)
+        panel.reuse_seed.click(
+            lambda seed: int(seed) if seed and seed.isdigit() else gr.skip(),
+            inputs=panel.seed_used, outputs=panel.controls["seed"], **UI_ONLY,
+        )
+        for target_name, button in panel.send.items():
+            target = page.panels[target_name]
+            button.click(handlers.send_to(target), inputs=panel.current,
+                         outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs],
+                         **UI_ONLY)
+
+    erase = next(panel for panel in page.panels.values() if panel.mask_preview is not None)
+    erase.source.change(
+        lambda value: mask_from_editor(value)[1],
+        inputs=erase.source, outputs=erase.mask_preview, show_progress="hidden", **UI_ONLY,
+    )
+    erase.brush_size.change(
+        lambda size: gr.ImageEditor(brush=brush(size), eraser=gr.Eraser(default_size=int(size))),
+        inputs=erase.brush_size, outputs=erase.source, show_progress="hidden", **UI_ONLY,
+    )
+    page.cancel.click(
+        lambda: "Cancelled: calls not yet sent are dropped; one already on the endpoint finishes there "
+                "(within its time limit) and its result is dropped.",
+        outputs=page.status, cancels=run_events, **UI_ONLY,
+    )
+    page.history_gallery.select(handlers.pick_from_history, inputs=page.history, outputs=page.restore_outputs,
+                                **UI_ONLY)
+    page.png_drop.upload(handlers.open_png, inputs=page.png_drop, outputs=page.restore_outputs, **UI_ONLY)
+    demo.load(handlers.show_history, inputs=page.history,
+              outputs=[page.history, page.history_gallery, page.banner], **UI_ONLY)
+
+
 def build_app(
     client_factory: Callable[[], StudioClient],
     *,
     store: ResultStore,
     tiny_weights: bool = False,
-    endpoint: str | None = None,
     history_secret: str | None = None,
     assets_dir: Path = ASSETS_DIR,
+    endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
 ) -> gr.Blocks:
     """The studio as a gr.Blocks; `client_factory` is called once, on the first request."""
-    client = functools.cache(client_factory)
     # Results and samples are served from where they are, not copied into Gradio's cache.
     gr.set_static_paths([store.root, assets_dir])
-    examples = json.loads((assets_dir / "prompts.json").read_text())
-
     with gr.Blocks(title="SD Studio", analytics_enabled=False) as demo:
-        banner = gr.Markdown(
-            TINY_WEIGHTS_BANNER + (TINY_WEIGHTS_START_NOTE if tiny_weights else ""),
-            visible=tiny_weights, elem_id="tiny-weights-banner",
-        )
-        gr.Markdown(
-            "# SD Studio\nGenerate an image, then send it on to restyle it, erase part of it or upscale it."
-            + (f"\n\nEndpoint: `{endpoint}`" if endpoint else "")
-        )
-        with gr.Row(equal_height=True):
-            status = gr.Markdown("Ready.", elem_id="status")
-            cancel = gr.Button("Cancel", variant="stop", size="sm", scale=0, elem_id="cancel")
-        history = gr.BrowserState([], storage_key=HISTORY_STORAGE_KEY, secret=history_secret)
-
-        panels: dict[str, TaskPanel] = {}
-        with gr.Tabs(selected="generate") as tabs:
-            for task in TASKS.values():
-                with gr.Tab(task.title, id=task.name, elem_id=f"tab-{task.name}"):
-                    panels[task.name] = panel = task_panel(task, TINY_WEIGHTS_START if tiny_weights else None)
-                    _examples(panel, examples.get(task.name, []), assets_dir)
-
-        gr.Markdown("## Session history")
-        history_gallery = gr.Gallery(
-            label="Every result of this session, newest first: pick one to restore it in its tab",
-            columns=8, fit_columns=False, height=240, allow_preview=False, interactive=False, elem_id="history",
-        )
-        png_drop = gr.File(
-            label="Drop a PNG made by the studio here to restore its parameters",
-            file_types=[".png"], type="binary", height=120, elem_id="png-drop",
-        )
-
-        # --- wiring ---------------------------------------------------------------------------
-
-        def show_results(panel: TaskPanel, entries: list[Entry]) -> dict:
-            return {panel.gallery: gallery_items(entries, store), panel.results: entries, **show_current(panel, entries[0])}
-
-        def show_current(panel: TaskPanel, entry: Entry) -> dict:
-            seed = effective_seed(entry)
-            return {
-                panel.current: entry,
-                panel.parameters: entry["parameters"],
-                panel.seed_used: "" if seed is None else str(seed),
-                panel.download: gr.DownloadButton(value=str(store.path(entry["id"])), interactive=True),
-            }
-
-        def restore(entry: Entry) -> dict:
-            """The entry's parameters and inputs back into its tab, shown there as the current result."""
-            panel = panels[entry["task"]]
-            values = restored_values(panel.task, entry["parameters"])
-            updates = {panel.controls[name]: value for name, value in values.items()}
-            inputs = restored_inputs(entry, store)
-            message = f"Restored into {panel.task.title}: seed {effective_seed(entry)}."
-            if panel.source is not None and "image" in inputs:
-                source = _source_update(panel, inputs["image"], inputs.get("mask"))
-                if "mask" in inputs and source[panel.mask_preview] is None:
-                    message += " Paint the mask again: the editor shows masks only on 512×512 images."
-                updates.update(source)
-            return {
-                tabs: gr.Tabs(selected=panel.task.name),
-                status: message,
-                **updates,
-                **show_results(panel, [entry]),
-            }
-
-        def run_in_tab(panel: TaskPanel) -> Callable:
-            task = panel.task
-
-            def run(history_entries: list, source: Any = None, **values: Any):
-                try:
-                    image, mask = _source_images(task, source)
-                    result = yield from run_with_status(
-                        lambda on_status: task.run(client(), values, image, mask, on_status),
-                        present=lambda line: {status: line},
-                    )
-                except Exception as error:
-                    message = _designer_message(error)
-                    yield {status: f"**Error:** {message}"}
-                    raise gr.Error(message, print_exception=False) from None
-                inputs = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
-                entries = record_result(store, task, result, inputs)
-                history_entries = add_to_history(valid_history(history_entries, store), entries)
-                yield {
-                    status: f"**Done:** {task.title}, {_count(len(entries))} in {result.seconds:.1f} s.",
-                    history: history_entries,
-                    history_gallery: gallery_items(history_entries, store),
-                    banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
-                    **show_results(panel, entries),
-                }
-
-            return run
-
-        def api_endpoint(task: Task) -> Callable:
-            def call(image=None, mask=None, **values: Any) -> tuple[list, dict]:
-                try:
-                    result = task.run(client(), values, image, mask)
-                except Exception as error:
-                    raise gr.Error(_designer_message(error), print_exception=False) from None
-                return gallery_items(record_result(store, task, result), store), result.parameters
-
-            return call
-
-        def send_to(target: TaskPanel) -> Callable:
-            def send(entry: Entry | None) -> dict:
-                image = store.open(entry["id"]) if entry else None
-                if image is None:
-                    gr.Warning("Nothing to send yet: make or pick a result first.")
-                    return {}
-                return {
-                    tabs: gr.Tabs(selected=target.task.name),
-                    status: f"Sent to {target.task.title}.",
-                    target.controls["prompt"]: entry["parameters"].get("prompt", ""),
-                    **_source_update(target, image),
-                }
-
-            return send
-
-        def pick_result(panel: TaskPanel) -> Callable:
-            def pick(results: list[Entry], selected: gr.SelectData) -> dict:
-                return show_current(panel, results[selected.index])
-
-            return pick
-
-        def pick_from_history(history_entries: list, selected: gr.SelectData) -> dict:
-            entries = valid_history(history_entries, store)
-            return restore(entries[selected.index]) if selected.index < len(entries) else {}
-
-        def open_png(png: bytes | None) -> dict:
-            entry = entry_from_png(store, png) if png else None
-            if entry is None:
-                raise gr.Error("That PNG carries no studio parameters.", print_exception=False)
-            return restore(entry)
-
-        def show_history(history_entries: Any) -> dict:
-            entries = valid_history(history_entries, store)
-            return {
-                history: entries,
-                history_gallery: gallery_items(entries, store),
-                banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
-            }
-
-        endpoint_limits = {"concurrency_id": "endpoint", "concurrency_limit": ENDPOINT_CONCURRENCY}
-        ui_only = {"api_visibility": "private"}
-        restore_outputs = [tabs, status, *(component for panel in panels.values() for component in panel.restore_outputs)]
-        run_events = []
-        for panel in panels.values():
-            task = panel.task
-            run_events.append(
-                panel.run.click(
-                    run_in_tab(panel),
-                    inputs=[history, *([panel.source] if panel.source else [])],
-                    inputs_kwargs=panel.controls,
-                    outputs=[status, history, history_gallery, banner, *panel.result_outputs],
-                    show_progress="minimal",
-                    show_progress_on=[status, panel.gallery],  # not on every output: an error would be flagged on each
-                    **endpoint_limits,
-                    **ui_only,
-                )
-            )
-            gr.on(
-                triggers=[],  # an API endpoint only: the tab's button above is the UI's way in
-                fn=api_endpoint(task),
-                inputs_kwargs={**panel.api_images, **panel.controls},
-                outputs=[panel.gallery, panel.parameters],
-                api_name=task.name,
-                api_description=_api_description(task),
-                **endpoint_limits,
-            )
-            panel.gallery.select(
-                pick_result(panel), inputs=panel.results, outputs=panel.current_outputs, **ui_only
-            )
-            panel.reuse_seed.click(
-                lambda seed: int(seed) if seed and seed.isdigit() else gr.skip(),
-                inputs=panel.seed_used, outputs=panel.controls["seed"], **ui_only,
-            )
-            for target_name, button in panel.send.items():
-                target = panels[target_name]
-                button.click(
-                    send_to(target),
-                    inputs=panel.current,
-                    outputs=[tabs, status, target.controls["prompt"], *target.source_outputs],
-                    **ui_only,
-                )
-
-        erase = panels["erase"]
-        erase.source.change(
-            lambda value: mask_from_editor(value)[1],
-            inputs=erase.source, outputs=erase.mask_preview, show_progress="hidden", **ui_only,
-        )
-        erase.brush_size.change(
-            lambda size: gr.ImageEditor(brush=brush(size), eraser=gr.Eraser(default_size=int(size))),
-            inputs=erase.brush_size, outputs=erase.source, show_progress="hidden", **ui_only,
-        )
-        cancel.click(
-            lambda: "Cancelled. A request already on the endpoint still finishes there; its result is dropped.",
-            outputs=status, cancels=run_events, **ui_only,
-        )
-        history_gallery.select(pick_from_history, inputs=history, outputs=restore_outputs, **ui_only)
-        png_drop.upload(open_png, inputs=png_drop, outputs=restore_outputs, **ui_only)
-        demo.load(show_history, inputs=history, outputs=[history, history_gallery, banner], **ui_only)
+        page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir)
+        handlers = Handlers(page, functools.cache(client_factory), store, FairScheduler(endpoint_concurrency))
+        wire(demo, page, handlers)
     return demo
+
+
+def _session(request: gr.Request | None) -> str:
+    """Whose job it is: the browser session (or API client's), which the scheduler serves in turn."""
+    return getattr(request, "session_hash", None) or "anonymous"
 
 
 def _count(images: int) -> str:

@@ -54,6 +54,18 @@ class Job:
         """Drop the calls not sent yet (their Futures are cancelled); sent ones finish."""
         self.scheduler._cancel(self)
 
+    def waiting_line(self) -> str | None:
+        """What the designer should read while this job waits, or None once it runs."""
+        if not self.started.is_set():
+            ahead = self.scheduler.jobs_ahead(self)
+            return f"Queued behind {ahead} earlier job{'s' if ahead != 1 else ''} of yours…"
+        if self.pending and not self.running:
+            ahead = self.scheduler.sessions_ahead(self)
+            busy = self.scheduler.stats()["in_flight"]
+            return (f"Waiting for the endpoint: {busy} call{'s' if busy != 1 else ''} of other designers "
+                    f"running, {ahead} designer{'s' if ahead != 1 else ''} ahead of you…")
+        return None
+
     def wait_for_turn(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 1.0) -> None:
         """Block until this job may send calls (the session's earlier jobs are over);
         `on_wait(jobs ahead)` every `poll_s` while it waits."""

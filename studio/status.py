@@ -31,12 +31,14 @@ def run_with_status(
     present: Callable[[str], Any] = str,
     tick_s: float = TICK_S,
     slow_after_s: float = SLOW_AFTER_S,
+    waiting: Callable[[], str | None] | None = None,
 ) -> Generator[Any, None, Result]:
     """Yield `present(line)` for each status line while `call(on_status)` runs; return its result.
 
     Use as `result = yield from run_with_status(...)`; `call`'s error is raised there. If the
     consumer stops early (Gradio's Cancel), the worker thread is left to finish on its own and
     its result is dropped: a request already sent to the endpoint cannot be taken back.
+    `waiting()`, when given, is asked at each line: a text while the call waits its turn.
     """
     reports: queue.Queue = queue.Queue()
     outcome: dict[str, object] = {}
@@ -61,7 +63,9 @@ def run_with_status(
             break
         if report is not None:
             latest = str(report)
-        yield present(status_line(latest, time.monotonic() - started, slow_after_s))
+        # While the call waits its turn (see studio.scheduler), that is what the designer sees.
+        line = waiting() if waiting is not None else None
+        yield present(status_line(line or latest, time.monotonic() - started, slow_after_s))
     if "error" in outcome:
         raise outcome["error"]  # type: ignore[misc]
     return outcome["result"]  # type: ignore[return-value]

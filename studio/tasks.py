@@ -7,6 +7,7 @@ uses, so a designer hears of a bad value before anything is sent, in the same wo
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
+from studio.scheduler import Job
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,10 @@ class Task:
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
         on_status: StatusCallback | None = None,
+        job: Job | None = None,
     ) -> GenerationResult:
-        """Check the inputs, then call the model through the client layer."""
+        """Check the inputs, then call the model through the client layer (in `job`'s turn:
+        its calls go through the studio's scheduler)."""
         arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
         if self.prompt_required and not arguments["prompt"].strip():
             raise StudioError(f"Write a prompt: {self.title} needs one.")
@@ -130,7 +134,11 @@ class Task:
             images.append(self.checked_image(image))
         if self.takes_mask:
             images.append(checked_mask(mask, images[0].size))
-        return getattr(client, self.name)(*images, on_status=on_status, **arguments)
+        call = functools.partial(getattr(client, self.name), *images, on_status=on_status, **arguments)
+        if job is None:
+            return call()
+        job.wait_for_turn()
+        return job.submit(call).result()
 
     def checked_image(self, image: Image.Image | None) -> Image.Image:
         if image is None:
