@@ -235,9 +235,9 @@ def test_an_answer_that_cannot_fit_is_refused_naming_the_limit(pipelines):
 
 def test_a_call_predicted_over_the_budget_is_refused_before_any_work(model_repository):
     loaded = load_pipeline("sd_base", model_repository / "sd_base" / "1" / CHECKPOINT_DIR, call_budget_s=5)
-    assert loaded.budget.predict(1.0) is None  # nothing measured yet
+    assert loaded.budget.predict(1.0, 10) is None  # nothing measured yet
     serve_batch(loaded, [request()])
-    assert loaded.budget.seconds_per_unit > 0  # measured on its own call
+    assert loaded.budget.step_seconds_per_megapixel > 0  # measured on its own call
     calls = []
     real_run_call = batch_module.run_call
     big = {"num_inference_steps": 150, "width": 1024, "height": 1024, "num_images_per_prompt": 4}
@@ -261,7 +261,7 @@ def test_a_call_that_runs_over_is_stopped_at_a_step_and_the_next_is_served(model
     assert isinstance(stopped, CallOverBudget)
     steps_done = int(str(stopped).split("stopped at step ")[1].split(" ")[0])
     assert 1 <= steps_done < 150 and "of 150" in str(stopped)
-    assert loaded.budget.seconds_per_unit > 0  # the partial call still measured the speed
+    assert loaded.budget.step_seconds_per_megapixel > 0  # the stopped call still measured the speed
     loaded.budget.seconds = 60
     [served] = serve_batch(loaded, [request()])
     assert image_of(served).size == (64, 64)

@@ -11,6 +11,7 @@ from PIL import Image
 from sdserve.batch import split_rows
 from sdserve.errors import RequestError
 from sdserve.images import MAX_SIDE, decode_image, encode_png
+from sdserve.budget import WorkBudget
 from sdserve.catalog import MAX_PROMPT_CHARS, MODELS
 from sdserve.request import parse_request
 
@@ -195,3 +196,29 @@ def test_split_rows_refuses_bad_shapes():
     expect_error("prompt", split_rows, {"prompt": np.array([[b"a", b"b"]], dtype=np.object_)})
     expect_error("latents", split_rows, {"prompt": column(b"a"), "latents": column(b"x")})
 
+
+
+# --- the work budget -------------------------------------------------------------------------
+
+
+def test_the_budget_learns_the_step_time_and_the_rest_of_a_call():
+    budget = WorkBudget(25)
+    assert budget.predict(1.0, 10) is None
+    # 4 steps of 0.5 s on a quarter megapixel, 1 s of prompt encoding and decoding around them.
+    budget.record(0.25, step_ends=[1.0, 1.5, 2.0, 2.5], started=0.0, ended=3.0)
+    assert budget.predict(0.25, 10) == pytest.approx(1 + 0.5 * 10)
+    assert budget.predict(1.0, 10) == pytest.approx(1 + 2.0 * 10)
+    budget.record(0.25, step_ends=[0.0], started=0.0, ended=9.0)  # one step tells nothing
+    assert budget.predict(0.25, 10) == pytest.approx(6)
+
+
+def test_a_refusal_names_what_to_lower_and_the_limit():
+    budget = WorkBudget(25, step_seconds_per_megapixel=2.0, call_overhead_s=1.0)
+    args = MODELS["sd_depth"].parse_gen_args('{"num_inference_steps": 50, "strength": 0.5}')
+    assert budget.refusal("sd_depth", args, 0.25) is None  # 1 + 2 x 0.25 x 25 steps = 13.5 s
+    refused = budget.refusal("sd_depth", args, 1.0)  # 51 s
+    assert refused.field == "gen_args" and "about 51 s" in str(refused) and "over the 25 s" in str(refused)
+    assert "num_inference_steps (now 50)" in str(refused) and "strength (now 0.5)" in str(refused)
+    assert "the image size" in str(refused)
+    busy = budget.refusal("sd_depth", args, 0.25, within=5.0)
+    assert "the endpoint is busy" in str(busy)

@@ -21,7 +21,7 @@ import numpy as np
 
 from PIL import Image
 
-from .budget import CallOverBudget, what_to_lower, work_units
+from .budget import CallOverBudget, megapixels, what_to_lower
 from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
 from .images import encode_within
@@ -89,9 +89,9 @@ def serve_batch(
     for inputs in batch:
         try:
             requests = [parse_request(loaded.model, row) for row in split_rows(inputs)]
-            refusal = loaded.budget.refusal(
-                loaded.model, requests[0].args, sum(request_units(request) for request in requests)
-            )
+            refusal = loaded.budget.refusal(loaded.model, requests[0].args, sum(
+                megapixels(request.size, request.args["num_images_per_prompt"]) for request in requests
+            ))
             outcomes.append(refusal or requests)
         except RequestError as error:
             outcomes.append(error)
@@ -123,7 +123,8 @@ def serve_batch(
                 continue
             rows = [row for _, _, row in chunk]
             refusal = loaded.budget.refusal(
-                loaded.model, rows[0].request.args, call_units(rows), within=deadline - time.monotonic()
+                loaded.model, rows[0].request.args, sum(megapixels(row.request.size) for row in rows),
+                within=deadline - time.monotonic(),
             )
             try:
                 if refusal is not None:
@@ -161,14 +162,6 @@ def serve_batch(
 def _fail(outcomes: list, chunk: list, error: Exception) -> None:
     for index, _, _ in chunk:
         outcomes[index] = error
-
-
-def request_units(request: GenerationRequest) -> float:
-    return work_units(request.args, request.size, request.args["num_images_per_prompt"])
-
-
-def call_units(rows: list[ImageRow]) -> float:
-    return sum(work_units(row.request.args, row.request.size) for row in rows)
 
 
 def _answer(

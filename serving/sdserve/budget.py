@@ -2,10 +2,11 @@
 
 A SageMaker invocation gets 60 s; part of that is spent queued in Triton (its queue policy
 refuses a request that waited too long), the rest is the pipeline call's budget. Each loaded
-model measures its own speed on its recent calls (seconds per unit of work: images x denoising
-steps x megapixels), so the same code knows a GPU from a CPU without a table of hardware, and
-predicts a call's time before making it. A call predicted to run over is refused at once, with
-what to lower; a call that runs over anyway is stopped at the next denoising step.
+model measures its own speed on its recent calls, so the same code knows a GPU from a CPU
+without a table of hardware: the time of one denoising step per megapixel of images (from the
+step callbacks), and the rest of a call (prompt encoding, VAE, ...). It predicts a call's time
+from images x megapixels x steps before making it. A call predicted to run over is refused at
+once, with what to lower; a call that runs over anyway is stopped at the next denoising step.
 
 Standard library only.
 """
@@ -29,9 +30,12 @@ def denoising_steps(args: dict[str, Any]) -> int:
     return int(steps * args["strength"]) if "strength" in args else steps
 
 
-def work_units(args: dict[str, Any], size: tuple[int, int], images: int = 1) -> float:
-    """images x denoising steps x megapixels of one call."""
-    return images * denoising_steps(args) * size[0] * size[1] / 1e6
+def megapixels(size: tuple[int, int], images: int = 1) -> float:
+    return images * size[0] * size[1] / 1e6
+
+
+def _blend(previous: float | None, newest: float) -> float:
+    return newest if previous is None else NEWEST_CALL_WEIGHT * newest + (1 - NEWEST_CALL_WEIGHT) * previous
 
 
 @dataclass
@@ -39,30 +43,33 @@ class WorkBudget:
     """The time one pipeline call may take on this model, and its measured speed."""
 
     seconds: float
-    seconds_per_unit: float | None = None  # None until a call has been measured
+    step_seconds_per_megapixel: float | None = None  # None until a call has been measured
+    call_overhead_s: float = 0.0  # what a call takes besides its denoising steps
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def predict(self, units: float) -> float | None:
-        """Seconds a call of `units` will take, or None before the first measurement."""
-        rate = self.seconds_per_unit
-        return None if rate is None else rate * units
+    def predict(self, image_megapixels: float, steps: int) -> float | None:
+        """Seconds a call will take, or None before the first measurement."""
+        rate = self.step_seconds_per_megapixel
+        return None if rate is None else self.call_overhead_s + rate * image_megapixels * steps
 
-    def record(self, units: float, seconds: float) -> None:
-        if units <= 0 or seconds <= 0:
-            return
-        rate = seconds / units
+    def record(self, image_megapixels: float, step_ends: list[float], started: float, ended: float) -> None:
+        """Learn from one call: its start and end, and when each denoising step ended."""
+        if image_megapixels <= 0 or len(step_ends) < 2:
+            return  # one step cannot tell the step time from the rest of the call
+        step_s = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+        overhead_s = max(0.0, (ended - started) - step_s * len(step_ends))
         with self._lock:
-            previous = self.seconds_per_unit
-            self.seconds_per_unit = rate if previous is None else (
-                NEWEST_CALL_WEIGHT * rate + (1 - NEWEST_CALL_WEIGHT) * previous
-            )
+            first = self.step_seconds_per_megapixel is None
+            self.step_seconds_per_megapixel = _blend(self.step_seconds_per_megapixel, step_s / image_megapixels)
+            self.call_overhead_s = _blend(None if first else self.call_overhead_s, overhead_s)
 
-    def refusal(self, model: str, args: dict[str, Any], units: float, *, within: float | None = None) -> RequestError | None:
-        """A RequestError naming what to lower when a call of `units` will not fit, else None.
+    def refusal(self, model: str, args: dict[str, Any], image_megapixels: float, *,
+                within: float | None = None) -> RequestError | None:
+        """A RequestError naming what to lower when the call will not fit, else None.
 
         `within` is the time left in this batch (default: the whole budget).
         """
-        predicted = self.predict(units)
+        predicted = self.predict(image_megapixels, denoising_steps(args))
         limit = self.seconds if within is None else within
         if predicted is None or predicted <= limit:
             return None

@@ -14,7 +14,7 @@ import diffusers
 import torch
 from PIL import Image
 
-from .budget import WorkBudget, denoising_steps, work_units
+from .budget import WorkBudget, denoising_steps, megapixels
 from .catalog import CALL_BUDGET_S, MODELS
 from .checkpoint import checkpoint_variant, read_marker
 from .params import SCHEDULERS
@@ -103,7 +103,7 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
     Every row has its own CPU generator, so a seed gives the same latents whether the
     row runs alone or beside others, on the CPU or on a GPU. Past `deadline` (a
     time.monotonic() value) the call stops at the next step with CallStopped: nobody waits
-    for its answer any more. Its duration is recorded in the model's speed estimate.
+    for its answer any more. Its step times are recorded in the model's speed estimate.
     """
     first = rows[0].request
     args = first.args
@@ -124,29 +124,28 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
         call["mask_image"] = [row.request.mask_image for row in rows]
     if spec.size_from_image:
         call["width"], call["height"] = first.size
-    units = sum(work_units(row.request.args, row.request.size) for row in rows)
-    if deadline is not None:
-        call.update(_stop_at(pipe, deadline, denoising_steps(args)))
+    image_megapixels = sum(megapixels(row.request.size) for row in rows)
+    step_ends: list[float] = []
+    call.update(_step_callback(pipe, step_ends, deadline, denoising_steps(args)))
     started = time.monotonic()
     try:
         with torch.inference_mode():
-            images = pipe(**call).images
-    except CallStopped as stopped:
-        # What ran still tells the speed: the steps done of this call's units.
-        loaded.budget.record(units * stopped.steps_done / stopped.steps_total, time.monotonic() - started)
-        raise
-    loaded.budget.record(units, time.monotonic() - started)
-    return images
+            return pipe(**call).images
+    finally:  # a stopped call still tells the speed
+        loaded.budget.record(image_megapixels, step_ends, started, time.monotonic())
 
 
-def _stop_at(pipe: diffusers.DiffusionPipeline, deadline: float, total: int) -> dict[str, Any]:
-    """Step-callback arguments that raise CallStopped once `deadline` has passed.
+def _step_callback(pipe: diffusers.DiffusionPipeline, step_ends: list[float], deadline: float | None,
+                   total: int) -> dict[str, Any]:
+    """Step-callback arguments that note when each step ends (the model's speed) and raise
+    CallStopped once `deadline` has passed.
 
     Raising (rather than diffusers' `interrupt`) also skips the VAE decode of an unwanted result.
     The upscaler has only the older `callback(step, timestep, latents)` form.
     """
     def check(step: int) -> None:
-        if time.monotonic() > deadline:
+        step_ends.append(time.monotonic())
+        if deadline is not None and step_ends[-1] > deadline:
             raise CallStopped(step + 1, total)
 
     if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
