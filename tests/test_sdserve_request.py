@@ -207,13 +207,19 @@ def test_the_budget_learns_the_step_time_and_the_rest_of_a_call():
     # 4 steps of 0.5 s on a quarter megapixel, 1 s of prompt encoding and decoding around them.
     budget.record(0.25, step_ends=[1.0, 1.5, 2.0, 2.5], started=0.0, ended=3.0)
     assert budget.predict(0.25, 10) == pytest.approx(1 + 0.5 * 10)
-    assert budget.predict(1.0, 10) == pytest.approx(1 + 2.0 * 10)
+    assert budget.predict(1.0, 10) == pytest.approx(1 + 0.5 * 10)  # one size known: no slope yet
+    # Steps of 1.1 s on a full megapixel: a step costs 0.3 s + 0.8 s a megapixel.
+    budget.record(1.0, step_ends=[1.0, 2.1, 3.2], started=0.0, ended=4.3)
+    assert budget.predict(0.5, 10) == pytest.approx(budget.call_overhead_s + (0.3 + 0.8 * 0.5) * 10)
+    assert budget.call_overhead_s == pytest.approx(1.0)
+    before = budget.predict(0.25, 10)
     budget.record(0.25, step_ends=[0.0], started=0.0, ended=9.0)  # one step tells nothing
-    assert budget.predict(0.25, 10) == pytest.approx(6)
+    assert budget.predict(0.25, 10) == pytest.approx(before)
 
 
 def test_a_refusal_names_what_to_lower_and_the_limit():
-    budget = WorkBudget(25, step_seconds_per_megapixel=2.0, call_overhead_s=1.0)
+    budget = WorkBudget(25, call_overhead_s=1.0)
+    budget.steps_seen.extend([(0.5, 1.0), (1.0, 2.0)])  # 2 s a step per megapixel
     args = MODELS["sd_depth"].parse_gen_args('{"num_inference_steps": 50, "strength": 0.5}')
     assert budget.refusal("sd_depth", args, 0.25) is None  # 1 + 2 x 0.25 x 25 steps = 13.5 s
     refused = budget.refusal("sd_depth", args, 1.0)  # 51 s

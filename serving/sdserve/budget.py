@@ -14,14 +14,16 @@ Standard library only.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
 
-# Weight of the newest call in the running speed estimate: recent calls count most (a model
+# Weight of the newest call in the running overhead estimate: recent calls count most (a model
 # warms up, the machine's load changes), one odd call does not swing it.
 NEWEST_CALL_WEIGHT = 0.5
+RECENT_CALLS = 16  # the step times the fit is made from
 
 
 def denoising_steps(args: dict[str, Any]) -> int:
@@ -40,17 +42,42 @@ def _blend(previous: float | None, newest: float) -> float:
 
 @dataclass
 class WorkBudget:
-    """The time one pipeline call may take on this model, and its measured speed."""
+    """The time one pipeline call may take on this model, and its measured speed.
+
+    A denoising step of a call costs `a + b x megapixels` (all its images together): `a` is what
+    a step costs whatever the size (kernel launches, the scheduler; it dominates small images),
+    `b` what each megapixel adds. Both are fitted to the recent calls; until calls of two sizes
+    are known, a step is taken to cost what it last did at any size, and a call that turns out
+    longer is stopped at the deadline, which teaches the fit.
+    """
 
     seconds: float
-    step_seconds_per_megapixel: float | None = None  # None until a call has been measured
-    call_overhead_s: float = 0.0  # what a call takes besides its denoising steps
+    call_overhead_s: float | None = None  # what a call takes besides its steps; None: nothing measured
+    steps_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def step_seconds(self, image_megapixels: float) -> float | None:
+        with self._lock:
+            seen = list(self.steps_seen)
+        if not seen:
+            return None
+        sizes = [size for size, _ in seen]
+        times = [step for _, step in seen]
+        mean_size, mean_time = sum(sizes) / len(sizes), sum(times) / len(times)
+        spread = sum((size - mean_size) ** 2 for size in sizes)
+        if spread <= (0.1 * mean_size) ** 2 * len(sizes):  # one size seen: no slope to fit
+            return max(times) if image_megapixels > max(sizes) else mean_time
+        slope = sum((size - mean_size) * (step - mean_time) for size, step in seen) / spread
+        slope = max(0.0, slope)
+        intercept = mean_time - slope * mean_size
+        if intercept < 0:  # all of it scales with size
+            intercept, slope = 0.0, mean_time / mean_size
+        return intercept + slope * image_megapixels
 
     def predict(self, image_megapixels: float, steps: int) -> float | None:
         """Seconds a call will take, or None before the first measurement."""
-        rate = self.step_seconds_per_megapixel
-        return None if rate is None else self.call_overhead_s + rate * image_megapixels * steps
+        step = self.step_seconds(image_megapixels)
+        return None if step is None else (self.call_overhead_s or 0.0) + step * steps
 
     def record(self, image_megapixels: float, step_ends: list[float], started: float, ended: float) -> None:
         """Learn from one call: its start and end, and when each denoising step ended."""
@@ -59,9 +86,8 @@ class WorkBudget:
         step_s = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
         overhead_s = max(0.0, (ended - started) - step_s * len(step_ends))
         with self._lock:
-            first = self.step_seconds_per_megapixel is None
-            self.step_seconds_per_megapixel = _blend(self.step_seconds_per_megapixel, step_s / image_megapixels)
-            self.call_overhead_s = _blend(None if first else self.call_overhead_s, overhead_s)
+            self.steps_seen.append((image_megapixels, step_s))
+            self.call_overhead_s = _blend(self.call_overhead_s, overhead_s)
 
     def refusal(self, model: str, args: dict[str, Any], image_megapixels: float, *,
                 within: float | None = None) -> RequestError | None:
