@@ -2,10 +2,12 @@
 
 The endpoint serves a batch of calls per model at a time (Triton's max_batch_size), so the
 studio keeps that many calls in flight, for all designers together, and decides whose call goes
-next: sessions take turns, call by call. A job (one click: one image, four images, nine tiles)
-belongs to a session; a session has one job running, the next ones wait their turn, and a job
-that waits is told its place. So a designer's one-image job never waits for more than one
-call to end behind another designer's nine-tile upscale.
+next: sessions take turns, call by call, each with at most `calls_per_session` calls in flight
+(default 1). A job (one click: one image, four images, nine tiles) belongs to a session; a
+session has one job running, the next ones wait their turn, and a job that waits is told its
+place. Triton batches the calls of different designers that are in flight together; a GPU
+runs one batch at a time, so a designer's one-image job waits for at most one call of another
+designer's nine-tile upscale, never for all nine batched together.
 
 Cancelling a job takes its calls that are not sent yet off the queue at once; a call already
 sent still occupies its place until the endpoint answers (the serving side stops any call at
@@ -83,13 +85,15 @@ class Job:
 
 
 class FairScheduler:
-    """At most `capacity` calls in flight; sessions served in turn, one job each at a time."""
+    """At most `capacity` calls in flight, `calls_per_session` of them per session; sessions
+    served in turn, one job each at a time."""
 
-    def __init__(self, capacity: int, max_jobs: int = DEFAULT_MAX_JOBS):
-        if capacity < 1:
-            raise ValueError("capacity must be at least 1")
+    def __init__(self, capacity: int, max_jobs: int = DEFAULT_MAX_JOBS, calls_per_session: int = 1):
+        if capacity < 1 or calls_per_session < 1:
+            raise ValueError("capacity and calls_per_session must be at least 1")
         self.capacity = capacity
         self.max_jobs = max_jobs
+        self.calls_per_session = calls_per_session
         self._lock = threading.Condition()
         self._numbers = itertools.count(1)
         # Per session, its jobs in order: the first is the running one, the rest wait.
@@ -180,14 +184,15 @@ class FairScheduler:
     # --- the workers ---------------------------------------------------------------------------
 
     def _next_call(self) -> tuple[Job, Future, Callable[[], Any]]:
-        """The next call (blocking): from the session with the fewest calls in flight, the first
-        in line among equals; that session then goes to the back of the line."""
+        """The next call (blocking): from the session with the fewest calls in flight (below its
+        share), the first in line among equals; that session then goes to the back of the line."""
         with self._lock:
             while True:
                 ready = []
                 for position, session in enumerate(self._turn):
                     jobs = self._jobs.get(session)
-                    if jobs and jobs[0].pending:  # only a session's first job is running
+                    # Only a session's first job is running, and it has its share in flight at most.
+                    if jobs and jobs[0].pending and jobs[0].running < self.calls_per_session:
                         ready.append((jobs[0].running, position, jobs[0]))
                 if ready:
                     _, _, job = min(ready, key=lambda entry: entry[:2])

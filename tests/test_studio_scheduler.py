@@ -46,7 +46,7 @@ class Gate:
 
 
 def test_capacity_bounds_the_calls_in_flight():
-    scheduler, gate = FairScheduler(capacity=2), Gate()
+    scheduler, gate = FairScheduler(capacity=2, calls_per_session=4), Gate()
     job = scheduler.job("a")
     futures = [job.submit(gate.call(f"a{k}")) for k in range(4)]
     assert gate.wait_started(2) == ["a0", "a1"]
@@ -58,13 +58,30 @@ def test_capacity_bounds_the_calls_in_flight():
     assert [future.result(WAIT_S) for future in futures] == ["a0", "a1", "a2", "a3"]
 
 
-def test_a_small_job_waits_at_most_one_call_behind_a_big_one():
-    scheduler, gate = FairScheduler(capacity=2), Gate()
+def test_a_session_has_its_share_of_calls_in_flight_and_no_more():
+    scheduler, gate = FairScheduler(capacity=4), Gate()  # one call per session by default
+    big, small = scheduler.job("big"), scheduler.job("small")
+    tiles = [big.submit(gate.call(f"tile{k}")) for k in range(9)]
+    assert gate.wait_started(1) == ["tile0"]
+    assert scheduler.stats()["in_flight"] == 1  # room for others: they do not wait behind the tiles
+    image = small.submit(gate.call("small"))
+    assert gate.wait_started(2) == ["tile0", "small"]
+    gate.open("tile0")
+    assert gate.wait_started(3)[2] == "tile1"
+    gate.open("small")
+    assert image.result(WAIT_S) == "small"
+    for k in range(1, 9):
+        gate.open(f"tile{k}")
+    assert [tile.result(WAIT_S) for tile in tiles] == [f"tile{k}" for k in range(9)]
+
+
+def test_with_a_larger_share_a_small_job_still_goes_before_the_big_jobs_next_call():
+    scheduler, gate = FairScheduler(capacity=2, calls_per_session=8), Gate()
     big, small = scheduler.job("big"), scheduler.job("small")
     tiles = [big.submit(gate.call(f"tile{k}")) for k in range(9)]
     gate.wait_started(2)  # the big job fills the endpoint while nobody else waits
     image = small.submit(gate.call("small"))
-    gate.open("tile0")  # the first call to end frees the slot for the other session
+    gate.open("tile0")  # the first call to end frees the slot for the session with fewer in flight
     assert gate.wait_started(3)[2] == "small"
     gate.open("small")
     assert image.result(WAIT_S) == "small"
