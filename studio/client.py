@@ -4,6 +4,12 @@ The same code talks to a real endpoint on AWS (endpoint name + region) and to th
 endpoint (`make endpoint`, a URL): both speak the SageMaker Runtime InvokeEndpoint API,
 so boto3's `sagemaker-runtime` client is the only transport. No Gradio here.
 
+One InvokeEndpoint call carries at most MAX_PAYLOAD_BYTES each way and may run at most
+INVOCATION_LIMIT_S on AWS, so a job that cannot fit one call (several images, an upscale
+whose result is too large for one answer) is split into several calls by `studio.jobs`:
+`generate/restyle/erase/upscale` plan and run their job through it, and `StudioClient.run_job`
+runs a plan made beforehand (see studio/jobs.py for the interface).
+
 Every failure comes out as `StudioError`, whose message is written for a designer.
 """
 
@@ -14,18 +20,33 @@ import io
 import json
 import os
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import boto3
 import botocore.config
 import botocore.exceptions
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
-from sdserve.catalog import IMAGE, MASK_IMAGE, MODELS_BY_TASK, NEGATIVE_PROMPT, PROMPT
+from sdserve.catalog import IMAGE, MASK_IMAGE
+from sdserve.images import ALLOWED_FORMATS
+from studio.metadata import PARAMETERS_KEY
 
-MAX_REQUEST_BYTES = 6 * 1024 * 1024  # invoke_endpoint refuses larger bodies
+if TYPE_CHECKING:  # studio.jobs imports this module; at run time it is imported where used
+    from studio.jobs import JobPlan, JobResult, ResultCallback, Submit
+
+try:
+    from sdserve.catalog import MAX_PAYLOAD_BYTES
+except ImportError:
+    # TODO(merge): the serving half of "Many designers, one endpoint" item 2 adds
+    # MAX_PAYLOAD_BYTES = 6 * 1024 * 1024 to sdserve/catalog.py; drop this fallback then.
+    MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # InvokeEndpoint's cap on a request body and on an answer
+
+MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint refuses larger bodies
+MAX_ANSWER_BYTES = MAX_PAYLOAD_BYTES  # and SageMaker drops larger answers
+INVOCATION_LIMIT_S = 60  # SageMaker's limit for one real-time invocation (the local endpoint allows more)
 RETRYABLE_CODES = {"ModelNotReadyException", "ThrottlingException", "ServiceUnavailable", "InternalDependencyException"}
 LOCAL_ENDPOINT_NAME = "sd-studio"
 
@@ -38,6 +59,13 @@ class StudioError(Exception):
     def __init__(self, message: str, *, retryable: bool = False):
         super().__init__(message)
         self.retryable = retryable
+
+
+class JobCancelled(StudioError):
+    """The job was cancelled before this call was sent (or before a retry of it was)."""
+
+    def __init__(self, message: str = "Cancelled before it was sent."):
+        super().__init__(message)
 
 
 @dataclass
@@ -72,9 +100,15 @@ class EndpointConfig:
 class GenerationResult:
     model: str
     images: list[Image.Image]
-    png: list[bytes]  # the images as the endpoint sent them, parameters embedded
+    # Each image as PNG with its parameters embedded: the endpoint's own bytes when it sent a PNG;
+    # when it had to send a lossy WebP/JPEG (to fit MAX_ANSWER_BYTES), a lossless PNG of exactly
+    # those pixels, so what the studio keeps and downloads is always a PNG that carries its parameters.
+    png: list[bytes]
     parameters: dict[str, Any]
     seconds: float = 0.0
+    # The images' bytes exactly as the endpoint sent them (PNG, WebP or JPEG); empty when the
+    # result was put together by the client (a stitched upscale).
+    encoded: list[bytes] = field(default_factory=list)
 
     @property
     def seeds(self) -> list[int]:
@@ -121,7 +155,7 @@ class StudioClient:
 
     def upscale(self, image: Image.Image, prompt: str = "", *, negative_prompt: str = "",
                 on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
-        """x4 upscaling; a prompt describing the image guides the detail."""
+        """x4 upscaling (tiled beyond studio.jobs.UPSCALE_TILE_SIDE); a prompt describing the image guides it."""
         return self.run("upscale", prompt, negative_prompt, gen_args, image=image, on_status=on_status)
 
     def run(
@@ -134,20 +168,31 @@ class StudioClient:
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
         on_status: StatusCallback | None = None,
-    ) -> GenerationResult:
-        """One job of a task ("generate", ...); unknown generation arguments are refused here."""
-        spec = MODELS_BY_TASK[task]
-        unknown = sorted(set(gen_args) - set(spec.argument_names))
-        if unknown:
-            raise StudioError(
-                f"{task} takes no argument {unknown[0]!r}; it takes {', '.join(spec.argument_names)}."
-            )
-        inputs: dict[str, str | Image.Image] = {PROMPT: prompt, NEGATIVE_PROMPT: negative_prompt}
-        if spec.takes_image:
-            inputs[IMAGE] = image
-        if spec.takes_mask:
-            inputs[MASK_IMAGE] = mask
-        return self.invoke(spec.name, inputs, gen_args, on_status=on_status)
+    ) -> JobResult:
+        """One job of a task ("generate", ...), split into calls as studio.jobs.plan_job decides.
+
+        Unknown generation arguments are refused before anything is sent. A job whose calls all
+        failed raises the StudioError of the failure; one that made some of its images raises
+        studio.jobs.PartialJobError, whose `result` carries the images made.
+        """
+        from studio.jobs import plan_job
+
+        plan = plan_job(task, prompt, negative_prompt, image=image, mask=mask, gen_args=gen_args)
+        return self.run_job(plan, on_status=on_status).raise_for_errors()
+
+    def run_job(
+        self,
+        plan: JobPlan,
+        *,
+        submit: Submit | None = None,
+        on_status: StatusCallback | None = None,
+        on_result: ResultCallback | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> JobResult:
+        """Send a plan's calls (all at once) and gather their answers; see studio.jobs.run_job."""
+        from studio.jobs import run_job
+
+        return run_job(self, plan, submit=submit, on_status=on_status, on_result=on_result, cancelled=cancelled)
 
     # --- the call itself ------------------------------------------------------------
 
@@ -158,13 +203,26 @@ class StudioClient:
         gen_args: dict[str, Any],
         *,
         on_status: StatusCallback | None = None,
+        cancelled: threading.Event | None = None,
+        progress: bool = True,
     ) -> GenerationResult:
-        """One request to `model` in the article's KServe v2 shape; retries while it loads."""
+        """One request to `model` in the article's KServe v2 shape; retries while it loads.
+
+        `cancelled` set stops it before the first send and before any retry (JobCancelled); a
+        request already sent is waited for. `progress=False` reports only retries (a split job
+        reports its own progress, per call finished).
+        """
         notify = on_status or (lambda message: None)
         body = build_payload(inputs, gen_args)
         started = time.monotonic()
         for attempt in range(1, self.config.max_attempts + 1):
-            notify(f"Sending to {model}…" if attempt == 1 else f"{model} is loading on the endpoint, retrying (attempt {attempt})…")
+            if cancelled is not None and cancelled.is_set():
+                raise JobCancelled() if attempt == 1 else JobCancelled("Cancelled while waiting to retry.")
+            if attempt == 1:
+                if progress:
+                    notify(f"Sending to {model}…")
+            else:
+                notify(f"{model} is loading on the endpoint, retrying (attempt {attempt})…")
             try:
                 response = self.runtime.invoke_endpoint(
                     EndpointName=self.config.endpoint_name,
@@ -181,10 +239,14 @@ class StudioClient:
                     raise failure from None
                 delay = self.config.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
                 notify(f"{failure} Retrying in {delay:.0f} s…")
-                time.sleep(delay)
+                if cancelled is not None:
+                    cancelled.wait(delay)  # a cancel cuts the wait short; the loop then stops
+                else:
+                    time.sleep(delay)
         result = parse_answer(model, answer)
         result.seconds = time.monotonic() - started
-        notify(f"{model} answered in {result.seconds:.1f} s.")
+        if progress:
+            notify(f"{model} answered in {result.seconds:.1f} s.")
         return result
 
 
@@ -253,16 +315,41 @@ def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
 
 
 def parse_answer(model: str, answer: bytes) -> GenerationResult:
+    """The endpoint's answer: images as PNG, WebP or JPEG (the server's lossy fallback when a PNG
+    would not fit MAX_ANSWER_BYTES, named in the parameters' "encoding"), and the parameters."""
     try:
         outputs = {output["name"]: output["data"] for output in json.loads(answer)["outputs"]}
-        png = [base64.b64decode(data) for data in outputs["generated_image"]]
-        images = [Image.open(io.BytesIO(data)) for data in png]
-        for image in images:
+        encoded = [base64.b64decode(data) for data in outputs["generated_image"]]
+        images = []
+        for data in encoded:
+            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
             image.load()
+            images.append(image)
         parameters = json.loads(outputs["parameters"][0]) if "parameters" in outputs else {}
     except (ValueError, KeyError, TypeError, OSError) as error:
         raise StudioError(f"The endpoint's answer from {model} could not be read ({error}).") from None
-    return GenerationResult(model=model, images=images, png=png, parameters=parameters)
+    png = [
+        data if image.format == "PNG" else png_with_parameters(image, _image_parameters(parameters, index, image))
+        for index, (data, image) in enumerate(zip(encoded, images))
+    ]
+    return GenerationResult(model=model, images=images, png=png, parameters=parameters, encoded=encoded)
+
+
+def _image_parameters(parameters: dict[str, Any], index: int, image: Image.Image) -> dict[str, Any]:
+    """What a lossy image's PNG carries: its row's parameters with its own seed and how it came."""
+    seeds = parameters.get("seeds") or [parameters.get("seed")]
+    seed = seeds[index] if index < len(seeds) else seeds[0]
+    return {**parameters, "seed": seed, "encoding": parameters.get("encoding") or str(image.format).lower()}
+
+
+def png_with_parameters(image: Image.Image, parameters: dict[str, Any]) -> bytes:
+    """Lossless PNG bytes of `image` with `parameters` (JSON) in its "parameters" text chunk,
+    the chunk the endpoint writes and studio.metadata reads."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, json.dumps(parameters))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
 
 
 # --- failures, in words a designer can act on --------------------------------------------

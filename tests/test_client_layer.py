@@ -1,6 +1,7 @@
 """The studio's client layer without a model server: the payload it builds, the 6 MB limit,
-reading answers, and failures that never reach a model (the calls through a real endpoint are in
-tests/test_local_endpoint*.py)."""
+reading answers (PNG, or the server's lossy WebP/JPEG fallback), cancelling retries, and failures
+that never reach a model (the calls through a real endpoint are in tests/test_local_endpoint*.py
+and tests/test_client_jobs.py)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,24 @@ import io
 import json
 import random
 import socket
+import threading
+import time
 
+import botocore.exceptions
 import pytest
 from PIL import Image
 
 from studio.client import (
+    MAX_ANSWER_BYTES,
     MAX_REQUEST_BYTES,
     EndpointConfig,
+    JobCancelled,
     StudioClient,
     StudioError,
     build_payload,
     parse_answer,
 )
+from studio.metadata import read_parameters
 
 
 def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -64,7 +71,46 @@ def test_a_request_too_large_even_as_jpeg_is_refused_with_what_to_do():
         build_payload({"prompt": "x", "image": noise((3000, 2400))}, {})
 
 
-@pytest.mark.parametrize("answer", [b"not json", b"{}", b'{"outputs": [{"name": "generated_image", "data": ["!!"]}]}'])
+def test_the_cap_is_6_mib_both_ways():
+    assert MAX_REQUEST_BYTES == MAX_ANSWER_BYTES == 6 * 1024 * 1024 == 6_291_456
+
+
+def encoded(image: Image.Image, image_format: str, **options) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=image_format, **options)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_lossy_answers_are_read_and_kept_as_png_with_their_parameters():
+    """The server's fallback when a PNG would not fit one answer: WebP or JPEG, named in "encoding"."""
+    image = noise((48, 32), seed=1)
+    parameters = {"model": "sd_base", "seed": 5, "seeds": [5, 6], "encoding": "webp q90"}
+    sent = [encoded(image, "WEBP", quality=90), encoded(image, "JPEG", quality=90)]
+    answer = json.dumps({"outputs": [{"name": "generated_image", "data": sent},
+                                     {"name": "parameters", "data": [json.dumps(parameters)]}]}).encode()
+    result = parse_answer("sd_base", answer)
+    assert [i.format for i in result.images] == ["WEBP", "JPEG"] and result.images[0].size == (48, 32)
+    assert result.encoded == [base64.b64decode(data) for data in sent]  # as sent, kept
+    for index, (png, decoded) in enumerate(zip(result.png, result.images)):
+        assert png.startswith(b"\x89PNG")  # what the studio stores and downloads is a PNG...
+        with Image.open(io.BytesIO(png)) as again:  # ...of exactly the pixels that came
+            assert again.convert("RGB").tobytes() == decoded.convert("RGB").tobytes()
+        assert read_parameters(png) == {**parameters, "seed": 5 + index}  # its own seed, and how it came
+    assert result.parameters == parameters and result.seeds == [5, 6]
+
+
+def test_a_png_answer_is_kept_byte_for_byte():
+    png = base64.b64decode(encoded(noise((16, 16)), "PNG"))
+    answer = json.dumps({"outputs": [{"name": "generated_image", "data": [base64.b64encode(png).decode()]}]}).encode()
+    result = parse_answer("sd_base", answer)
+    assert result.png == result.encoded == [png]
+
+
+GIF = encoded(Image.new("P", (8, 8)), "GIF")
+
+
+@pytest.mark.parametrize("answer", [b"not json", b"{}", b'{"outputs": [{"name": "generated_image", "data": ["!!"]}]}',
+                                    json.dumps({"outputs": [{"name": "generated_image", "data": [GIF]}]}).encode()])
 def test_an_unreadable_answer_is_a_studio_error(answer):
     with pytest.raises(StudioError, match="answer from sd_base could not be read"):
         parse_answer("sd_base", answer)
@@ -94,3 +140,23 @@ def test_the_runtime_client_never_retries_by_itself():
     client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url="http://127.0.0.1:9"))
     retries = client.runtime.meta.config.retries
     assert retries["total_max_attempts"] == 1  # StudioClient.invoke does the retrying
+
+
+def test_a_cancel_stops_the_retries_of_a_call():
+    class Loading:
+        calls = 0
+
+        def invoke_endpoint(self, **request):
+            Loading.calls += 1
+            raise botocore.exceptions.ClientError(
+                {"Error": {"Code": "ModelNotReadyException", "Message": "loading"}}, "InvokeEndpoint")
+
+    cancelled = threading.Event()
+    config = EndpointConfig("sd-studio", endpoint_url="http://127.0.0.1:9", backoff_s=30)
+    client = StudioClient(config, runtime=Loading())
+    started = time.monotonic()
+    with pytest.raises(JobCancelled, match="while waiting to retry"):
+        # The first failure's "Retrying in …" line is when the designer presses Cancel.
+        client.invoke("sd_base", {"prompt": "a"}, {}, cancelled=cancelled,
+                      on_status=lambda line: cancelled.set() if "Retrying" in line else None)
+    assert Loading.calls == 1 and time.monotonic() - started < 5  # no 30 s back-off slept through
