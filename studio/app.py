@@ -24,6 +24,7 @@ from PIL import Image
 
 from sdserve.catalog import MAX_BATCH_SIZE
 from studio.client import StudioClient, StudioError
+from studio.jobs import PartialJobError
 from studio.masks import editor_value, mask_from_editor
 from studio.session import (
     Entry,
@@ -122,14 +123,30 @@ class Handlers:
         task, page = panel.task, self.page
 
         def run(history_entries: list, source: Any = None, request: gr.Request = None, **values: Any):
+            arrived: list[Entry] = []  # the images of a split job, shown as their calls answer
+            shown = [0]
+
+            def present(line: str) -> dict:
+                update = {page.status: line}
+                if len(arrived) != shown[0]:
+                    shown[0] = len(arrived)
+                    update[panel.gallery] = gallery_items(list(arrived), self.store)
+                return update
+
+            problem = None
             try:
                 image, mask = _source_images(task, source)
                 with self.scheduler.job(_session(request)) as job:
                     result = yield from run_with_status(
-                        lambda on_status: task.run(self.client(), values, image, mask, on_status, job=job),
-                        present=lambda line: {page.status: line},
+                        lambda on_status: task.run(
+                            self.client(), values, image, mask, on_status, job=job,
+                            on_result=lambda index, one: arrived.extend(record_result(self.store, task, one)),
+                        ),
+                        present=present,
                         waiting=job.waiting_line,
                     )
+            except PartialJobError as error:  # what was made is kept and shown, with what failed
+                result, problem = error.result, _designer_message(error)
             except Exception as error:
                 message = _designer_message(error)
                 yield {page.status: f"**Error:** {message}"}
@@ -137,8 +154,11 @@ class Handlers:
             inputs = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
             entries = record_result(self.store, task, result, inputs)
             history_entries = add_to_history(valid_history(history_entries, self.store), entries)
+            done = f"{task.title}, {_count(len(entries))} in {result.seconds:.1f} s."
+            if problem is not None:
+                gr.Warning(problem)
             yield {
-                page.status: f"**Done:** {task.title}, {_count(len(entries))} in {result.seconds:.1f} s.",
+                page.status: f"**Partly done:** {done} {problem}" if problem else f"**Done:** {done}",
                 page.history: history_entries,
                 page.history_gallery: gallery_items(history_entries, self.store),
                 page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
@@ -153,7 +173,6 @@ class Handlers:
         def call(image=None, mask=None, request: gr.Request = None, **values: Any) -> tuple[list, dict]:
             try:
                 with self.scheduler.job(_session(request)) as job:
-                    job.wait_for_turn()
                     result = task.run(self.client(), values, image, mask, job=job)
             except Exception as error:
                 raise gr.Error(_designer_message(error), print_exception=False) from None

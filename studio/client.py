@@ -29,24 +29,17 @@ import boto3
 import botocore.config
 import botocore.exceptions
 from PIL import Image, PngImagePlugin
-
-from sdserve.catalog import IMAGE, MASK_IMAGE
+from sdserve.catalog import IMAGE, INVOCATION_SECONDS, MASK_IMAGE, MAX_PAYLOAD_BYTES
 from sdserve.images import ALLOWED_FORMATS
+
 from studio.metadata import PARAMETERS_KEY
 
 if TYPE_CHECKING:  # studio.jobs imports this module; at run time it is imported where used
     from studio.jobs import JobPlan, JobResult, ResultCallback, Submit
 
-try:
-    from sdserve.catalog import MAX_PAYLOAD_BYTES
-except ImportError:
-    # TODO(merge): the serving half of "Many designers, one endpoint" item 2 adds
-    # MAX_PAYLOAD_BYTES = 6 * 1024 * 1024 to sdserve/catalog.py; drop this fallback then.
-    MAX_PAYLOAD_BYTES = 6 * 1024 * 1024  # InvokeEndpoint's cap on a request body and on an answer
-
 MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint refuses larger bodies
 MAX_ANSWER_BYTES = MAX_PAYLOAD_BYTES  # and SageMaker drops larger answers
-INVOCATION_LIMIT_S = 60  # SageMaker's limit for one real-time invocation (the local endpoint allows more)
+INVOCATION_LIMIT_S = INVOCATION_SECONDS
 RETRYABLE_CODES = {"ModelNotReadyException", "ThrottlingException", "ServiceUnavailable", "InternalDependencyException"}
 LOCAL_ENDPOINT_NAME = "sd-studio"
 

@@ -7,7 +7,6 @@ uses, so a designer hears of a bad value before anything is sent, in the same wo
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
+from studio.jobs import JobPlan, ResultCallback, max_input_side, plan_job
 from studio.scheduler import Job
 
 
@@ -110,10 +110,24 @@ class Task:
     takes_image = property(lambda self: self.spec.takes_image)
     takes_mask = property(lambda self: self.spec.takes_mask)
     prompt_required = property(lambda self: self.spec.prompt_required)
-    max_image_side = property(lambda self: self.spec.max_image_side)
+    # The largest input the studio takes: a tiled model (the upscaler) takes more than one call does.
+    max_image_side = property(lambda self: max_input_side(self.spec))
 
     def defaults(self) -> dict[str, Any]:
         return {control.name: control.default for control in self.controls}
+
+    def plan(self, values: dict[str, Any], image: Image.Image | None = None,
+             mask: Image.Image | None = None) -> JobPlan:
+        """Check the inputs and plan the job's calls (studio.jobs), sending nothing."""
+        arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
+        prompt, negative_prompt = arguments.pop("prompt"), arguments.pop("negative_prompt")
+        if self.prompt_required and not prompt.strip():
+            raise StudioError(f"Write a prompt: {self.title} needs one.")
+        if self.takes_image:
+            image = self.checked_image(image)
+        if self.takes_mask:
+            mask = checked_mask(mask, image.size)
+        return plan_job(self.name, prompt, negative_prompt, image=image, mask=mask, gen_args=arguments)
 
     def run(
         self,
@@ -123,30 +137,33 @@ class Task:
         mask: Image.Image | None = None,
         on_status: StatusCallback | None = None,
         job: Job | None = None,
+        on_result: ResultCallback | None = None,
     ) -> GenerationResult:
-        """Check the inputs, then call the model through the client layer (in `job`'s turn:
-        its calls go through the studio's scheduler)."""
-        arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
-        if self.prompt_required and not arguments["prompt"].strip():
-            raise StudioError(f"Write a prompt: {self.title} needs one.")
-        images = []
-        if self.takes_image:
-            images.append(self.checked_image(image))
-        if self.takes_mask:
-            images.append(checked_mask(mask, images[0].size))
-        call = functools.partial(getattr(client, self.name), *images, on_status=on_status, **arguments)
-        if job is None:
-            return call()
-        job.wait_for_turn()
-        return job.submit(call).result()
+        """Check the inputs, then run the job through the client layer: in `job`'s turn (its
+        calls go through the studio's scheduler, and its cancellation stops unsent calls).
+
+        Raises StudioError, or studio.jobs.PartialJobError carrying the images that were made.
+        """
+        plan = self.plan(values, image, mask)
+        notify = on_status or (lambda line: None)
+        if plan.is_split:
+            notify(plan.summary)
+        if job is not None:
+            job.wait_for_turn()
+        result = client.run_job(
+            plan, submit=job.submit if job else None, cancelled=job.cancelled if job else None,
+            on_status=on_status, on_result=on_result,
+        )
+        return result.raise_for_errors()
 
     def checked_image(self, image: Image.Image | None) -> Image.Image:
         if image is None:
             raise StudioError(f"{self.title} needs an input image: upload one, or send a result here from another tab.")
         width, height = image.size
-        if self.max_image_side and max(width, height) > self.max_image_side:
+        limit = self.max_image_side
+        if limit and max(width, height) > limit:
             raise StudioError(
-                f"The image is {width}×{height} px; {self.title} accepts at most {self.max_image_side} px a side. "
+                f"The image is {width}×{height} px; {self.title} accepts at most {limit} px a side. "
                 "Make it smaller first."
             )
         if min(width, height) < MIN_IMAGE_SIDE:

@@ -81,11 +81,11 @@ def test_ping_and_listing_before_any_call(endpoint):
 # --- the four models through the client layer; first call loads, second is faster ---------------
 
 CALLS = {
-    "sd_base": (lambda c: c.generate("a lighthouse at dusk", steps=STEPS, width=SIZE, height=SIZE, seed=7),
+    "sd_base": (lambda c: c.generate("a lighthouse at dusk", num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=7),
                 (SIZE, SIZE)),
-    "sd_depth": (lambda c: c.restyle(scene(), "an oil painting", steps=STEPS, strength=0.7, seed=7), (SIZE, SIZE)),
-    "sd_inpaint": (lambda c: c.erase(scene(), mask(), "a green plant", steps=STEPS, seed=7), (SIZE, SIZE)),
-    "sd_upscale": (lambda c: c.upscale(scene(32), "a house", steps=STEPS, noise_level=30, seed=7), (128, 128)),
+    "sd_depth": (lambda c: c.restyle(scene(), "an oil painting", num_inference_steps=STEPS, strength=0.7, seed=7), (SIZE, SIZE)),
+    "sd_inpaint": (lambda c: c.erase(scene(), mask(), "a green plant", num_inference_steps=STEPS, seed=7), (SIZE, SIZE)),
+    "sd_upscale": (lambda c: c.upscale(scene(32), "a house", num_inference_steps=STEPS, noise_level=30, seed=7), (128, 128)),
 }
 
 
@@ -210,9 +210,9 @@ def test_model_errors_carry_the_original_status_and_message(endpoint, runtime, s
     assert 'Received client error (400) from model sd_base.tar.gz with message "prompt: must not be empty' \
         in response["Error"]["Message"]
     with pytest.raises(StudioError, match="^prompt: must not be empty for sd_base$"):
-        studio.generate("", steps=STEPS, width=SIZE, height=SIZE)
+        studio.generate("", num_inference_steps=STEPS, width=SIZE, height=SIZE)
     with pytest.raises(StudioError, match="num_inference_steps"):
-        studio.generate("a cat", steps=500, width=SIZE, height=SIZE)
+        studio.generate("a cat", num_inference_steps=500, width=SIZE, height=SIZE)
 
 
 def test_request_body_over_6_mib_is_refused(endpoint, runtime):
@@ -416,7 +416,7 @@ def test_tritonserver_killed_then_restarted(endpoint, runtime, studio):
         assert "The model server stopped" in str(error) and "restarting" in str(error)
     except runtime.exceptions.ModelNotReadyException as error:
         assert "restarting" in str(error)
-    result = studio.generate("a cat", steps=STEPS, width=SIZE, height=SIZE, seed=3)  # retries while it restarts
+    result = studio.generate("a cat", num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=3)  # retries while it restarts
     assert result.images[0].size == (SIZE, SIZE)
     info = listing(endpoint)
     assert info["triton"]["starts"] == starts + 1 and info["triton"]["pid"] != old_pid
@@ -429,6 +429,6 @@ def test_client_timeout_sends_the_request_once(endpoint, runtime):
     client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url, read_timeout_s=1))
     before = endpoint.invocations_total
     with pytest.raises(StudioError, match=f"{endpoint.url} did not answer within 1 s"):
-        client.generate("a slow one", steps=40, width=SIZE, height=SIZE)
+        client.generate("a slow one", num_inference_steps=40, width=SIZE, height=SIZE)
     assert endpoint.invocations_total - before == 1  # botocore did not send it again
     wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)

@@ -81,7 +81,7 @@ def runtime(endpoint):
 
 def test_a_model_from_the_s3_prefix_through_the_client_layer(endpoint):
     client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url))
-    result = client.generate("a castle", steps=STEPS, width=SIZE, height=SIZE, seed=5)
+    result = client.generate("a castle", num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=5)
     assert result.images[0].size == (SIZE, SIZE) and result.parameters["model"] == "sd_base"
     assert listing(endpoint)["model_store"] == f"s3://{BUCKET}/{PREFIX}/"
     assert model_info(endpoint, "sd_base.tar.gz")["state"] == "loaded"

@@ -16,6 +16,8 @@ from sdserve.catalog import MODELS
 from sdserve.params import RANDOM_SEED, SEED_MAX
 from studio import session
 from studio.client import EndpointConfig, GenerationResult, StudioClient, StudioError
+from studio.jobs import JobResult
+from studio.scheduler import FairScheduler
 from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
 from studio.metadata import embed_parameters, image_to_png, read_parameters
 from studio.status import run_with_status, status_line
@@ -38,21 +40,6 @@ def painted_mask(size=(64, 64), box=(16, 16, 40, 40)) -> Image.Image:
     mask = Image.new("L", size, 0)
     mask.paste(255, box)
     return mask
-
-
-class RecordingClient:
-    """Stands in for StudioClient: records the call, answers with one PNG."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, method):
-        def call(*images, on_status=None, **arguments):
-            self.calls.append((method, images, arguments))
-            parameters = {"model": TASKS[method].model, "seed": 7, "seeds": [7]}
-            return GenerationResult(model=TASKS[method].model, images=[], png=[png_with_parameters(parameters)], parameters=parameters)
-
-        return call
 
 
 @pytest.fixture
@@ -117,22 +104,42 @@ def test_restore_falls_back_to_the_default_for_unusable_stored_values():
 # --- tasks: running one through the client layer --------------------------------------------
 
 
-def test_run_calls_the_client_method_with_validated_arguments():
-    client = RecordingClient()
-    TASKS["generate"].run(client, {"prompt": "a house", "num_inference_steps": 2.0, "width": 64.0, "height": 64, "seed": -1.0})
-    method, images, arguments = client.calls[0]
-    assert method == "generate" and images == ()
-    assert arguments["num_inference_steps"] == 2 and arguments["width"] == 64 and arguments["seed"] == -1
-    assert arguments["guidance_scale"] == 7.5 and arguments["scheduler"] == "default"
+def test_a_tab_plans_its_job_with_validated_arguments():
+    plan = TASKS["generate"].plan({"prompt": "a house", "num_inference_steps": 2.0, "width": 64.0, "height": 64, "seed": 5.0})
+    [call] = plan.calls
+    assert plan.model == "sd_base" and call.inputs["prompt"] == "a house"
+    assert call.gen_args["num_inference_steps"] == 2 and call.gen_args["width"] == 64 and call.seed == 5
+    assert call.gen_args["guidance_scale"] == 7.5 and call.gen_args["scheduler"] == "default"
 
 
-def test_run_passes_image_and_mask_in_order():
-    client = RecordingClient()
-    image = Image.new("RGBA", (64, 64))
-    TASKS["erase"].run(client, {"prompt": ""}, image, painted_mask())
-    method, (sent_image, sent_mask), arguments = client.calls[0]
-    assert method == "erase" and sent_image.mode == "RGB" and sent_mask.mode == "L"
-    assert arguments["strength"] == 1.0
+def test_a_tab_plans_image_and_mask_as_the_endpoint_takes_them():
+    plan = TASKS["erase"].plan({"prompt": ""}, Image.new("RGBA", (64, 64)), painted_mask())
+    [call] = plan.calls
+    assert call.inputs["image"].mode == "RGB" and call.inputs["mask_image"].mode == "L"
+    assert call.gen_args["strength"] == 1.0
+
+
+def test_several_images_or_a_large_upscale_are_planned_as_several_calls_and_said_so():
+    four = TASKS["generate"].plan({"prompt": "a house", "num_images_per_prompt": 4, "seed": 10})
+    assert [call.seed for call in four.calls] == [10, 11, 12, 13] and four.is_split
+    tiled = TASKS["upscale"].plan({}, Image.new("RGB", (512, 512)))
+    assert tiled.call_count == 9 and "9 calls" in tiled.summary and "6 MB" in tiled.summary
+
+
+def test_run_sends_the_plan_through_the_jobs_turn():
+    sent = []
+
+    class Client:
+        def run_job(self, plan, *, submit, cancelled, on_status, on_result):
+            sent.append((plan.model, submit, cancelled))
+            parameters = {"model": plan.model, "seed": 7, "seeds": [7]}
+            return JobResult(model=plan.model, images=[], png=[png_with_parameters(parameters)],
+                             parameters=parameters, plan=plan)
+
+    scheduler = FairScheduler(capacity=1)
+    with scheduler.job("a") as job:
+        result = TASKS["generate"].run(Client(), {"prompt": "a house"}, job=job)
+    assert sent == [("sd_base", job.submit, job.cancelled)] and result.parameters["seed"] == 7
 
 
 @pytest.mark.parametrize(
@@ -140,7 +147,7 @@ def test_run_passes_image_and_mask_in_order():
     [
         ("generate", {"prompt": "  "}, None, None, "Write a prompt"),
         ("restyle", {"prompt": "x"}, None, None, "needs an input image"),
-        ("upscale", {}, Image.new("RGB", (600, 100)), None, "at most 512 px"),
+        ("upscale", {}, Image.new("RGB", (1100, 100)), None, "at most 1024 px"),
         ("restyle", {"prompt": "x"}, Image.new("RGB", (1100, 64)), None, "at most 1024 px"),
         ("restyle", {"prompt": "x"}, Image.new("RGB", (64, 16)), None, "at least 32 px"),
         ("erase", {}, Image.new("RGB", (64, 64)), None, "mask is empty"),
@@ -148,11 +155,9 @@ def test_run_passes_image_and_mask_in_order():
         ("erase", {}, Image.new("RGB", (64, 64)), painted_mask((32, 32), (0, 0, 8, 8)), "must be the same size"),
     ],
 )
-def test_bad_inputs_are_refused_before_calling(task, values, image, mask, message):
-    client = RecordingClient()
+def test_bad_inputs_are_refused_before_planning(task, values, image, mask, message):
     with pytest.raises(StudioError, match=message):
-        TASKS[task].run(client, values, image, mask)
-    assert client.calls == []
+        TASKS[task].plan(values, image, mask)
 
 
 # --- masks ------------------------------------------------------------------------------------
