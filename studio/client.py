@@ -29,6 +29,7 @@ import boto3
 import botocore.config
 import botocore.exceptions
 from PIL import Image, PngImagePlugin
+from sdserve.budget import BUSY_WORDS
 from sdserve.catalog import IMAGE, INVOCATION_SECONDS, MASK_IMAGE, MAX_PAYLOAD_BYTES
 from sdserve.images import ALLOWED_FORMATS
 
@@ -352,7 +353,9 @@ def describe_failure(error: Exception, model: str, config: EndpointConfig) -> St
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "")
         if code == "ModelError":
-            return StudioError(_model_message(error.response, message))
+            # The model had no time left in this invocation for the call; another one may.
+            text = _model_message(error.response, message)
+            return StudioError(text, retryable=BUSY_WORDS in text)
         if code == "ModelNotReadyException":
             return StudioError(f"The {model} model is still loading on the endpoint.", retryable=True)
         if code in RETRYABLE_CODES:

@@ -466,9 +466,18 @@ class JobResult(GenerationResult):
         if self.cancelled:
             calls = plan.call_count if plan else self.calls_sent
             lines.append(f"Cancelled after {self.calls_sent} of {calls} calls were sent; the rest were not sent.")
-        lines.extend(str(failure) for failure in self.failures[:3])
-        if len(self.failures) > 3:
-            lines.append(f"{len(self.failures) - 3} more calls failed.")
+        # The same reason once, with the calls it stopped: a refused job fails every call alike.
+        by_reason: dict[str, list[CallFailure]] = {}
+        for failure in self.failures:
+            by_reason.setdefault(str(failure.error), []).append(failure)
+        for reason, failures in list(by_reason.items())[:3]:
+            if len(failures) == 1:
+                lines.append(str(failures[0]))
+            else:
+                labels = ", ".join(failure.call.label for failure in failures)
+                lines.append(_capitalized(f"{labels} failed: {reason}".rstrip(".") + "."))
+        if len(by_reason) > 3:
+            lines.append(f"{sum(len(f) for f in list(by_reason.values())[3:])} more calls failed.")
         if total > 1 and plan and plan.layout is not None and self.failures:
             lines.append("An image with a failed tile is not kept: it would have a hole.")
         if plan and plan.is_split and self.failures:

@@ -10,7 +10,7 @@ from PIL import Image
 
 from sdserve import batch as batch_module
 from sdserve.batch import serve_batch
-from sdserve.budget import CallOverBudget
+from sdserve.budget import BUSY_WORDS, CallOverBudget, ModelBusy, WorkBudget, megapixels
 from sdserve.catalog import CHECKPOINT_DIR, MODELS
 from sdserve.errors import RequestError
 from sdserve.params import SCHEDULERS
@@ -272,3 +272,20 @@ def test_strength_times_steps_below_one_is_refused_naming_strength(pipelines, mo
     [refused] = serve_batch(pipelines[model], [image_request(model, {"num_inference_steps": 3, "strength": 0.2})])
     assert isinstance(refused, RequestError) and refused.field == "gen_args.strength"
     assert "at least 1" in str(refused)
+
+
+def test_rows_beyond_the_time_left_in_the_invocation_are_answered_busy(model_repository, monkeypatch):
+    loaded = load_pipeline("sd_base", model_repository / "sd_base" / "1" / CHECKPOINT_DIR, call_budget_s=30)
+    [first_ever, second] = serve_batch(loaded, [request(gen_args={"seed": 1}), request(gen_args={"seed": 2})])
+    assert image_of(first_ever) and image_of(second)  # unmeasured: one row a call, then as many as fit
+    # A speed known and held still: a step costs 10 ms a row, the rest of a call 29.97 s, so one
+    # row takes all but 10 ms of the 30 s (2 steps: 29.99 s) and two rows do not fit (30.01 s).
+    budget = WorkBudget(30, call_overhead_s=29.97)
+    row = megapixels((64, 64))
+    budget.steps_seen.extend([(row, 0.01), (2 * row, 0.02)])
+    monkeypatch.setattr(budget, "record", lambda *args, **kwargs: None)
+    loaded.budget = budget
+    answers = serve_batch(loaded, [request(gen_args={"seed": seed}) for seed in range(3)])
+    assert image_of(answers[0]).size == (64, 64)  # the first row fits; after it, no time is left
+    for busy in answers[1:]:
+        assert isinstance(busy, ModelBusy) and BUSY_WORDS in str(busy)

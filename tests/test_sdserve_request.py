@@ -226,5 +226,8 @@ def test_a_refusal_names_what_to_lower_and_the_limit():
     assert refused.field == "gen_args" and "about 51 s" in str(refused) and "over the 25 s" in str(refused)
     assert "num_inference_steps (now 50)" in str(refused) and "strength (now 0.5)" in str(refused)
     assert "the image size" in str(refused)
-    busy = budget.refusal("sd_depth", args, 0.25, within=5.0)
-    assert "the endpoint is busy" in str(busy)
+    # Rows of a quarter megapixel, 10 steps: 1 + 2 x 0.25 x n x 10 s for n rows in one call.
+    assert budget.rows_that_fit(0.25, 10, remaining_s=25.0, most=8) == 4  # 21 s
+    assert budget.rows_that_fit(0.25, 10, remaining_s=5.0, most=8) == 0
+    assert budget.rows_that_fit(0.25, 10, remaining_s=1000.0, most=8) == 8
+    assert WorkBudget(25).rows_that_fit(0.25, 10, remaining_s=25.0, most=8) == 1  # unmeasured: one first

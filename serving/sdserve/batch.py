@@ -21,7 +21,7 @@ import numpy as np
 
 from PIL import Image
 
-from .budget import CallOverBudget, megapixels, what_to_lower
+from .budget import CallOverBudget, ModelBusy, denoising_steps, megapixels, what_to_lower
 from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
 from .images import encode_within
@@ -112,32 +112,31 @@ def serve_batch(
 
     images: dict[tuple[int, int], list] = defaultdict(list)
     for tagged in rows_by_key.values():
-        for start in range(0, len(tagged), max_images_per_call):
+        # Rows of one key share their size and arguments: each call takes as many as fit in what
+        # is left of the invocation's time (one, while the model's speed is still unknown).
+        pending = list(tagged)
+        while pending:
             # A request that failed in an earlier call of this batch is not run further.
-            chunk = [
-                tag
-                for tag in tagged[start : start + max_images_per_call]
-                if not isinstance(outcomes[tag[0]], Exception)
-            ]
-            if not chunk:
-                continue
-            rows = [row for _, _, row in chunk]
-            refusal = loaded.budget.refusal(
-                loaded.model, rows[0].request.args, sum(megapixels(row.request.size) for row in rows),
-                within=deadline - time.monotonic(),
+            pending = [tag for tag in pending if not isinstance(outcomes[tag[0]], Exception)]
+            if not pending:
+                break
+            request = pending[0][2].request
+            count = loaded.budget.rows_that_fit(
+                megapixels(request.size), denoising_steps(request.args), deadline - time.monotonic(),
+                min(max_images_per_call, len(pending)),
             )
+            if count == 0:
+                _fail(outcomes, pending, ModelBusy(loaded.model, loaded.budget.seconds))
+                break
+            chunk, pending = pending[:count], pending[count:]
+            rows = [row for _, _, row in chunk]
             try:
-                if refusal is not None:
-                    raise refusal
                 generated = run_call(loaded, rows, deadline=deadline)
             except CallStopped as stopped:
                 _fail(outcomes, chunk, CallOverBudget("gen_args", (
                     f"{loaded.model} stopped at step {stopped.steps_done} of {stopped.steps_total}: the call "
                     f"reached the {loaded.budget.seconds:.0f} s one invocation may take; lower "
-                    f"{what_to_lower(rows[0].request.args)}")))
-                continue
-            except RequestError as error:
-                _fail(outcomes, chunk, error)
+                    f"{what_to_lower(request.args)}")))
                 continue
             except Exception as error:  # the call's requests fail; the rest of the batch goes on
                 log.exception("pipeline call failed for %d image(s)", len(chunk))

@@ -89,23 +89,23 @@ class WorkBudget:
             self.steps_seen.append((image_megapixels, step_s))
             self.call_overhead_s = _blend(self.call_overhead_s, overhead_s)
 
-    def refusal(self, model: str, args: dict[str, Any], image_megapixels: float, *,
-                within: float | None = None) -> RequestError | None:
-        """A RequestError naming what to lower when the call will not fit, else None.
+    def rows_that_fit(self, row_megapixels: float, steps: int, remaining_s: float, most: int) -> int:
+        """How many rows of this size one call can make in `remaining_s` (at most `most`).
 
-        `within` is the time left in this batch (default: the whole budget).
+        Unmeasured, one: the first call of a model measures its speed before more are risked.
         """
+        if self.predict(row_megapixels, steps) is None:
+            return 1
+        fitting = 0
+        while fitting < most and self.predict(row_megapixels * (fitting + 1), steps) <= remaining_s:
+            fitting += 1
+        return fitting
+
+    def refusal(self, model: str, args: dict[str, Any], image_megapixels: float) -> RequestError | None:
+        """A RequestError naming what to lower when a call alone cannot fit the budget, else None."""
         predicted = self.predict(image_megapixels, denoising_steps(args))
-        limit = self.seconds if within is None else within
-        if predicted is None or predicted <= limit:
+        if predicted is None or predicted <= self.seconds:
             return None
-        if within is not None and predicted <= self.seconds:
-            return CallOverBudget(
-                "gen_args",
-                f"the endpoint is busy: {model} has {max(0.0, within):.0f} s left of this invocation's "
-                f"{self.seconds:.0f} s budget after the calls before it, and this one needs about "
-                f"{predicted:.0f} s; try again",
-            )
         return CallOverBudget(
             "gen_args",
             f"this call would take about {predicted:.0f} s on {model} here, over the {self.seconds:.0f} s one "
@@ -115,6 +115,21 @@ class WorkBudget:
 
 class CallOverBudget(RequestError):
     """A call that cannot (or did not) finish within the time one invocation may take."""
+
+
+# Words every ModelBusy message carries: Triton's SageMaker listener answers every failed call
+# with 400, so a client tells "try again" from "change the request" by these (studio.client).
+BUSY_WORDS = "is busy, try again"
+
+
+class ModelBusy(Exception):
+    """A call that fits the budget alone, but not in what the calls batched before it left:
+    answered as unavailable (503 on Triton's own port), and retried by the studio's client."""
+
+    def __init__(self, model: str, budget_s: float):
+        super().__init__(
+            f"{model} {BUSY_WORDS}: the calls batched before this one took this invocation's {budget_s:.0f} s"
+        )
 
 
 def what_to_lower(args: dict[str, Any]) -> str:

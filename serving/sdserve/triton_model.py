@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from .batch import Answer, serve_batch
 from .catalog import CALL_BUDGET_S, CHECKPOINT_DIR, INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
+from .budget import ModelBusy
 from .errors import RequestError
 from .pipelines import load_pipeline
 
@@ -52,7 +53,11 @@ def _input_array(request, name: str):
 
 def _response(answer: Answer | Exception):
     if isinstance(answer, Exception):
-        code = pb_utils.TritonError.INVALID_ARG if isinstance(answer, RequestError) else pb_utils.TritonError.INTERNAL
+        code = pb_utils.TritonError.INTERNAL
+        if isinstance(answer, RequestError):
+            code = pb_utils.TritonError.INVALID_ARG  # 400: the caller can fix it
+        elif isinstance(answer, ModelBusy):
+            code = pb_utils.TritonError.UNAVAILABLE  # 503: the same call may succeed in a moment
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(answer), code))
     return pb_utils.InferenceResponse(
         output_tensors=[pb_utils.Tensor(name, array) for name, array in answer.as_arrays().items()]

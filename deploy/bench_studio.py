@@ -1,0 +1,216 @@
+"""Many designers, one endpoint: the studio's sharing measured side by side in one run.
+
+Everything runs here, on 127.0.0.1: the local endpoint (real Triton, tiny weights, SageMaker's
+limits) and the studio in front of it (the real Gradio app), driven by gradio_client, one client
+per designer (each its own session). Each line is a ratio of two things measured in this run:
+
+1. 8 designers at once, each one 1-image Generate, through the studio vs the same 8 calls made
+   straight to the endpoint with boto3 (alternating rounds): studio throughput / direct.
+2. Head of line: designer B's 1-image job while designer A's 4-image job runs, vs B alone.
+3. Over the limit: a call predicted over the call budget is refused (time to the refusal), and a
+   call that cannot be predicted yet is stopped at the budget (time past the budget).
+4. The 512x512 upscale: the largest answer of the tiled job vs the 6 MB cap, and its time vs the
+   same upscale sent as one call (whose answer the server must squeeze into the cap as WebP).
+
+    python -m deploy.bench_studio [--rounds 3] [--size 64] [--steps 10] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from gradio_client import Client
+
+from deploy.archive import REPO_ROOT, build_model_archive
+from deploy.invoke import PROMPT, sample_image
+from deploy.local_endpoint import EndpointSettings, LocalEndpoint
+from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS, MODELS_BY_TASK
+from serving.local_triton import find_free_port
+from studio.app import build_app
+from studio.client import EndpointConfig, StudioClient, StudioError
+from studio.jobs import plan_job
+from studio.store import ResultStore
+
+DESIGNERS = 8
+
+
+def timed(function: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    function()
+    return time.perf_counter() - started
+
+
+def at_once(functions: list[Callable[[], object]]) -> float:
+    """Seconds for all of `functions`, started together, to finish."""
+    with ThreadPoolExecutor(len(functions)) as pool:
+        started = time.perf_counter()
+        for future in [pool.submit(function) for function in functions]:
+            future.result()
+        return time.perf_counter() - started
+
+
+class AnswerSizes:
+    """Wraps a boto3 sagemaker-runtime client to note the size of every answer body."""
+
+    def __init__(self, runtime):
+        self.runtime, self.sizes = runtime, []
+
+    def invoke_endpoint(self, **kwargs):
+        response = self.runtime.invoke_endpoint(**kwargs)
+        body = response["Body"].read()
+        self.sizes.append(len(body))
+        return {**response, "Body": _Body(body)}
+
+
+class _Body:
+    def __init__(self, data: bytes):
+        self.data = data
+
+    def read(self) -> bytes:
+        return self.data
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.bench_studio", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--upscale-steps", type=int, default=2)
+    parser.add_argument("--repository", type=Path, default=REPO_ROOT / "serving" / "models")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    generate = {"prompt": PROMPT, "width": args.size, "height": args.size, "num_inference_steps": args.steps}
+    figures: dict = {"designers": DESIGNERS, "size": args.size, "steps": args.steps, "rounds": args.rounds}
+
+    with tempfile.TemporaryDirectory(prefix="bench-studio-") as work:
+        work = Path(work)
+        for model in MODELS:
+            build_model_archive(model, args.repository, work / "store")
+        settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache",
+                                    log_dir=work / "logs")
+        with LocalEndpoint(settings) as endpoint:
+            config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
+            direct = StudioClient(config)
+            port = find_free_port()
+            demo = build_app(lambda: StudioClient(config), store=ResultStore(work / "results"))
+            demo.queue(default_concurrency_limit=None).launch(
+                server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+            url = f"http://127.0.0.1:{port}/"
+            designers = [Client(url, verbose=False) for _ in range(DESIGNERS)]
+            print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU), "
+                  f"{args.size} px, {args.steps} steps; medians of {args.rounds} rounds")
+
+            def through_studio(client: Client, **values) -> None:
+                client.predict(api_name="/generate", **{**generate, **values})
+
+            def straight(seed: int) -> None:
+                direct.generate(PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps, seed=seed)
+
+            # Warm-up: the model loaded, and its speed measured at two sizes.
+            through_studio(designers[0], seed=1)
+            direct.generate(PROMPT, width=2 * args.size, height=2 * args.size, num_inference_steps=args.steps)
+
+            # 1. Eight designers at once.
+            studio_s, direct_s = [], []
+            for _ in range(args.rounds):
+                direct_s.append(at_once([lambda seed=seed: straight(seed) for seed in range(DESIGNERS)]))
+                studio_s.append(at_once([lambda client=client, seed=seed: through_studio(client, seed=seed)
+                                         for seed, client in enumerate(designers)]))
+            one_s = statistics.median(timed(lambda: straight(0)) for _ in range(args.rounds))
+            studio, straight_s = statistics.median(studio_s), statistics.median(direct_s)
+            figures["eight_designers"] = {"studio_s": studio_s, "direct_s": direct_s, "one_call_s": one_s,
+                                          "ratio": straight_s / studio}
+            print(f"\n1. {DESIGNERS} designers at once: studio {studio:.2f} s, straight to the endpoint "
+                  f"{straight_s:.2f} s (one call alone {one_s:.2f} s: batching gives the endpoint "
+                  f"{DESIGNERS * one_s / straight_s:.2f}x)")
+            print(f"   studio throughput / direct: {straight_s / studio:.2f}x (goal: at least 0.95x)")
+
+            # 2. Head of line.
+            designer_a, designer_b = designers[0], designers[1]
+            solo = [timed(lambda: through_studio(designer_b, seed=7)) for _ in range(args.rounds)]
+            contended = []
+            for _ in range(args.rounds):
+                big = designer_a.submit(api_name="/generate", **{**generate, "num_images_per_prompt": 4, "seed": 3})
+                time.sleep(0.5)  # A's first call is on the endpoint
+                contended.append(timed(lambda: through_studio(designer_b, seed=7)))
+                big.result()
+            solo_s, contended_s = statistics.median(solo), statistics.median(contended)
+            figures["head_of_line"] = {"solo_s": solo, "behind_4_images_s": contended,
+                                       "ratio": contended_s / solo_s}
+            print(f"\n2. Head of line: B's 1-image job alone {solo_s:.2f} s, while A's 4-image job runs "
+                  f"{contended_s:.2f} s")
+            print(f"   latency behind a 4-image job / alone: {contended_s / solo_s:.2f}x (goal: at most 2x)")
+
+            # 3. Over the limit: refused at once when predictable, stopped at the budget when not.
+            huge = {"width": 1024, "height": 1024, "num_inference_steps": 150, "num_images_per_prompt": 4}
+            started = time.perf_counter()
+            try:
+                direct.generate(PROMPT, **huge)
+                refused_s, refusal = None, "not refused"
+            except StudioError as error:
+                refused_s, refusal = time.perf_counter() - started, str(error)
+            restyle = MODELS_BY_TASK["restyle"]
+            try:  # loads the model with a request refused before any pipeline call: its speed stays unknown
+                direct.invoke(restyle.name, {"prompt": PROMPT, "negative_prompt": ""}, {"num_inference_steps": 0})
+            except StudioError:
+                pass
+            started = time.perf_counter()
+            try:
+                direct.restyle(sample_image(256), PROMPT, num_inference_steps=150, strength=1.0)
+                stopped_s, stop = None, "not stopped"
+            except StudioError as error:
+                stopped_s, stop = time.perf_counter() - started, str(error)
+            figures["over_the_limit"] = {"refused_after_s": refused_s, "refusal": refusal,
+                                         "stopped_after_s": stopped_s, "stop": stop, "budget_s": CALL_BUDGET_S}
+            print(f"\n3. Over the limit ({CALL_BUDGET_S} s a call): 1024 px x 150 steps x 4 images refused after "
+                  f"{refused_s * 1000:.0f} ms (goal: under 1 s): {refusal}" if refused_s is not None else
+                  f"\n3. Over the limit: NOT refused ({refusal})")
+            if stopped_s is not None:
+                print(f"   {restyle.name}'s first call (256 px x 150 steps, speed unknown) stopped after "
+                      f"{stopped_s:.1f} s, {stopped_s - CALL_BUDGET_S:+.1f} s past the budget (goal: within 2 s): {stop}")
+            else:
+                print(f"   {restyle.name}'s first call was NOT stopped ({stop})")
+
+            # 4. The 512x512 upscale, tiled vs one call.
+            sizes = AnswerSizes(direct.runtime)
+            measured = StudioClient(config, runtime=sizes)
+            photo = sample_image(512)
+            options = {"num_inference_steps": args.upscale_steps, "seed": 5}
+            plan = plan_job("upscale", PROMPT, image=photo, gen_args=options)
+            tiled_s = timed(lambda: measured.run_job(plan).raise_for_errors())
+            largest = max(sizes.sizes)
+            sizes.sizes.clear()
+            upscale = MODELS_BY_TASK["upscale"]
+            try:
+                untiled_s = timed(lambda: measured.invoke(
+                    upscale.name, {"prompt": PROMPT, "negative_prompt": "", "image": photo}, options))
+                untiled = f"{untiled_s:.1f} s, answer {max(sizes.sizes) / 2**20:.2f} MB"
+            except StudioError as error:
+                untiled_s, untiled = None, f"failed: {error}"
+            figures["upscale_512"] = {"calls": plan.call_count, "largest_answer_bytes": largest,
+                                      "cap_bytes": MAX_PAYLOAD_BYTES, "tiled_s": tiled_s, "untiled_s": untiled_s,
+                                      "untiled": untiled}
+            print(f"\n4. Upscale of a 512x512 photo ({args.upscale_steps} steps): {plan.call_count} tiles, largest "
+                  f"answer {largest / 2**20:.2f} MB = {largest / MAX_PAYLOAD_BYTES:.2f} of the 6 MB cap; "
+                  f"tiled {tiled_s:.1f} s, as one call {untiled}"
+                  + (f": tiled / one call {tiled_s / untiled_s:.2f}x" if untiled_s else ""))
+            demo.close()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
