@@ -28,7 +28,7 @@ The interface (all of it usable without Gradio):
             batch). A scheduler may queue `fn`, run it later in any thread, or cancel its future
             (Future.cancel) while it is not running; each `fn` is safe to call from any thread.
         on_status(line): progress for the designer, e.g. "3 of 9 tiles done.", and the endpoint's
-            retries ("sd_base is loading…").
+            retries ("<model> is loading…").
         on_result(index, result): each finished image of the job (index in seed order) with a
             GenerationResult of that one image, as soon as it is ready: a split image job reports
             every image as its call answers; a tiled image is reported once stitched.
