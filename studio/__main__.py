@@ -5,8 +5,10 @@
     python -m studio --endpoint-name NAME --region REGION   # a SageMaker endpoint
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
-GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR), which is how a container or a
-Hugging Face Space sets them. AWS credentials come from boto3's usual chain.
+GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_USERS_FILE,
+STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY), which is how a container or a Hugging Face Space
+sets them. AWS credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
+sign-in (see studio/access.py) or --public-without-login.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import signal
 import sys
 from pathlib import Path
 
+from studio.access import Quotas, choose_access
 from studio.app import build_app
 from studio.client import StudioClient
 from studio.endpoint import LocalEndpointProcess, checkout_has_tiny_weights, local_endpoint_available
@@ -46,7 +49,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--results-dir", type=Path, default=Path(env.get("STUDIO_RESULTS_DIR") or DEFAULT_RESULTS_DIR),
         help="where result images are kept",
     )
+    parser.add_argument(
+        "--users-file", type=Path, default=env.get("STUDIO_USERS_FILE") or None,
+        help="designers who may sign in (`python -m studio.access add NAME` makes it)",
+    )
+    parser.add_argument(
+        "--public-without-login", action="store_true",
+        help="serve beyond 127.0.0.1 with no sign-in: anyone who finds it can use the endpoint",
+    )
+    quotas = Quotas.from_env()
+    parser.add_argument("--jobs-per-minute", type=int, default=quotas.jobs_per_minute, help="per designer")
+    parser.add_argument("--images-per-day", type=int, default=quotas.images_per_day, help="per designer")
     args = parser.parse_args(argv)
+    try:
+        args.access = choose_access(args.host, args.users_file, args.public_without_login)
+    except (ValueError, OSError) as error:
+        parser.error(str(error))
     if args.endpoint_url and args.endpoint_name:
         parser.error("give either --endpoint-url (local) or --endpoint-name (SageMaker), not both")
     if not (args.endpoint_url or args.endpoint_name or local_endpoint_available()):
@@ -79,8 +97,10 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
         demo = build_app(
             client_factory, store=store, tiny_weights=tiny_weights, history_secret=_history_secret(store.root),
+            access=args.access, quotas=Quotas(args.jobs_per_minute, args.images_per_day),
         )
-        demo.queue().launch(server_name=args.host, server_port=args.port)
+        auth = args.access.users.check if args.access.mode == "password" else None
+        demo.queue().launch(server_name=args.host, server_port=args.port, auth=auth)
 
 
 def _history_secret(results_dir: Path) -> str:

@@ -24,7 +24,8 @@ from PIL import Image
 
 from sdserve.catalog import MAX_BATCH_SIZE
 from studio.client import StudioClient, StudioError
-from studio.jobs import PartialJobError
+from studio.access import Access, QuotaBook, Quotas
+from studio.jobs import JobPlan, PartialJobError
 from studio.masks import editor_value, mask_from_editor
 from studio.session import (
     Entry,
@@ -45,6 +46,8 @@ from studio.tasks import TASKS, Task
 from studio.ui import EDITOR_CANVAS_SIZE, TaskPanel, brush, task_panel
 
 log = logging.getLogger(__name__)
+
+LOCAL_ACCESS = Access("local")
 
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
 HISTORY_STORAGE_KEY = "sd-studio-history"
@@ -87,8 +90,17 @@ class Page:
 class Handlers:
     """The event handlers; each returns (or yields) updates keyed by component."""
 
-    def __init__(self, page: Page, client: Callable[[], StudioClient], store: ResultStore, scheduler: FairScheduler):
+    def __init__(self, page: Page, client: Callable[[], StudioClient], store: ResultStore, scheduler: FairScheduler,
+                 access: Access, quotas: QuotaBook):
         self.page, self.client, self.store, self.scheduler = page, client, store, scheduler
+        self.access, self.quotas = access, quotas
+
+    def admit(self, task: Task, request: gr.Request | None, values: dict, image=None, mask=None) -> tuple[str, JobPlan]:
+        """(designer, plan) of a job the designer may send: signed in, inputs valid, within quota."""
+        designer = self.access.designer(request)
+        plan = task.plan(values, image, mask)
+        self.quotas.charge(designer, plan.image_count)
+        return designer, plan
 
     def show_results(self, panel: TaskPanel, entries: list[Entry]) -> dict:
         return {panel.gallery: gallery_items(entries, self.store), panel.results: entries,
@@ -136,10 +148,11 @@ class Handlers:
             problem = None
             try:
                 image, mask = _source_images(task, source)
-                with self.scheduler.job(_session(request)) as job:
+                designer, plan = self.admit(task, request, values, image, mask)
+                with self.scheduler.job(designer) as job:
                     result = yield from run_with_status(
-                        lambda on_status: task.run(
-                            self.client(), values, image, mask, on_status, job=job,
+                        lambda on_status: task.send(
+                            self.client(), plan, on_status, job=job,
                             on_result=lambda index, one: arrived.extend(record_result(self.store, task, one)),
                         ),
                         present=present,
@@ -172,8 +185,9 @@ class Handlers:
 
         def call(image=None, mask=None, request: gr.Request = None, **values: Any) -> tuple[list, dict]:
             try:
-                with self.scheduler.job(_session(request)) as job:
-                    result = task.run(self.client(), values, image, mask, job=job)
+                designer, plan = self.admit(task, request, values, image, mask)
+                with self.scheduler.job(designer) as job:
+                    result = task.send(self.client(), plan, job=job)
             except Exception as error:
                 raise gr.Error(_designer_message(error), print_exception=False) from None
             return gallery_items(record_result(self.store, task, result), self.store), result.parameters
@@ -223,9 +237,11 @@ class Handlers:
 # --- the page --------------------------------------------------------------------------------------
 
 
-def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path) -> Page:
+def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path, access: Access) -> Page:
     """The components, in the current gr.Blocks: banner, status and Cancel, the tabs, the history."""
     examples = json.loads((assets_dir / "prompts.json").read_text())
+    if access.mode == "huggingface":
+        gr.LoginButton()
     banner = gr.Markdown(
         TINY_WEIGHTS_BANNER + (TINY_WEIGHTS_START_NOTE if tiny_weights else ""),
         visible=tiny_weights, elem_id="tiny-weights-banner",
@@ -327,20 +343,22 @@ def build_app(
     history_secret: str | None = None,
     assets_dir: Path = ASSETS_DIR,
     endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
+    access: Access = LOCAL_ACCESS,
+    quotas: Quotas = Quotas(),
 ) -> gr.Blocks:
-    """The studio as a gr.Blocks; `client_factory` is called once, on the first request."""
+    """The studio as a gr.Blocks; `client_factory` is called once, on the first request.
+
+    Sign-in by password is Gradio's (`launch(auth=access.users.check)`, see __main__); every
+    handler asks `access` whom a request is from, and refuses it when nobody signed in.
+    """
     # Results and samples are served from where they are, not copied into Gradio's cache.
     gr.set_static_paths([store.root, assets_dir])
     with gr.Blocks(title="SD Studio", analytics_enabled=False) as demo:
-        page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir)
-        handlers = Handlers(page, functools.cache(client_factory), store, FairScheduler(endpoint_concurrency))
+        page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir, access=access)
+        handlers = Handlers(page, functools.cache(client_factory), store, FairScheduler(endpoint_concurrency),
+                            access, QuotaBook(quotas))
         wire(demo, page, handlers)
     return demo
-
-
-def _session(request: gr.Request | None) -> str:
-    """Whose job it is: the browser session (or API client's), which the scheduler serves in turn."""
-    return getattr(request, "session_hash", None) or "anonymous"
 
 
 def _count(images: int) -> str:

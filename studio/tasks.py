@@ -139,12 +139,23 @@ class Task:
         job: Job | None = None,
         on_result: ResultCallback | None = None,
     ) -> GenerationResult:
-        """Check the inputs, then run the job through the client layer: in `job`'s turn (its
-        calls go through the studio's scheduler, and its cancellation stops unsent calls).
+        """Plan and send a job (see `plan` and `send`)."""
+        return self.send(client, self.plan(values, image, mask), on_status, job=job, on_result=on_result)
+
+    def send(
+        self,
+        client: StudioClient,
+        plan: JobPlan,
+        on_status: StatusCallback | None = None,
+        *,
+        job: Job | None = None,
+        on_result: ResultCallback | None = None,
+    ) -> GenerationResult:
+        """Run a planned job through the client layer: in `job`'s turn (its calls go through the
+        studio's scheduler, and its cancellation stops unsent calls).
 
         Raises StudioError, or studio.jobs.PartialJobError carrying the images that were made.
         """
-        plan = self.plan(values, image, mask)
         notify = on_status or (lambda line: None)
         if plan.is_split:
             notify(plan.summary)
