@@ -4,9 +4,10 @@ client with ``endpoint_url`` set works against it as against AWS.
 
     python -m deploy.local_endpoint [--port 8080] [--model-store build/model-store | s3://b/p] ...
 
-Modules: ``server`` (HTTP front, LocalEndpoint, settings), ``registry`` (load once, LRU
-eviction, failures remembered), ``store`` (folder or S3 prefix), ``cache`` (safe extraction),
-``triton`` (tritonserver and the MME container API), ``errors`` (SageMaker error shapes).
+Modules: ``server`` (LocalEndpoint, settings, InvokeEndpoint), ``front`` (the HTTP front:
+Starlette routes under uvicorn), ``registry`` (load once, LRU eviction, failures remembered),
+``store`` (folder or S3 prefix), ``cache`` (safe extraction), ``triton`` (tritonserver and the
+MME container API), ``errors`` (SageMaker error shapes).
 """
 
 from .errors import (

@@ -92,6 +92,13 @@ class ServiceUnavailable(EndpointError):
     status = 503
 
 
+class RequestTimeout(EndpointError):
+    """408: the request did not arrive completely in time (the local front's own bound)."""
+
+    code = "RequestTimeoutException"
+    status = 408
+
+
 class UnknownOperation(EndpointError):
     """404 for a route the SageMaker Runtime API does not have."""
 

@@ -1,35 +1,14 @@
-"""The HTTP front: SageMaker Runtime's InvokeEndpoint API in front of tritonserver.
-
-Routes (all on one port, 127.0.0.1 by default):
-
-* ``POST /endpoints/<EndpointName>/invocations`` - what boto3's ``sagemaker-runtime``
-  ``invoke_endpoint`` sends. Request headers used: ``X-Amzn-SageMaker-Target-Model`` (required:
-  this is a multi-model endpoint), ``Content-Type`` and ``Accept`` (forwarded to Triton),
-  ``X-Amzn-SageMaker-Custom-Attributes`` (forwarded, and echoed back). SigV4 signatures are
-  accepted without being checked, and never logged.
-* ``GET /ping`` - 200 when tritonserver is up, 503 while starting or restarting.
-* ``GET /models`` - every model the endpoint knows: state, size, last use, counters; plus the
-  budget. ``GET /models/<TargetModel>`` - one of them.
-
-Answers as SageMaker gives them: the model's body and ``Content-Type``,
-``x-Amzn-Invoked-Production-Variant: AllTraffic``, ``X-Amzn-SageMaker-Custom-Attributes`` (the
-model's own when it sets one - Triton never does - otherwise the request's value echoed back;
-absent when neither has one), ``x-amzn-RequestId``. Errors carry ``x-amzn-ErrorType`` and a JSON
-body, so boto3 raises the same exception classes as on AWS (see errors.py).
-"""
+"""The local endpoint: its settings, LocalEndpoint (the HTTP front, tritonserver and the model
+registry together) and InvokeEndpoint's behaviour; the routes and HTTP handling are in front.py."""
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 import signal
 import threading
 import time
-import urllib.parse
-import uuid
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -41,26 +20,22 @@ from .errors import (
     EndpointError,
     InternalFailure,
     ServiceUnavailable,
-    UnknownOperation,
     ValidationError,
     model_error,
 )
+from .front import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, HttpFront  # noqa: F401 (MAX_REQUEST_BYTES: exported here)
 from .registry import Limits, ModelEntry, ModelRegistry
 from .store import ModelStore, build_missing_archives, check_target, open_store
 from .triton import TARGET_HEADER, TritonBackend, TritonUnreachable
 
 log = logging.getLogger("deploy.local_endpoint")
-access_log = logging.getLogger("deploy.local_endpoint.access")
 
-MAX_REQUEST_BYTES = 6 * 1024 * 1024  # invoke_endpoint's limit (6,291,456 bytes)
-DRAIN_LIMIT = 64 * 1024 * 1024  # an oversized body up to this is read and answered; beyond, cut
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 CUSTOM_ATTRIBUTES_MAX = 1024
 DEFAULT_STORE = REPO_ROOT / "build" / "model-store"
 DEFAULT_CACHE = REPO_ROOT / "build" / "model-cache"
 DEFAULT_LOG_DIR = REPO_ROOT / "build" / "local-endpoint"
 DEFAULT_REPOSITORY = REPO_ROOT / "serving" / "models"
-INVOCATIONS = re.compile(r"/endpoints/([^/]+)/invocations")
 
 
 @dataclass
@@ -84,6 +59,7 @@ class EndpointSettings:
     triton_startup_timeout_s: float = 300.0
     model_config_name: str | None = "auto"  # "cpu" without a GPU, config.pbtxt with one
     variant_name: str = "AllTraffic"
+    request_timeout_s: float = REQUEST_TIMEOUT_S  # to receive a whole request; then 408 and closed
     extra: dict[str, Any] = field(default_factory=dict)
 
     def limits(self) -> Limits:
@@ -103,8 +79,8 @@ class LocalEndpoint:
         self.store: ModelStore | None = None
         self.cache: ModelCache | None = None
         self.registry: ModelRegistry | None = None
-        self.httpd: _Server | None = None
-        self.requests_total = 0
+        self.front: HttpFront | None = None
+        self.requests_total = 0  # counted by the front
         self.invocations_total = 0
         self._counter_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -115,23 +91,26 @@ class LocalEndpoint:
 
     @property
     def url(self) -> str:
-        if self.httpd is None:
+        if self.front is None:
             raise RuntimeError("not started")
-        host, port = self.httpd.server_address[:2]
+        host, port = self.front.address
         return f"http://{host}:{port}"
 
     @property
     def log_hint(self) -> str:
         return f"the endpoint's Triton log {self.triton.log_path}"
 
+    def listen(self) -> LocalEndpoint:
+        """Serve the HTTP front alone: /ping says Starting and invocations get 503 until start()
+        has the model server up. start() begins with it; tests of the front use it on its own."""
+        if self.front is None:
+            s = self.settings
+            self.front = HttpFront(self, s.host, s.port, request_timeout_s=s.request_timeout_s).start()
+        return self
+
     def start(self) -> LocalEndpoint:
         s = self.settings
-        # Bind first, so a taken port is reported before anything slow; answer 503 until ready.
-        try:
-            self.httpd = _Server((s.host, s.port), _Handler, self)
-        except OSError as error:
-            raise OSError(error.errno, f"cannot listen on {s.host}:{s.port}: {error.strerror}") from None
-        self._thread(self.httpd.serve_forever, "http front")
+        self.listen()  # first, so a taken port is reported before anything slow
         try:
             if s.build_from is not None:
                 if str(s.model_store).startswith("s3://"):
@@ -157,9 +136,8 @@ class LocalEndpoint:
     def stop(self) -> int | None:
         """Stop serving, then stop tritonserver (its connections closed first); its exit code."""
         self._stopping.set()
-        if self.httpd is not None:
-            self.httpd.shutdown()
-            self.httpd.server_close()
+        if self.front is not None:
+            self.front.stop()
         return self.triton.stop()
 
     def __enter__(self) -> LocalEndpoint:
@@ -176,6 +154,10 @@ class LocalEndpoint:
     @property
     def ready(self) -> bool:
         return self.registry is not None and not self._stopping.is_set()
+
+    def healthy(self) -> bool:
+        """What GET /ping answers: ready, and tritonserver up (not being restarted)."""
+        return self.ready and self.registry.triton_down is None and self.triton.is_running()
 
     # -- tritonserver death -------------------------------------------------------------------
 
@@ -288,184 +270,6 @@ class LocalEndpoint:
 
 def _model_unknown_to_triton(answer) -> bool:
     return answer.status == 404 or (answer.status == 400 and "Request for unknown model" in answer.text)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 128
-
-    def __init__(self, address, handler, endpoint: LocalEndpoint) -> None:
-        self.endpoint = endpoint
-        super().__init__(address, handler)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in one write, and without Nagle's algorithm: otherwise a small
-    # answer can sit waiting for the client's delayed ACK (~40 ms on Linux).
-    disable_nagle_algorithm = True
-    server: _Server
-
-    def version_string(self) -> str:
-        return "sd-studio-local-endpoint"
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - our own log line instead
-        pass
-
-    # -- plumbing ------------------------------------------------------------------------------
-
-    def _send(self, status: int, body: bytes, headers: dict[str, str], request_id: str) -> None:
-        self.send_response_only(status)
-        self.send_header("Server", self.version_string())
-        self.send_header("Date", self.date_time_string())
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("x-amzn-RequestId", request_id)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self._headers_buffer.append(b"\r\n")
-        self.wfile.write(b"".join(self._headers_buffer) + (body if self.command != "HEAD" else b""))
-        self._headers_buffer = []
-
-    def _send_json(self, status: int, value: Any, request_id: str) -> None:
-        self._send(status, json.dumps(value, indent=1).encode(), {"Content-Type": "application/json"}, request_id)
-
-    def _read_body(self) -> bytes:
-        """The request body, at most MAX_REQUEST_BYTES (ValidationError beyond, connection kept
-        usable up to DRAIN_LIMIT by reading and dropping the rest)."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            return self._read_chunked()
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise ValidationError("Content-Length is not a number.") from None
-        if length > MAX_REQUEST_BYTES:
-            if length <= DRAIN_LIMIT:
-                remaining = length
-                while remaining > 0:
-                    chunk = self.rfile.read(min(remaining, 1 << 20))
-                    if not chunk:
-                        break
-                    remaining -= len(chunk)
-            else:
-                self.close_connection = True
-            raise _too_large(length)
-        return self.rfile.read(length) if length else b""
-
-    def _read_chunked(self) -> bytes:
-        parts, total = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            try:
-                size = int(line.split(b";")[0].strip(), 16)
-            except ValueError:
-                self.close_connection = True
-                raise ValidationError("Malformed chunked request body.") from None
-            if size == 0:
-                while self.rfile.readline(1024) not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            total += size
-            if total > MAX_REQUEST_BYTES:
-                self.close_connection = True
-                raise _too_large(total)
-            parts.append(self.rfile.read(size))
-            self.rfile.readline(1024)
-        return b"".join(parts)
-
-    # -- routes --------------------------------------------------------------------------------
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-        self._handle()
-
-    def do_GET(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_PUT(self) -> None:  # noqa: N802
-        self._handle()
-
-    def do_DELETE(self) -> None:  # noqa: N802
-        self._handle()
-
-    def _handle(self) -> None:
-        endpoint = self.server.endpoint
-        started = time.monotonic()
-        request_id = str(uuid.uuid4())
-        path = urllib.parse.urlsplit(self.path).path
-        target = "-"
-        status = 500
-        with endpoint._counter_lock:
-            endpoint.requests_total += 1
-        try:
-            match = INVOCATIONS.fullmatch(path)
-            if match and self.command == "POST":
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                target = headers.get(TARGET_HEADER.lower(), "-")
-                body = self._read_body()
-                status, out, data, target = endpoint.invoke(urllib.parse.unquote(match.group(1)), headers, body)
-                self._send(status, data, out, request_id)
-            elif path == "/ping" and self.command == "GET":
-                self._drain()
-                up = endpoint.ready and endpoint.registry.triton_down is None and endpoint.triton.is_running()
-                status = 200 if up else 503
-                self._send_json(status, {"status": "Healthy" if up else (
-                    "Starting" if endpoint.registry is None else "Unhealthy")}, request_id)
-            elif path == "/models" and self.command == "GET":
-                self._drain()
-                status = 200
-                self._send_json(status, endpoint.listing(), request_id)
-            elif path.startswith("/models/") and self.command == "GET":
-                self._drain()
-                target = urllib.parse.unquote(path[len("/models/"):])
-                entry = endpoint.registry.entry(target) if endpoint.registry else None
-                if entry is None:
-                    raise UnknownOperation(f"The endpoint has not seen model {target}.")
-                status = 200
-                self._send_json(status, entry.describe(), request_id)
-            else:
-                self._drain()
-                raise UnknownOperation(f"No route for {self.command} {path}; this endpoint serves "
-                                       f"POST /endpoints/<name>/invocations, GET /ping, GET /models.")
-        except EndpointError as error:
-            status = error.status
-            try:
-                self._send(error.status, error.body(), error.headers(), request_id)
-            except OSError:  # the caller is gone (it timed out, or the endpoint is stopping)
-                self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-            status = 499  # the caller hung up before the answer was written
-        except Exception as error:  # noqa: BLE001 - answered, logged without the body
-            log.exception("request failed")
-            failure = InternalFailure(f"The local endpoint failed: {type(error).__name__}: {error}")
-            status = failure.status
-            try:
-                self._send(failure.status, failure.body(), failure.headers(), request_id)
-            except OSError:
-                self.close_connection = True
-        finally:
-            level = logging.DEBUG if path == "/ping" else logging.INFO
-            access_log.log(level, "%s %s model=%s status=%s %.0f ms", self.command, path, target, status,
-                           (time.monotonic() - started) * 1000)
-
-    def _drain(self) -> None:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = 0
-        if 0 < length <= DRAIN_LIMIT:
-            self.rfile.read(length)
-        elif length:
-            self.close_connection = True
-
-
-def _too_large(length: int) -> ValidationError:
-    return ValidationError(
-        f"Request body is {length} bytes, over invoke_endpoint's limit of {MAX_REQUEST_BYTES} bytes "
-        f"(6 MB). Send a smaller image (fewer pixels, or JPEG instead of PNG).")
 
 
 def serve_until_signalled(endpoint: LocalEndpoint) -> int:
