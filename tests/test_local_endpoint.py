@@ -7,6 +7,8 @@ TargetModel, so they do not depend on the order the tests run in.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import signal
@@ -18,7 +20,7 @@ import pytest
 import requests
 
 from deploy.archive import archive_name
-from deploy.local_endpoint import State
+from deploy.local_endpoint import EndpointSettings, State
 from serving.local_triton import group_members
 from studio.client import EndpointConfig, StudioClient, StudioError
 
@@ -432,3 +434,57 @@ def test_client_timeout_sends_the_request_once(endpoint, runtime):
         client.generate("a slow one", num_inference_steps=40, width=SIZE, height=SIZE)
     assert endpoint.invocations_total - before == 1  # botocore did not send it again
     wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)
+
+
+# --- SageMaker's real-time limits, enforced as SageMaker enforces them -----------------------------
+
+
+def test_the_defaults_are_sagemakers_limits():
+    settings = EndpointSettings()
+    assert settings.invoke_timeout_s == 60 and settings.max_answer_bytes == 6_291_456
+
+
+@pytest.fixture(scope="module")
+def strict_endpoint(archive_store, tmp_path_factory, artifacts_dir):
+    """An endpoint whose answer limit holds one 64 px image but not four, and whose invocation
+    limit is 3 s (a 150-step call runs longer)."""
+    endpoint = start_endpoint(archive_store, tmp_path_factory.mktemp("strict"), artifacts_dir, "strict-endpoint",
+                              max_answer_bytes=40_000, invoke_timeout_s=3)
+    yield endpoint
+    endpoint.stop()
+
+
+def test_an_answer_over_the_limit_is_a_model_error_413_and_the_next_is_served(strict_endpoint):
+    runtime = runtime_client(strict_endpoint.url)
+    with pytest.raises(runtime.exceptions.ModelError) as caught:
+        invoke(runtime, "sd_base.tar.gz", kserve_body(num_images_per_prompt=4))
+    error = caught.value.response
+    assert error["OriginalStatusCode"] == 413
+    assert "could not load the entire response body" in error["Error"]["Message"]
+    assert "over InvokeEndpoint's limit of 40000 bytes" in error["Error"]["Message"]
+    _, answer = invoke(runtime, "sd_base.tar.gz", kserve_body())  # one image fits
+    assert answer_image(answer).size == (SIZE, SIZE)
+
+
+def test_an_invocation_over_the_time_limit_is_a_model_error_and_the_endpoint_goes_on(strict_endpoint):
+    runtime = runtime_client(strict_endpoint.url)
+    invoke(runtime, "sd_depth.tar.gz", image_body())  # loaded, so only the call is timed
+    started = time.monotonic()
+    with pytest.raises(runtime.exceptions.ModelError) as caught:
+        invoke(runtime, "sd_base.tar.gz", kserve_body(num_inference_steps=150, width=128, height=128))
+    assert time.monotonic() - started < 3 + 10
+    error = caught.value.response
+    assert error["OriginalStatusCode"] == 0
+    assert "Your invocation timed out while waiting for a response from model sd_base.tar.gz" in error["Error"]["Message"]
+    assert "the 3 s an invocation may take" in error["Error"]["Message"]
+    _, answer = invoke(runtime, "sd_depth.tar.gz", image_body())  # another model answers at once
+    assert answer_image(answer).size == (SIZE, SIZE)
+
+
+def image_body() -> bytes:
+    buffer = io.BytesIO()
+    scene().save(buffer, format="PNG")
+    values = {"prompt": "a house", "image": base64.b64encode(buffer.getvalue()).decode(),
+              "gen_args": json.dumps({"num_inference_steps": STEPS, "seed": 1})}
+    return json.dumps({"inputs": [{"name": n, "shape": [1, 1], "datatype": "BYTES", "data": [v]}
+                                  for n, v in values.items()]}).encode()

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from sdserve.catalog import INVOCATION_SECONDS, MAX_PAYLOAD_BYTES
 from serving.local_triton import TritonLaunchError
 
 from .server import (
@@ -61,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "(429); the load goes on (default 60)")
     parser.add_argument("--load-timeout", type=float, default=900.0, metavar="SECONDS",
                         help="give up a load after this long (default 900)")
-    parser.add_argument("--invoke-timeout", type=float, default=600.0, metavar="SECONDS",
-                        help="give up waiting for the model's answer after this long (default 600; AWS: 60)")
+    parser.add_argument("--invoke-timeout", type=float, default=float(INVOCATION_SECONDS), metavar="SECONDS",
+                        help=f"give up waiting for the model's answer after this long, answering ModelError "
+                             f"as SageMaker does (default {INVOCATION_SECONDS}, SageMaker's limit)")
+    parser.add_argument("--max-answer-bytes", type=int, default=MAX_PAYLOAD_BYTES, metavar="BYTES",
+                        help=f"refuse a larger answer with ModelError (413) as SageMaker does "
+                             f"(default {MAX_PAYLOAD_BYTES}, SageMaker's limit)")
     parser.add_argument("--retry-failed-after", type=float, default=300.0, metavar="SECONDS",
                         help="a failed load is answered from memory until its archive changes or this "
                              "long has passed (default 300)")
@@ -95,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         s3_endpoint_url=args.s3_endpoint_url, region=args.region, cache_dir=args.cache_dir,
         build_from=build_from, max_models=args.max_models or None, max_gb=args.max_gb,
         load_wait_s=args.load_wait, load_timeout_s=args.load_timeout, invoke_timeout_s=args.invoke_timeout,
+        max_answer_bytes=args.max_answer_bytes,
         retry_failed_after_s=args.retry_failed_after, max_archive_gb=args.max_archive_gb,
         log_dir=args.log_dir,
         model_config_name=None if args.model_config_name.lower() == "none" else args.model_config_name)

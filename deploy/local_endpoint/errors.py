@@ -132,3 +132,14 @@ def triton_error_text(body: bytes | str) -> str:
     if isinstance(value, dict) and isinstance(value.get("error"), str):
         return value["error"]
     return text
+
+
+def answer_too_large(target: str, size: int, limit: int, *, log_hint: str, log_stream_arn: str = "") -> ModelError:
+    """AWS's refusal of an answer over InvokeEndpoint's limit: a ModelError for a 413 "from the model"
+    whose body SageMaker "could not load", with nothing of the answer passed on."""
+    original = json.dumps({"error": f"the model's answer is {size} bytes, over the {limit} bytes an "
+                                    "InvokeEndpoint answer may carry"})
+    message = (f"Received client error (413) from model {target} and could not load the entire response "
+               f"body: the answer is {size} bytes, over InvokeEndpoint's limit of {limit} bytes (6 MB). "
+               f"See {log_hint} for more information.")
+    return ModelError(message, original_status=413, original_message=original, log_stream_arn=log_stream_arn)

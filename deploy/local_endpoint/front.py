@@ -52,6 +52,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from sdserve.catalog import MAX_PAYLOAD_BYTES
+
 from .errors import EndpointError, InternalFailure, RequestTimeout, UnknownOperation, ValidationError
 from .triton import TARGET_HEADER
 
@@ -61,7 +63,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("deploy.local_endpoint")
 access_log = logging.getLogger("deploy.local_endpoint.access")
 
-MAX_REQUEST_BYTES = 6 * 1024 * 1024  # invoke_endpoint's limit (6,291,456 bytes)
+MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint's limit (6,291,456 bytes)
 REQUEST_TIMEOUT_S = 20.0  # to receive one whole request: request line, headers and body
 KEEP_ALIVE_S = 60  # an idle connection is closed after this; long, so pooled clients rarely race it
 SHUTDOWN_GRACE_S = 5  # stop() waits this long for answers in progress, then cuts them

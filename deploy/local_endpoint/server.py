@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from deploy.archive import REPO_ROOT
+from sdserve.catalog import INVOCATION_SECONDS, MAX_PAYLOAD_BYTES
 
 from .cache import ModelCache
 from .errors import (
+    answer_too_large,
     LOCAL_ACCOUNT,
     EndpointError,
     InternalFailure,
@@ -52,7 +54,8 @@ class EndpointSettings:
     max_gb: float | None = None
     load_wait_s: float = 60.0
     load_timeout_s: float = 900.0
-    invoke_timeout_s: float = 600.0
+    invoke_timeout_s: float = float(INVOCATION_SECONDS)  # SageMaker's: 60 s for the model's answer
+    max_answer_bytes: int = MAX_PAYLOAD_BYTES  # SageMaker's: an answer of 6 MB at most
     retry_failed_after_s: float = 300.0
     max_archive_gb: float = 30.0
     log_dir: Path = DEFAULT_LOG_DIR
@@ -220,6 +223,9 @@ class LocalEndpoint:
                 raise self._unreachable(entry, error) from None
             finally:
                 registry.release(entry)
+            if answer.status == 200 and len(answer.body) > s.max_answer_bytes:
+                raise answer_too_large(target, len(answer.body), s.max_answer_bytes, log_hint=self.log_hint,
+                                       log_stream_arn=registry.log_stream_arn)
             if answer.status == 200:
                 out = {"Content-Type": answer.content_type or "application/json",
                        "x-Amzn-Invoked-Production-Variant": s.variant_name}
@@ -241,7 +247,9 @@ class LocalEndpoint:
             # AWS's words for a container that does not answer in time.
             return model_error(entry.target, 0, json.dumps({"error": (
                 f"Your invocation timed out while waiting for a response from model {entry.target} "
-                f"(--invoke-timeout {self.settings.invoke_timeout_s:.0f} s).")}), log_hint=self.log_hint)
+                f"(the {self.settings.invoke_timeout_s:.0f} s an invocation may take; --invoke-timeout). "
+                "Review the latency metrics for each container in Amazon CloudWatch, resolve the issue, "
+                "and try again.")}), log_hint=self.log_hint)
         time.sleep(0.2)  # let the process table catch up with a dying server
         if not self.triton.is_running() and not self._stopping.is_set():
             reason = self._triton_died()
