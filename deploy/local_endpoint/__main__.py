@@ -26,7 +26,7 @@ that speaks the SageMaker Runtime InvokeEndpoint API. Point boto3 at it:
 
   boto3.client("sagemaker-runtime", endpoint_url="http://127.0.0.1:8080", region_name="us-east-1",
                aws_access_key_id="local", aws_secret_access_key="local").invoke_endpoint(
-      EndpointName="sd-studio", TargetModel="sd_base.tar.gz", ContentType="application/json", Body=...)
+      EndpointName="sd-studio", TargetModel="<model>.tar.gz", ContentType="application/json", Body=...)
 
 Routes: POST /endpoints/<name>/invocations, GET /ping, GET /models (loaded models, size, last use).
 TargetModel names an archive in the model store; it is downloaded and safely extracted into the

@@ -1,7 +1,7 @@
 """Where model archives come from: a local folder or an S3 prefix, as on a SageMaker MME.
 
-A TargetModel names an object relative to the store (``sd_base.tar.gz`` -> ``<folder>/sd_base.
-tar.gz`` or ``s3://bucket/prefix/sd_base.tar.gz``), exactly as SageMaker resolves it against the
+A TargetModel names an object relative to the store (``<model>.tar.gz`` -> ``<folder>/<model>.
+tar.gz`` or ``s3://bucket/prefix/<model>.tar.gz``), exactly as SageMaker resolves it against the
 model's ``ModelDataUrl`` prefix. New archives placed in the store become invokable without a
 restart; a changed archive is picked up the next time its model is loaded (SageMaker itself
 never reloads a loaded model when the object changes, and neither does this endpoint).
@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+
+from sdserve.catalog import MODELS
 
 from deploy.archive import (
     DEFAULT_SDSERVE_DIR,
@@ -47,7 +49,7 @@ def check_target(target: str | None) -> str:
     if not target:
         raise ValidationError(
             "This is a multi-model endpoint: the request must name a model archive in the "
-            "X-Amzn-SageMaker-Target-Model header (TargetModel, e.g. 'sd_base.tar.gz').")
+            f"X-Amzn-SageMaker-Target-Model header (TargetModel, e.g. '{next(iter(MODELS))}.tar.gz').")
     if len(target) > TARGET_MODEL_MAX:
         raise ValidationError(f"TargetModel is {len(target)} characters long, over the limit of "
                               f"{TARGET_MODEL_MAX}.")
