@@ -35,7 +35,7 @@ MODELS = ["sd_base", "sd_depth", "sd_inpaint", "sd_upscale"]
 
 
 def call(client: StudioClient, model: str):
-    common = {"steps": STEPS, "seed": 11}
+    common = {"num_inference_steps": STEPS, "seed": 11}
     if model == "sd_base":
         return client.generate("a red bicycle", width=SIZE, height=SIZE, **common)
     if model == "sd_depth":
@@ -155,7 +155,7 @@ def test_a_model_with_a_call_in_flight_is_never_evicted(endpoint, archive_store)
 
         def long_call() -> None:
             try:
-                outcome["answer"] = invoke(runtime, busy, kserve_body(num_inference_steps=120, width=96, height=96))
+                outcome["answer"] = invoke(runtime, busy, kserve_body(num_inference_steps=60, width=96, height=96))
             except Exception as error:  # noqa: BLE001 - checked below
                 outcome["error"] = error
             outcome["ended"] = time.time()

@@ -151,7 +151,7 @@ def test_several_images_each_carry_their_own_seed(client):
         ("/erase", {"image": "picture", "mask": "empty mask"}, "The mask is empty"),
         ("/erase", {"image": "picture"}, "The mask is empty"),
         ("/erase", {"image": "picture", "mask": "small mask"}, "must be the same size"),
-        ("/upscale", {"image": "large picture"}, "at most 512 px a side"),
+        ("/upscale", {"image": "huge picture"}, "at most 1024 px a side"),  # larger ones are tiled
         ("/restyle", {"image": "huge picture", "prompt": "x"}, "at most 1024 px a side"),
         ("/generate", {"prompt": ""}, "Write a prompt"),
         ("/generate", {"prompt": "x", "width": 4096}, "Value 4096 is greater than maximum value 1024"),  # Gradio checks sliders

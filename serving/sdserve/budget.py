@@ -13,6 +13,7 @@ Standard library only.
 
 from __future__ import annotations
 
+import statistics
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -46,13 +47,15 @@ class WorkBudget:
 
     A denoising step of a call costs `a + b x megapixels` (all its images together): `a` is what
     a step costs whatever the size (kernel launches, the scheduler; it dominates small images),
-    `b` what each megapixel adds. Both are fitted to the recent calls; until calls of two sizes
-    are known, a step is taken to cost what it last did at any size, and a call that turns out
-    longer is stopped at the deadline, which teaches the fit.
+    `b` what each megapixel adds. Both are fitted to the median step time of each size among the
+    recent calls; until calls of two sizes are known, a step is taken to cost what it does at the
+    size seen, at any size, and a call that turns out longer is stopped at the deadline, which
+    teaches the fit.
     """
 
     seconds: float
     call_overhead_s: float | None = None  # what a call takes besides its steps; None: nothing measured
+    warmed_up: bool = False  # the first call (not learned from) is over
     steps_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -61,14 +64,18 @@ class WorkBudget:
             seen = list(self.steps_seen)
         if not seen:
             return None
-        sizes = [size for size, _ in seen]
-        times = [step for _, step in seen]
-        mean_size, mean_time = sum(sizes) / len(sizes), sum(times) / len(times)
+        # One point per size: the median of its steps, so one slow call does not move the fit.
+        by_size: dict[float, list[float]] = {}
+        for size, step in seen:
+            by_size.setdefault(round(size, 4), []).append(step)
+        points = [(size, statistics.median(steps)) for size, steps in by_size.items()]
+        sizes = [size for size, _ in points]
+        mean_size = sum(sizes) / len(sizes)
+        if len(points) < 2 or max(sizes) < 1.1 * min(sizes):  # one size seen: no slope to fit
+            return max(step for _, step in points)
+        mean_time = sum(step for _, step in points) / len(points)
         spread = sum((size - mean_size) ** 2 for size in sizes)
-        if spread <= (0.1 * mean_size) ** 2 * len(sizes):  # one size seen: no slope to fit
-            return max(times) if image_megapixels > max(sizes) else mean_time
-        slope = sum((size - mean_size) * (step - mean_time) for size, step in seen) / spread
-        slope = max(0.0, slope)
+        slope = max(0.0, sum((size - mean_size) * (step - mean_time) for size, step in points) / spread)
         intercept = mean_time - slope * mean_size
         if intercept < 0:  # all of it scales with size
             intercept, slope = 0.0, mean_time / mean_size
@@ -80,7 +87,14 @@ class WorkBudget:
         return None if step is None else (self.call_overhead_s or 0.0) + step * steps
 
     def record(self, image_megapixels: float, step_ends: list[float], started: float, ended: float) -> None:
-        """Learn from one call: its start and end, and when each denoising step ended."""
+        """Learn from one call: its start and end, and when each denoising step ended.
+
+        A model's first call is not learned from: it pays for warming up (kernels chosen and
+        compiled, memory allocated), several times what later calls take.
+        """
+        if not self.warmed_up:
+            self.warmed_up = True
+            return
         if image_megapixels <= 0 or len(step_ends) < 2:
             return  # one step cannot tell the step time from the rest of the call
         step_s = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
