@@ -4,7 +4,14 @@
 #   docker build -t sd-studio .
 #   docker run -p 7860:7860 -e STUDIO_ENDPOINT_NAME=sd-studio -e AWS_REGION=us-east-1 \
 #       -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY sd-studio
-FROM python:3.11-slim
+#
+# The base image is pinned by digest, so every build starts from the same bytes (Docker uses the
+# digest and ignores the tag, which stays for people). The digest is the one Docker Hub's
+# python:3.11-slim resolved to on 2025-06-11, as BuildKit recorded it in a build log
+# committed to the public GitHub repository amany-gaber/just (file errror.py: "resolve
+# docker.io/library/python:3.11-slim@sha256:74132ced..."). To move to a newer build of the tag,
+# take the "Digest:" of `docker buildx imagetools inspect python:3.11-slim` and rebuild.
+FROM python:3.11-slim@sha256:74132ced0002947303bc75654c7d51d3818435fe1c0ec6e4d84f7ca4d0849878
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -16,8 +23,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --create-home --uid 1000 studio
 WORKDIR /app
 
-COPY studio/requirements.txt studio/requirements.txt
-RUN pip install -r studio/requirements.txt
+# Only what the lock names, each file checked against its sha256 (`make studio-lock` writes the
+# lock from studio/requirements.txt), and only wheels: no source build runs unchecked code.
+COPY studio/requirements.lock studio/requirements.lock
+RUN pip install --require-hashes --only-binary=:all: -r studio/requirements.lock
 
 COPY studio/ studio/
 # The model table the studio derives its tabs from (standard library only; the modules that

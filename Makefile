@@ -73,5 +73,22 @@ bench: $(INSTALLED) compiler tiny-models
 deploy-plan: $(INSTALLED)
 	$(PY) -m deploy plan
 
+# The studio image's lock (Dockerfile: pip install --require-hashes): studio/requirements.txt's
+# whole closure, each pin with the sha256 of its files, resolved for the image's platform, which
+# is why this needs a CPython 3.11 on linux x86-64. pip-tools is pinned so that the same inputs
+# give the same lock; this machine's pip settings (extra indexes, local wheel folders,
+# constraints) are kept out, so the lock holds only what the package index serves.
+PIP_TOOLS := build/pip-tools
+PIP_TOOLS_VERSION := 7.6.2
+
+.PHONY: studio-lock
+studio-lock:
+	$(PYTHON) -c 'import platform as p, sys; sys.exit(None if (p.python_implementation(), sys.version_info[:2], p.system(), p.machine()) == ("CPython", (3, 11), "Linux", "x86_64") else "make studio-lock: needs CPython 3.11 on linux x86-64, as in the image")'
+	test -d $(PIP_TOOLS) || $(PYTHON) -m venv $(PIP_TOOLS)
+	$(PIP_TOOLS)/bin/python -m pip install --quiet pip-tools==$(PIP_TOOLS_VERSION)
+	env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
+		$(PIP_TOOLS)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+		--no-emit-index-url --no-emit-find-links --output-file studio/requirements.lock studio/requirements.txt
+
 clean:
 	rm -rf $(VENV) build test-artifacts serving/models/*/1/checkpoint

@@ -2,12 +2,15 @@
 shows exactly the requests the commands send.
 
 Credentials come from boto3's standard chain and are never printed: only service, operation
-and request parameters are.
+and request parameters are. What the commands print while they run (progress, warnings, errors,
+AWS's own error messages) goes through `redact`, which masks account ids and access key ids:
+such output ends up in CI logs and issues.
 """
 
 from __future__ import annotations
 
 import pprint
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +27,21 @@ NOT_FOUND_CODES = {
 # The parameter that names what a call acts on, shown when the call runs.
 NAME_PARAMETERS = ("ModelName", "EndpointConfigName", "EndpointName", "Key", "PolicyName", "ResourceId",
                    "repositoryName", "Bucket")
+
+
+# Account ids stand alone as 12 digits (in ARNs, ECR registry hosts, "account 123456789012");
+# access key ids are AKIA (long-term) or ASIA (temporary) and 16 more capitals or digits.
+SENSITIVE = (
+    (re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])"), "<account>"),
+    (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), "<access key id>"),
+)
+
+
+def redact(text: str) -> str:
+    """`text` with account ids and access key ids masked."""
+    for pattern, mask in SENSITIVE:
+        text = pattern.sub(mask, text)
+    return text
 
 
 class DeployError(RuntimeError):
@@ -77,7 +95,7 @@ class Aws:
     def run(self, call: Call, *, echo: bool = True) -> Any:
         """Make the call; changes are echoed as one line, reads are silent."""
         if echo:
-            print(f"  {call.service}.{call.operation} {call.target}".rstrip())
+            print(redact(f"  {call.service}.{call.operation} {call.target}".rstrip()))
         return getattr(self.client(call.service), call.operation)(**call.params)
 
     def paginate(self, call: Call, key: str) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@
     python -m deploy add-model NAME       one more archive for the live endpoint
     python -m deploy list                 the archives on S3
     python -m deploy invoke               one image per model, written to build/smoke
-    python -m deploy down                 delete it all (archives only with --delete-artifacts)
+    python -m deploy down                 delete it all (its archives only with --delete-artifacts)
+    python -m deploy policy studio        an IAM policy as JSON: deployer, execution-role or studio
 
 Every command validates its settings before its first AWS call.
 """
@@ -25,14 +26,15 @@ from pathlib import Path
 from botocore.exceptions import BotoCoreError, ClientError
 
 from deploy import endpoint, image, upload
-from deploy.archive import REPO_ROOT
-from deploy.aws import Aws, DeployError
+from deploy.archive import REPO_ROOT, archive_name
+from deploy.aws import Aws, DeployError, redact
 from deploy.config import (
     ConfigError,
     DeployConfig,
     add_config_arguments,
     check_bucket,
     check_endpoint_settings,
+    check_prefix,
     check_project,
     check_region,
     check_role,
@@ -41,8 +43,10 @@ from deploy.config import (
 )
 from deploy.invoke import smoke_test
 from deploy.plan import print_plan
+from deploy.policy import POLICIES, render
 
 MODEL_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")  # becomes an S3 key and a TargetModel
+ACCOUNT_PATTERN = re.compile(r"^\d{12}$")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(load_config(args), args)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 2
     except DeployError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {redact(str(error))}", file=sys.stderr)
         return 1
     except (ClientError, BotoCoreError) as error:
-        # botocore's messages name the operation and the reason, never the credentials.
-        print(f"error: AWS: {error}", file=sys.stderr)
+        # botocore's messages name the operation and the reason, never the credentials; AWS's
+        # reasons often quote ARNs (AccessDenied: "User: arn:aws:iam::<account>:..."), hence redact.
+        print(f"error: AWS: {redact(str(error))}", file=sys.stderr)
         return 1
 
 
@@ -104,7 +109,14 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--seed", type=int, default=1234, help="seed, for images that can be compared")
 
     down = command("down", run_down, "delete the endpoint, its configs, models and autoscaling registration")
-    down.add_argument("--delete-artifacts", action="store_true", help="also delete every object under the S3 prefix")
+    down.add_argument("--delete-artifacts", action="store_true",
+                      help="also delete the archives of --models under the S3 prefix (other objects there are kept)")
+
+    policy = command("policy", run_policy, "print an IAM policy (JSON) for this configuration's names; no AWS calls")
+    policy.add_argument("principal", choices=sorted(POLICIES),
+                        help="deployer: who runs python -m deploy; execution-role: the --role-arn role; "
+                             "studio: the studio's IAM user (InvokeEndpoint for the model archives only)")
+    policy.add_argument("--account", help="the 12-digit AWS account id to write into the ARNs (default: ACCOUNT)")
     return parser
 
 
@@ -138,6 +150,7 @@ def run_package(cfg: DeployConfig, args: argparse.Namespace) -> int:
         check_region(cfg)
     if not args.no_upload:
         check_bucket(cfg)
+        check_prefix(cfg)
     if args.image:
         image.require_docker()
     aws = connect(cfg)
@@ -152,7 +165,7 @@ def run_package(cfg: DeployConfig, args: argparse.Namespace) -> int:
 
 
 def run_up(cfg: DeployConfig, args: argparse.Namespace) -> int:
-    for check in (check_project, check_region, check_endpoint_settings, check_bucket, check_role):
+    for check in (check_project, check_region, check_endpoint_settings, check_bucket, check_prefix, check_role):
         check(cfg)
     if not cfg.gpu_instance:
         print(f"warning: {cfg.instance_type} has no GPU, and the archives' config.pbtxt asks for KIND_GPU")
@@ -172,8 +185,8 @@ def run_add_model(cfg: DeployConfig, args: argparse.Namespace) -> int:
     aws = connect(cfg)
     bucket, prefix = _split_s3_url(endpoint.live_model_data_url(cfg, aws))
     (archive,) = upload.build_archives(cfg, (args.name,))
-    upload.upload(aws, bucket, f"{prefix}{args.name}.tar.gz", archive)
-    print(f"{args.name}: invokable on {cfg.endpoint_name} with TargetModel='{args.name}.tar.gz' (no redeploy)")
+    upload.upload(aws, bucket, f"{prefix}{archive_name(args.name)}", archive)
+    print(f"{args.name}: invokable on {cfg.endpoint_name} with TargetModel='{archive_name(args.name)}' (no redeploy)")
     return 0
 
 
@@ -181,6 +194,7 @@ def run_list(cfg: DeployConfig, args: argparse.Namespace) -> int:
     check_project(cfg)
     check_region(cfg)
     check_bucket(cfg)
+    check_prefix(cfg)
     aws = connect(cfg)
     upload.ensure_bucket(cfg, aws)
     upload.print_archives(upload.list_archives(aws, cfg.bucket, cfg.s3_prefix), cfg.model_data_url)
@@ -198,12 +212,28 @@ def run_down(cfg: DeployConfig, args: argparse.Namespace) -> int:
     check_region(cfg)
     if args.delete_artifacts:
         check_bucket(cfg)
+        check_prefix(cfg)
     aws = connect(cfg)
     endpoint.down(cfg, aws)
     if args.delete_artifacts:
         upload.delete_archives(cfg, aws)
     else:
-        print(f"archives under {cfg.s3_prefix}/ kept (--delete-artifacts deletes them)")
+        print(f"archives under {cfg.s3_prefix}/ kept (--delete-artifacts deletes those of {' '.join(cfg.models)})")
+    return 0
+
+
+def run_policy(cfg: DeployConfig, args: argparse.Namespace) -> int:
+    check_project(cfg)
+    check_prefix(cfg)
+    if cfg.region:  # otherwise REGION stays a placeholder, as do BUCKET and ACCOUNT
+        check_region(cfg)
+    if cfg.bucket:
+        check_bucket(cfg)
+    if cfg.role_arn:
+        check_role(cfg)
+    if args.account is not None and not ACCOUNT_PATTERN.match(args.account):
+        raise ConfigError("--account takes the 12-digit AWS account id")
+    print(render(POLICIES[args.principal](cfg, args.account)))
     return 0
 
 

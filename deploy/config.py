@@ -23,7 +23,7 @@ from typing import Any
 
 import boto3
 
-from deploy.archive import REPO_ROOT
+from deploy.archive import REPO_ROOT, archive_name
 from sdserve.checkpoint import has_checkpoint
 from sdserve.catalog import MODELS
 
@@ -37,6 +37,15 @@ PROJECT_PATTERN = re.compile(r"^[a-z0-9](-?[a-z0-9])*$")
 PROJECT_MAX = 40
 ROLE_ARN_PATTERN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+# The archives' S3 prefix ends up in every archive key, the endpoint's ModelDataUrl and the IAM
+# policies' resource ARNs, so it is kept to plain relative path segments: nothing that S3, an IAM
+# wildcard or a shell could read another way ('..', '*', '//', backslashes, control characters).
+PREFIX_CHARACTER = re.compile(r"[A-Za-z0-9._-]")
+PREFIX_MAX = 256  # S3 keys and ModelDataUrl stop at 1024; this leaves room for bucket and archive names
+PREFIX_RULE = (
+    "one or more segments of letters, digits, '.', '_' and '-' joined by single '/', relative "
+    f"(no leading '/'), no '.' or '..' segment, at most {PREFIX_MAX} characters"
+)
 WEIGHTS_HINT = "run `python -m deploy weights --tiny` (test weights) or `python -m deploy weights --hub` (real ones)"
 
 
@@ -44,8 +53,9 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message says which and how to set it."""
 
 
-def _setting(default: Any, help: str, **kwargs: Any) -> Any:
-    return field(default=default, metadata={"help": help}, **kwargs)
+def _setting(default: Any, help: str, *, keep_blank: bool = False, **kwargs: Any) -> Any:
+    """A setting; a blank value (`VAR=`, `--flag ""`) means "not set" unless `keep_blank`."""
+    return field(default=default, metadata={"help": help, "keep_blank": keep_blank}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,10 @@ class DeployConfig:
     project: str = _setting("sd-studio", "project name every AWS resource name derives from")
     region: str | None = _setting(None, "AWS region (default: boto3's, from AWS_REGION / AWS_DEFAULT_REGION / profile)")
     bucket: str | None = _setting(None, "S3 bucket holding the model archives")
-    prefix: str | None = _setting(None, "S3 prefix of the archives, the endpoint's ModelDataUrl (default: <project>/models)")
+    # keep_blank: an empty prefix would mean the bucket's root, so it is refused, never taken for
+    # "use the default".
+    prefix: str | None = _setting(None, "S3 prefix of the archives, the endpoint's ModelDataUrl (default: <project>/models)",
+                                  keep_blank=True)
     role_arn: str | None = _setting(None, "SageMaker execution role ARN (S3 read on the prefix, ECR pull, logs)")
     instance_type: str = _setting("ml.g5.2xlarge", "endpoint instance type (a GPU family for the KIND_GPU configs)")
     instance_count: int = _setting(1, "initial instance count (2+ recommended for availability)")
@@ -81,14 +94,20 @@ class DeployConfig:
 
     @property
     def s3_prefix(self) -> str:
-        return (self.prefix or f"{self.project}/models").strip("/")
+        # One trailing "/" is tolerated ("a/b/" is "a/b"); anything else odd is refused by check_prefix.
+        return f"{self.project}/models" if self.prefix is None else self.prefix.removesuffix("/")
 
     @property
     def model_data_url(self) -> str:
         return f"s3://{self.bucket}/{self.s3_prefix}/"
 
     def archive_key(self, model: str) -> str:
-        return f"{self.s3_prefix}/{model}.tar.gz"
+        return f"{self.s3_prefix}/{archive_name(model)}"
+
+    @property
+    def archive_keys(self) -> tuple[str, ...]:
+        """The keys `package` uploads for this configuration's models: all that `down` may delete."""
+        return tuple(self.archive_key(model) for model in self.models)
 
     @property
     def archive_dir(self) -> Path:
@@ -196,8 +215,8 @@ def _convert(name: str, raw: Any, source: str) -> Any:
         if kind is tuple:
             items = raw.replace(",", " ").split() if isinstance(raw, str) else raw
             return tuple(str(item) for item in items)
-        if isinstance(raw, str) and not raw.strip():  # VAR= means "not set"
-            return SETTINGS[name].default
+        if isinstance(raw, str) and not raw.strip() and not SETTINGS[name].metadata["keep_blank"]:
+            return SETTINGS[name].default  # VAR= means "not set"
         return kind(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{source}: {raw!r} is not a valid {kind.__name__}") from None
@@ -275,13 +294,41 @@ def check_bucket(cfg: DeployConfig) -> None:
         raise ConfigError(f"{cfg.bucket!r} is not a valid S3 bucket name")
 
 
+def prefix_problem(prefix: str) -> str | None:
+    """Why `prefix` cannot be the archives' S3 prefix, or None when it can."""
+    body = prefix.removesuffix("/")
+    segments = body.split("/")
+    odd = sorted({char for char in body if not PREFIX_CHARACTER.fullmatch(char)} - {"/"})
+    problems = (
+        (not body, "it is empty (the archives would sit at the bucket's root)"),
+        (len(body) > PREFIX_MAX, f"it is longer than {PREFIX_MAX} characters"),
+        (body.startswith("/"), "it starts with '/' (S3 keys are relative)"),
+        ("" in segments, "it has an empty segment ('//')"),
+        (bool({".", ".."} & set(segments)), "it has a '.' or '..' segment"),
+        (bool(odd), "it contains " + ", ".join(ascii(char) for char in odd)),
+    )
+    return next((reason for failed, reason in problems if failed), None)
+
+
+def check_prefix(cfg: DeployConfig) -> None:
+    if cfg.prefix is None:
+        return  # the default, <project>/models, is valid when the project is
+    problem = prefix_problem(cfg.prefix)
+    if problem:
+        raise ConfigError(
+            f"{flag('prefix')} {cfg.prefix!r} (also ${env_var('prefix')}, prefix in deploy.toml): {problem}; "
+            f"the S3 prefix must be {PREFIX_RULE}, e.g. {cfg.project}/models"
+        )
+
+
 def check_role(cfg: DeployConfig) -> None:
     if not cfg.role_arn:
         raise ConfigError(
             f"no SageMaker execution role: set {flag('role_arn')}, ${env_var('role_arn')} or role_arn in deploy.toml"
         )
     if not ROLE_ARN_PATTERN.match(cfg.role_arn):
-        raise ConfigError(f"{cfg.role_arn!r} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+        # The value is not repeated: a mistyped ARN still holds an account id, which logs should not.
+        raise ConfigError(f"{flag('role_arn')} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
 
 
 def check_weights(cfg: DeployConfig, models: tuple[str, ...] | None = None) -> None:

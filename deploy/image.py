@@ -23,7 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from deploy.aws import Aws, Call, DeployError
+from deploy.aws import Aws, Call, DeployError, redact
 from deploy.config import DeployConfig
 
 HERE = Path(__file__).resolve().parent
@@ -145,7 +145,7 @@ def build_and_push(cfg: DeployConfig, aws: Aws) -> str:
     repository = aws.read(describe_repository(cfg)) or aws.run(create_repository(cfg))
     uri = f"{_repository_uri(repository)}:{tag}"
     if aws.read(describe_image(cfg, tag)) is not None:
-        print(f"image {uri} already in ECR, skipped")
+        print(redact(f"image {uri} already in ECR, skipped"))
         return uri
     auth = aws.run(authorization_token(), echo=False)["authorizationData"][0]
     user, password = base64.b64decode(auth["authorizationToken"]).decode().split(":", 1)
@@ -153,7 +153,7 @@ def build_and_push(cfg: DeployConfig, aws: Aws) -> str:
         _docker(docker, "login", "--username", user, "--password-stdin", registry, stdin=password)
     _docker(docker, "build", "--build-arg", f"BASE_IMAGE={base}", "--tag", uri, str(IMAGE_CONTEXT))
     _docker(docker, "push", uri)
-    print(f"pushed {uri}")
+    print(redact(f"pushed {uri}"))
     return uri
 
 
@@ -176,7 +176,8 @@ def _repository_uri(described: dict) -> str:
 
 
 def _docker(docker: str, *args: str, stdin: str | None = None) -> None:
-    print(f"  docker {' '.join(args)}")  # never includes the password, which goes through stdin
+    # Never the password, which goes through stdin; the registry host holds the account id.
+    print(redact(f"  docker {' '.join(args)}"))
     result = subprocess.run([docker, *args], input=stdin, text=True)
     if result.returncode != 0:
         raise DeployError(f"`docker {args[0]}` failed with exit code {result.returncode}")

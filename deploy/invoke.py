@@ -7,6 +7,7 @@ from typing import Any
 
 from PIL import Image
 
+from deploy.aws import redact
 from deploy.config import DeployConfig
 from sdserve.catalog import MIN_IMAGE_SIDE, MODELS, ModelSpec
 
@@ -50,7 +51,7 @@ def smoke_test(cfg: DeployConfig, out_dir: Path, *, steps: int, seed: int) -> bo
         try:
             result = sample_job(client, MODELS[model], 512, num_inference_steps=steps, seed=seed)
         except StudioError as error:
-            print(f"{model}: FAILED: {error}")
+            print(redact(f"{model}: FAILED: {error}"))
             ok = False
             continue
         for index, image in enumerate(result.images):

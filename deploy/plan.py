@@ -12,12 +12,14 @@ import textwrap
 from collections.abc import Callable
 
 from deploy import endpoint, image, upload
+from deploy.archive import archive_name
 from deploy.aws import Call, DeployError
 from deploy.config import (
     ConfigError,
     DeployConfig,
     check_bucket,
     check_endpoint_settings,
+    check_prefix,
     check_project,
     check_region,
     check_role,
@@ -25,7 +27,7 @@ from deploy.config import (
 )
 
 CHECKS: tuple[Callable[[DeployConfig], None], ...] = (
-    check_project, check_region, check_endpoint_settings, check_bucket, check_role, check_weights,
+    check_project, check_region, check_endpoint_settings, check_bucket, check_prefix, check_role, check_weights,
 )
 
 
@@ -69,12 +71,14 @@ def print_plan(cfg: DeployConfig) -> None:
           dataclasses.replace(upload.head_archive(shown.bucket, "<each key>"), note="for its sha256 metadata")]),
         ("invoke", "one request per model through studio.client, retried while a model loads",
          [Call("sagemaker-runtime", "invoke_endpoint",
-               {"EndpointName": cfg.endpoint_name, "TargetModel": f"{model}.tar.gz",
+               {"EndpointName": cfg.endpoint_name, "TargetModel": archive_name(model),
                 "ContentType": "application/json", "Body": "<KServe v2 JSON>"}) for model in cfg.models]),
         ("down [--delete-artifacts]",
-         "delete the scaling registration, the endpoint, our configs and models; with the flag, the archives",
+         "delete the scaling registration, the endpoint, our configs and models; with the flag, the archives "
+         f"of {' '.join(cfg.models)} (other objects under {store} are kept)",
          endpoint.planned_down(shown)
-         + [upload.list_archives_call(shown.bucket, cfg.s3_prefix), upload.delete_archives_call(shown.bucket, ["<each key>"])]),
+         + [upload.list_archives_call(shown.bucket, cfg.s3_prefix),
+            upload.delete_archives_call(shown.bucket, list(cfg.archive_keys))]),
     ]
     for title, summary, calls in sections:
         print(f"== {title}: {summary}")

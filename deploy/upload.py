@@ -18,6 +18,7 @@ from deploy.aws import Aws, Call, DeployError
 from deploy.config import DeployConfig
 
 SHA_KEY = "sha256"  # S3 user metadata key
+SHOWN_KEPT = 10  # `down --delete-artifacts` names at most this many of the objects it keeps
 
 
 @dataclass(frozen=True)
@@ -146,13 +147,26 @@ def print_archives(stored: list[StoredArchive], where: str) -> None:
 
 def delete_archives_call(bucket: str, keys: list[str]) -> Call:
     return Call("s3", "delete_objects", {"Bucket": bucket, "Delete": {"Objects": [{"Key": key} for key in keys]}},
-                "with --delete-artifacts: every object under the prefix, 1000 per call")
+                "with --delete-artifacts: this configuration's archives that exist, and no other object")
 
 
 def delete_archives(cfg: DeployConfig, aws: Aws) -> None:
-    """Delete every object under the prefix (and nothing else in the bucket)."""
+    """Delete the archives `package` uploads for this configuration's models, and nothing else.
+
+    The prefix may be shared (other deployments' archives, `add-model` extras, anything a person
+    put there), so the keys come from the configuration, never from what the listing finds.
+    """
     ensure_bucket(cfg, aws)
-    keys = [item["Key"] for item in aws.paginate(list_archives_call(cfg.bucket, cfg.s3_prefix), "Contents")]
-    for start in range(0, len(keys), 1000):
-        aws.run(delete_archives_call(cfg.bucket, keys[start:start + 1000]))
-    print(f"deleted {len(keys)} object(s) under s3://{cfg.bucket}/{cfg.s3_prefix}/")
+    present = {item["Key"] for item in aws.paginate(list_archives_call(cfg.bucket, cfg.s3_prefix), "Contents")}
+    ours = [key for key in cfg.archive_keys if key in present]
+    where = f"s3://{cfg.bucket}/{cfg.s3_prefix}/"
+    if ours:
+        answer = aws.run(delete_archives_call(cfg.bucket, ours))
+        failed = answer.get("Errors", [])
+        if failed:  # delete_objects answers 200 even when single keys are refused
+            raise DeployError("could not delete " + ", ".join(f"{item['Key']} ({item['Code']})" for item in failed))
+    print(f"deleted {len(ours)} archive(s) under {where}")
+    others = sorted(present - set(ours))
+    if others:
+        shown = ", ".join(others[:SHOWN_KEPT]) + (", ..." if len(others) > SHOWN_KEPT else "")
+        print(f"kept {len(others)} other object(s) there, not archives of {' '.join(cfg.models)}: {shown}")

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from sdserve.catalog import MODELS
 from tests.test_archive import make_model
 from tests.test_deploy_support import (  # noqa: F401 (fixtures)
     ACCOUNT,
@@ -258,8 +259,64 @@ def test_down_removes_what_up_made_and_only_that(deploy, s3, sagemaker, autoscal
     assert autoscaling.describe_scaling_policies(ServiceNamespace="sagemaker")["ScalingPolicies"] == []
     assert len(stored(s3)) == 4 and "kept" in out, "archives stay without --delete-artifacts"
 
+    # Under the same prefix, but not archives this configuration uploads.
+    unrelated = [f"{PREFIX}/notes.txt", f"{PREFIX}/sd_base_anime.tar.gz", f"{PREFIX}/older/sd_base.tar.gz"]
+    for key in unrelated:
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"not an archive of ours")
     code, out, _ = deploy("down", *settings, "--delete-artifacts")
     assert code == 0 and "no endpoint sd-studio" in out
-    assert stored(s3) == {}
-    assert [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]] == ["notes/keep.txt"]
+    assert "deleted 4 archive(s)" in out and "kept 3 other object(s)" in out
+    assert sorted(stored(s3)) == sorted(unrelated)
+    assert s3.get_object(Bucket=BUCKET, Key=unrelated[0])["Body"].read() == b"not an archive of ours"
+    assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]) == sorted(["notes/keep.txt", *unrelated])
     assert s3.get_object(Bucket="someone-elses", Key=f"{PREFIX}/sd_base.tar.gz")["Body"].read() == b"not ours either"
+
+
+def test_down_deletes_only_the_archives_of_the_configured_models(deploy, s3, settings):
+    deploy("package", *settings)
+    code, out, _ = deploy("down", *settings, "--delete-artifacts", "--models", "sd_base", "sd_depth")
+    assert code == 0 and "deleted 2 archive(s)" in out
+    assert sorted(stored(s3)) == [f"{PREFIX}/sd_inpaint.tar.gz", f"{PREFIX}/sd_upscale.tar.gz"]
+    code, out, _ = deploy("down", *settings, "--delete-artifacts", "--models", "sd_base")
+    assert code == 0 and "deleted 0 archive(s)" in out, "already gone: nothing to delete, no error"
+
+
+def test_plan_shows_the_archive_keys_down_may_delete(deploy, settings):
+    code, out, _ = deploy("plan", *settings, "--prefix", "team/store")
+    assert code == 0
+    down = out[out.index("== down"):]
+    deleted = re.findall(r"\{'Key': '([^']+)'\}", down[down.index("s3.delete_objects("):])
+    assert deleted == [f"team/store/{name}.tar.gz" for name in MODELS]
+
+
+def test_run_logs_mask_account_ids(deploy, s3, sagemaker, settings):
+    from moto.sagemaker.models import sagemaker_backends
+
+    deploy("up", *settings)
+    live = sagemaker_backends[ACCOUNT][REGION].endpoints["sd-studio"]
+    live.endpoint_status = "Failed"
+    live.failure_reason = f"AccessDenied: {ROLE} may not read s3://{BUCKET}/{PREFIX}/sd_base.tar.gz"
+    code, out, err = deploy("up", *settings, "--instance-count", "2")
+    assert code == 1 and "arn:aws:iam::<account>:role/sd-studio-sagemaker may not read" in err
+    assert ACCOUNT not in out + err
+
+
+def test_down_reports_archives_s3_refused_to_delete(clean_env):
+    """delete_objects answers 200 with per-key Errors (AccessDenied on one key, say): not a success."""
+    from deploy.aws import DeployError
+    from deploy.config import DeployConfig
+    from deploy.upload import delete_archives
+
+    class RefusingS3:
+        def read(self, call):
+            return {}  # head_bucket: the bucket exists
+
+        def paginate(self, call, key):
+            return [{"Key": f"{PREFIX}/sd_base.tar.gz"}, {"Key": f"{PREFIX}/notes.txt"}]
+
+        def run(self, call):
+            assert call.params["Delete"]["Objects"] == [{"Key": f"{PREFIX}/sd_base.tar.gz"}], "only our archive"
+            return {"Errors": [{"Key": f"{PREFIX}/sd_base.tar.gz", "Code": "AccessDenied"}]}
+
+    with pytest.raises(DeployError, match=r"could not delete sd-studio/models/sd_base.tar.gz \(AccessDenied\)"):
+        delete_archives(DeployConfig(region=REGION, bucket=BUCKET), RefusingS3())

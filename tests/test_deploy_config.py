@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from botocore.exceptions import ClientError
 
+from deploy import cli
 from deploy.aws import DeployError
 from deploy.cli import build_parser
 from deploy.archive import REPO_ROOT
-from deploy.config import ConfigError, DeployConfig, load_config
+from deploy.config import ConfigError, DeployConfig, check_prefix, load_config
 from deploy.endpoint import wait_for_endpoint
 from tests.test_deploy_support import BUCKET, REGION, ROLE, clean_env, deploy, repository, tripwire  # noqa: F401
 
@@ -61,7 +63,7 @@ def test_region_falls_back_to_boto3(clean_env, monkeypatch):
 
 
 def test_every_command_has_help(deploy):
-    for command in ("plan", "weights", "package", "up", "add-model", "list", "invoke", "down"):
+    for command in ("plan", "weights", "package", "up", "add-model", "list", "invoke", "down", "policy"):
         with pytest.raises(SystemExit) as exit_:
             deploy(command, "--help")
         assert exit_.value.code == 0
@@ -152,3 +154,85 @@ def test_wait_returns_when_in_service_and_times_out_otherwise():
     slow = DeployConfig(region=REGION, poll_seconds=0.001, wait_timeout_seconds=0.01)
     with pytest.raises(DeployError, match="still Creating after"):
         wait_for_endpoint(slow, lambda: {"EndpointStatus": "Creating"})
+
+
+# --- the archives' S3 prefix ------------------------------------------------------------------------
+
+BAD_PREFIXES = {
+    "empty": ("", "it is empty"),
+    "only-a-slash": ("/", "it is empty"),
+    "dot-dot": ("..", "'..' segment"),
+    "dot-dot-inside": ("a/../b", "'..' segment"),
+    "dot": ("a/./b", "'..' segment"),
+    "absolute": ("/x", "starts with '/'"),
+    "empty-segment": ("a//b", "empty segment"),
+    "backslash": ("a\\b", "contains '\\\\'"),
+    "control-character": ("a\x00b", "contains '\\x00'"),
+    "newline": ("a\nb", "contains '\\n'"),
+    "space": ("a b", "contains ' '"),
+    "wildcard": ("a/*", "contains '*'"),
+    "too-long": ("a" * 257, "longer than 256"),
+}
+
+
+@pytest.mark.parametrize(("prefix", "reason"), BAD_PREFIXES.values(), ids=BAD_PREFIXES.keys())
+@pytest.mark.parametrize("command", ["up", "package", "list", "down"])
+def test_a_bad_prefix_stops_every_command_that_uses_it(deploy, tripwire, repository, command, prefix, reason):
+    extra = {"up": (), "package": ("--repository", str(repository)), "list": (), "down": ("--delete-artifacts",)}[command]
+    code, _, err = deploy(command, *COMPLETE, *extra, "--prefix", prefix, "--aws-endpoint-url", tripwire.url)
+    assert code == 2
+    assert "--prefix" in err and reason in err, "names the flag and what is wrong"
+    assert "the S3 prefix must be one or more segments of letters, digits" in err, "states the rule"
+    assert tripwire.connections == 0
+
+
+def test_an_empty_prefix_is_refused_from_the_environment_and_the_file_too(deploy, tripwire, tmp_path, monkeypatch):
+    monkeypatch.setenv("SD_DEPLOY_PREFIX", "")
+    code, _, err = deploy("up", *COMPLETE, "--aws-endpoint-url", tripwire.url)
+    assert code == 2 and "it is empty" in err
+    monkeypatch.delenv("SD_DEPLOY_PREFIX")
+    (tmp_path / "deploy.toml").write_text('prefix = ""\n')
+    code, _, err = deploy("up", *COMPLETE, "--aws-endpoint-url", tripwire.url)
+    assert code == 2 and "it is empty" in err
+    assert tripwire.connections == 0
+
+
+def test_plan_lists_a_bad_prefix_among_the_problems(deploy, tripwire):
+    code, out, _ = deploy("plan", *COMPLETE, "--prefix", "a/../b", "--aws-endpoint-url", tripwire.url)
+    assert code == 0 and "--prefix 'a/../b'" in out.split("Before these commands can run:")[1]
+
+
+@pytest.mark.parametrize(("prefix", "key"), [
+    ("team/store", "team/store/sd_base.tar.gz"),
+    ("team/store/", "team/store/sd_base.tar.gz"),
+    ("a.b/c_d-E9", "a.b/c_d-E9/sd_base.tar.gz"),
+])
+def test_good_prefixes_are_used_as_given(clean_env, prefix, key):
+    cfg = load_config(parse("--prefix", prefix, "--bucket", BUCKET), {})
+    check_prefix(cfg)
+    assert cfg.archive_key("sd_base") == key
+    assert cfg.model_data_url == f"s3://{BUCKET}/{key.rsplit('/', 1)[0]}/"
+
+
+# --- nothing secret in what the commands print ------------------------------------------------------
+
+
+def test_errors_mask_account_ids_and_access_keys(deploy, clean_env, monkeypatch):
+    denied = ClientError({"Error": {"Code": "AccessDeniedException", "Message": (
+        "User: arn:aws:iam::123456789012:user/ci is not authorized to perform: sagemaker:CreateModel "
+        "(key AKIAIOSFODNN7EXAMPLE)")}}, "CreateModel")
+
+    def refuse(cfg, args):
+        raise denied
+
+    monkeypatch.setattr(cli, "run_plan", refuse)
+    code, out, err = deploy("plan")
+    assert code == 1 and "not authorized to perform: sagemaker:CreateModel" in err
+    assert "123456789012" not in out + err and "AKIAIOSFODNN7EXAMPLE" not in out + err
+    assert "arn:aws:iam::<account>:user/ci" in err
+
+
+def test_a_bad_role_arn_is_not_repeated(deploy, tripwire):
+    code, _, err = deploy("up", "--region", REGION, "--bucket", BUCKET, "--role-arn", "arn:aws:iam::123456789012:user/x",
+                          "--aws-endpoint-url", tripwire.url)
+    assert code == 2 and "--role-arn is not an IAM role ARN" in err and "123456789012" not in err
