@@ -5,38 +5,130 @@ An entry is a small JSON object (the browser keeps the history, so it must stay 
     {"id": "<store id of the PNG>", "task": "erase",
      "parameters": {...what the endpoint reported for this one image, its own seed included...},
      "inputs": {"image": "<store id>", "mask": "<store id>"}}     # the task's input images, if any
+
+An entry made from a dropped PNG whose image the studio does not keep has "id": None (see
+`entry_from_png`); it restores parameters only and never enters the history.
+
+Also here: the limits on what the studio decodes, in one place (see "Upload limits" below).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import io
+import os
+from typing import Any, BinaryIO
 
 from PIL import Image
 
-from studio.client import GenerationResult
-from studio.metadata import embed_parameters, image_to_png, read_parameters
-from studio.store import ResultStore
+from sdserve.images import ALLOWED_FORMATS
+from sdserve.params import SEED_MAX
+from studio.client import GenerationResult, StudioError
+from studio.metadata import (
+    MAX_PARAMETERS_BYTES,
+    MAX_PARAMETERS_DEPTH,
+    PngMetadataError,
+    embed_parameters,
+    image_to_png,
+    json_within,
+    parse_parameters,
+    read_parameters,
+    read_png_head,
+)
+from studio.store import DEFAULT_OWNER, ResultStore
 from studio.tasks import TASK_BY_MODEL, TASKS, Task
 
 HISTORY_LIMIT = 50
 CAPTION_PROMPT_CHARS = 60
+INPUT_NAMES = ("image", "mask")
 
 Entry = dict[str, Any]
 
 
+# --- upload limits ---------------------------------------------------------------------------
+# Everything the studio decodes is bounded by the model table: the largest input a tab takes
+# (MAX_INPUT_SIDE, each tab's own in Task.max_image_side) and the largest image it makes itself
+# (MAX_RESULT_SIDE: an upscale of the largest input). PIL refuses more than twice
+# Image.MAX_IMAGE_PIXELS when it opens a file, before any pixel is decoded; an upload is
+# checked against its tab's own side limit from its header (`check_upload`) before that.
+
+MAX_INPUT_SIDE = max(task.max_image_side for task in TASKS.values() if task.takes_image)
+
+
+def _largest_result_side(task: Task) -> int:
+    sizes = [task.max_image_side or 0] + [
+        int(control.maximum) for control in task.controls if control.name in ("width", "height")
+    ]
+    return max(sizes) * task.spec.output_scale
+
+
+MAX_RESULT_SIDE = max(_largest_result_side(task) for task in TASKS.values())
+MAX_IMAGE_PIXELS = MAX_RESULT_SIDE * MAX_RESULT_SIDE
+# The largest file an upload may be (Gradio's launch(max_file_size=...)): the studio's own largest
+# PNG, an RGB MAX_RESULT_SIDE square stored without compression (PNG's worst case, one filter
+# byte a row, deflate's 5 bytes per 64 KB block and the chunks' 12), with room for its metadata;
+# so every image the studio hands out can be dropped back, and nothing much larger reaches it.
+_RAW_RESULT_BYTES = MAX_RESULT_SIDE * (1 + 3 * MAX_RESULT_SIDE)
+MAX_UPLOAD_BYTES = _RAW_RESULT_BYTES + _RAW_RESULT_BYTES // 1000 + MAX_PARAMETERS_BYTES + 1024 * 1024
+
+
+def limit_image_decoding() -> None:
+    """Set PIL's decompression-bomb limit for the studio's process (done on import; idempotent):
+    it warns above MAX_IMAGE_PIXELS and refuses above twice that, when a file is opened."""
+    current = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS if current is None else min(current, MAX_IMAGE_PIXELS)
+
+
+limit_image_decoding()
+
+
+def check_upload(source: str | os.PathLike | bytes | BinaryIO, max_side: int = MAX_INPUT_SIDE,
+                 title: str = "The studio") -> tuple[int, int]:
+    """An uploaded image's (width, height), read from its header only; a StudioError when it is
+    not a PNG, JPEG or WebP, or is over `max_side` px a side (so its pixels are never decoded)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(source)
+    try:
+        with Image.open(source, formats=ALLOWED_FORMATS) as image:
+            width, height = image.size
+    except Image.DecompressionBombError:
+        raise StudioError(f"The image is far too large: {title} accepts at most {max_side} px a side.") from None
+    except Exception:  # PIL raises many types for bad bytes; all mean the same here
+        raise StudioError(f"That file is not a readable image ({', '.join(ALLOWED_FORMATS)}).") from None
+    if max(width, height) > max_side:
+        raise StudioError(
+            f"The image is {width}×{height} px; {title} accepts at most {max_side} px a side. Make it smaller first."
+        )
+    return width, height
+
+
+# --- entries -----------------------------------------------------------------------------------
+
+
 def record_result(
-    store: ResultStore, task: Task, result: GenerationResult, inputs: dict[str, Image.Image] | None = None
+    store: ResultStore, task: Task, result: GenerationResult, inputs: dict[str, Image.Image] | None = None,
+    *, owner: str = DEFAULT_OWNER,
 ) -> list[Entry]:
-    """Keep a result's PNGs (parameters embedded) and its inputs in the store; one entry per image."""
-    input_ids = {name: store.save(image_to_png(image), f"{task.name}-{name}.png") for name, image in (inputs or {}).items()}
+    """Keep a result's PNGs (parameters embedded) and its inputs in the store, as `owner`'s;
+    one entry per image."""
+    input_ids = {
+        name: store.save(image_to_png(image), f"{task.name}-{name}.png", owner=owner)
+        for name, image in (inputs or {}).items()
+    }
     entries = []
     for index, png in enumerate(result.png):
         # The endpoint embeds each image's own parameters; fall back to the result's with this image's seed.
         parameters = read_parameters(png) or {**result.parameters, "seed": _nth_seed(result, index)}
         png = embed_parameters(png, parameters)
-        result_id = store.save(png, f"{task.name}-seed-{parameters.get('seed', 'unknown')}.png")
+        result_id = store.save(png, _file_name(task, parameters), owner=owner)
         entries.append({"id": result_id, "task": task.name, "parameters": parameters, "inputs": input_ids})
     return entries
+
+
+def _file_name(task: Task, parameters: dict[str, Any]) -> str:
+    """What a download is called: the task and the seed (a seed that is no seed is "unknown")."""
+    seed = parameters.get("seed")
+    valid = isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= SEED_MAX
+    return f"{task.name}-seed-{seed if valid else 'unknown'}.png"
 
 
 def _nth_seed(result: GenerationResult, index: int) -> Any:
@@ -44,14 +136,67 @@ def _nth_seed(result: GenerationResult, index: int) -> Any:
     return seeds[index] if index < len(seeds) else seeds[0]
 
 
-def entry_from_png(store: ResultStore, png: bytes) -> Entry | None:
-    """An entry for a PNG made by the studio (dropped back into it); None without parameters."""
-    parameters = read_parameters(png)
-    task = TASK_BY_MODEL.get(str((parameters or {}).get("model")))
+def restore_from_png(
+    store: ResultStore, png: str | os.PathLike | bytes | BinaryIO, *, owner: str = DEFAULT_OWNER
+) -> Entry:
+    """The entry a dropped PNG restores, or a StudioError saying why it restores nothing.
+
+    Only the parameters are taken from the file: it is read up to its image data and never
+    kept as it came (it could carry anything after or around its pixels). The image is kept,
+    as `owner`'s, only when a tab could take it as an input (at most its task's input side, or
+    MAX_INPUT_SIDE): then it is decoded and written anew, with its parameters and nothing else,
+    so it shows as the restored result and can be sent on. A larger image (an upscale) restores
+    its parameters only: the entry's "id" is None, and the designer has the file already.
+    """
+    try:
+        head = read_png_head(png)
+        if head.parameters_text is None:
+            raise PngMetadataError("That PNG carries no studio parameters.")
+        parameters = parse_parameters(head.parameters_text)
+    except PngMetadataError as error:
+        raise StudioError(str(error)) from None
+    except OSError:
+        raise StudioError("That file could not be read.") from None
+    task = TASK_BY_MODEL.get(str(parameters.get("model")))
     if task is None:
-        return None
-    result_id = store.save(png, f"{task.name}-seed-{parameters.get('seed', 'unknown')}.png")
+        raise StudioError("That PNG's parameters are not from a model of this studio.")
+    result_id = None
+    if max(head.width, head.height) <= (task.max_image_side or MAX_INPUT_SIDE):
+        image = _decode_png(png, head)
+        if image is not None:
+            result_id = store.save(image_to_png(image, parameters), _file_name(task, parameters), owner=owner)
     return {"id": result_id, "task": task.name, "parameters": parameters, "inputs": {}}
+
+
+def entry_from_png(store: ResultStore, png: Any, *, owner: str = DEFAULT_OWNER) -> Entry | None:
+    """`restore_from_png`'s entry, or None when the PNG restores nothing."""
+    try:
+        return restore_from_png(store, png, owner=owner)
+    except StudioError:
+        return None
+
+
+def _decode_png(png: Any, head: Any) -> Image.Image | None:
+    """The pixels of a PNG whose header was read already and found within the limits; None when
+    they cannot be decoded (the parameters are restored all the same)."""
+    if isinstance(png, (bytes, bytearray, memoryview)):
+        png = io.BytesIO(png)
+    elif hasattr(png, "seek"):
+        png.seek(0)
+    try:
+        with Image.open(png, formats=["PNG"]) as image:
+            if image.size != (head.width, head.height):
+                return None
+            image.load()
+            return image if image.mode in ("RGB", "RGBA", "L") else image.convert("RGB")
+    except Exception:  # a damaged image after a good header: no image, the parameters still
+        return None
+
+
+def download_path(entry: Entry | None, store: ResultStore) -> str | None:
+    """The file a DownloadButton offers for an entry; None when the studio keeps no image for it."""
+    path = store.path(entry.get("id")) if isinstance(entry, dict) else None
+    return str(path) if path is not None else None
 
 
 def add_to_history(history: list[Entry] | None, entries: list[Entry], limit: int = HISTORY_LIMIT) -> list[Entry]:
@@ -62,35 +207,48 @@ def add_to_history(history: list[Entry] | None, entries: list[Entry], limit: int
 def valid_history(history: Any, store: ResultStore) -> list[Entry]:
     """The entries that are well-formed and whose images are still in the store.
 
-    The history comes back from the browser, so it is checked like any other input.
+    The history comes back from the browser, so it is checked like any other input. Only the first HISTORY_LIMIT entries are looked at (the studio never writes more), so a
+    forged history of any length costs no more than a full one; each valid entry comes back
+    with only the keys an entry has, its parameters at most as large as a PNG's may be.
     """
     if not isinstance(history, list):
         return []
-    return [entry for entry in history if _is_valid_entry(entry, store)][:HISTORY_LIMIT]
+    entries = (_valid_entry(entry, store) for entry in history[:HISTORY_LIMIT])
+    return [entry for entry in entries if entry is not None]
 
 
-def _is_valid_entry(entry: Any, store: ResultStore) -> bool:
-    return (
-        isinstance(entry, dict)
-        and entry.get("task") in TASKS
-        and isinstance(entry.get("parameters"), dict)
+def _valid_entry(entry: Any, store: ResultStore) -> Entry | None:
+    if not isinstance(entry, dict):
+        return None
+    task, parameters, inputs = entry.get("task"), entry.get("parameters"), entry.get("inputs", {})
+    if not (
+        isinstance(task, str)
+        and task in TASKS
+        and isinstance(parameters, dict)
+        and isinstance(inputs, dict)
+        and all(name in INPUT_NAMES and isinstance(value, str) for name, value in inputs.items())
+        and json_within(parameters, max_chars=MAX_PARAMETERS_BYTES, max_depth=MAX_PARAMETERS_DEPTH)
         and store.path(entry.get("id")) is not None
-        and isinstance(entry.get("inputs", {}), dict)
-    )
+    ):
+        return None
+    return {"id": entry["id"], "task": task, "parameters": parameters, "inputs": inputs}
 
 
 def caption(entry: Entry) -> str:
     parameters = entry["parameters"]
-    prompt = str(parameters.get("prompt") or "")
+    prompt = parameters.get("prompt")
+    prompt = prompt if isinstance(prompt, str) else ""
     if len(prompt) > CAPTION_PROMPT_CHARS:
         prompt = prompt[: CAPTION_PROMPT_CHARS - 1] + "…"
-    parts = [TASKS[entry["task"]].title, f"seed {parameters.get('seed', '?')}", prompt]
+    seed = effective_seed(entry)
+    parts = [TASKS[entry["task"]].title, f"seed {'?' if seed is None else seed}", prompt]
     return " · ".join(part for part in parts if part)
 
 
 def gallery_items(entries: list[Entry], store: ResultStore) -> list[tuple[str, str]]:
-    """(image path, caption) pairs, as gr.Gallery shows them."""
-    return [(str(store.path(entry["id"])), caption(entry)) for entry in entries if store.path(entry["id"])]
+    """(image path, caption) pairs, as gr.Gallery shows them (entries without an image left out)."""
+    paths = [(download_path(entry, store), entry) for entry in entries]
+    return [(path, caption(entry)) for path, entry in paths if path is not None]
 
 
 def restored_values(task: Task, parameters: dict[str, Any]) -> dict[str, Any]:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import gradio as gr
+from gradio import processing_utils
 
+from studio.client import StudioError
 from studio.masks import BRUSH_OPACITY, BRUSH_RGB
+from studio.session import MAX_INPUT_SIDE, check_upload
 from studio.tasks import TASKS, Control, Task
 
 # Every result can be sent on to these tabs (the ones that take an image).
@@ -124,25 +129,25 @@ def _image_inputs(task: Task):
         return None, None, None, {}
     limit = f"at most {task.max_image_side} px a side"
     if not task.takes_mask:
-        image = gr.Image(
+        image = _bounded(task, gr.Image(
             label=f"Input image ({limit})", type="pil", image_mode="RGB", sources=("upload", "clipboard"),
             height=360, elem_id=f"{task.name}-image",
-        )
+        ))
         return image, None, None, {"image": image}
-    editor = gr.ImageEditor(
+    editor = _bounded(task, gr.ImageEditor(
         label=f"Image: paint over what should go ({limit})",
         type="pil", image_mode="RGBA", format="png", sources=("upload", "clipboard"),
         # No crop or resize: the mask must stay aligned with the image it was painted on.
         transforms=(), layers=False, brush=brush(DEFAULT_BRUSH_SIZE), eraser=gr.Eraser(default_size=DEFAULT_BRUSH_SIZE),
         canvas_size=EDITOR_CANVAS_SIZE, height=420, elem_id=f"{task.name}-editor",
-    )
+    ))
     with gr.Row():
         brush_size = gr.Slider(1, 128, value=DEFAULT_BRUSH_SIZE, step=1, label="Brush size (px)", elem_id=f"{task.name}-brush-size")
-        mask_preview = gr.Image(
+        mask_preview = _bounded(task, gr.Image(
             label="Mask (white = replace)", type="pil", image_mode="L", interactive=False, height=160,
             elem_id=f"{task.name}-mask",
-        )
-    api_image = gr.Image(label="Image", type="pil", image_mode="RGB", visible=False)
+        ))
+    api_image = _bounded(task, gr.Image(label="Image", type="pil", image_mode="RGB", visible=False))
     return editor, brush_size, mask_preview, {"image": api_image, "mask": mask_preview}
 
 
@@ -157,3 +162,53 @@ def control_widget(control: Control, value: Any, elem_id: str) -> gr.components.
     if control.widget == "number":
         return gr.Number(precision=0, minimum=control.minimum, maximum=control.maximum, **common)
     raise ValueError(f"unknown widget {control.widget!r} for {control.name}")
+
+
+# --- upload limits ---------------------------------------------------------------------------
+# Gradio decodes an uploaded image before a handler sees it. A bounded image input first reads
+# the upload's header (studio.session.check_upload), so an image over its tab's limit, or a small
+# file claiming to be huge, is refused before a pixel is decoded. The check is bound to the
+# component instance, not a subclass: Gradio writes a .pyi file beside the module of every
+# component class it sees, and a per-session copy of the component keeps the check.
+
+
+def bounded_upload(component: Any, max_side: int = MAX_INPUT_SIDE, title: str = "The studio") -> Any:
+    """`component` (a gr.Image or gr.ImageEditor) refusing an upload over `max_side` px a side."""
+    component.max_upload_side, component.upload_title = max_side, title
+    if isinstance(component, gr.ImageEditor):  # the background, each layer and the composite
+        component.convert_and_format_image = types.MethodType(_checked_image_file, component)
+    else:
+        component.preprocess = types.MethodType(_checked_preprocess, component)
+    return component
+
+
+def _bounded(task: Task, component: Any) -> Any:
+    return bounded_upload(component, task.max_image_side or MAX_INPUT_SIDE, task.title)
+
+
+def _checked_preprocess(self: gr.Image, payload: Any) -> Any:
+    if payload is not None:
+        _check_upload(payload, self.max_upload_side, self.upload_title)
+    return type(self).preprocess(self, payload)
+
+
+def _checked_image_file(self: gr.ImageEditor, file: Any, flatten_on_white: bool = False) -> Any:
+    if file is not None:
+        _check_upload(file, self.max_upload_side, self.upload_title)
+    return type(self).convert_and_format_image(self, file, flatten_on_white=flatten_on_white)
+
+
+def _check_upload(payload: Any, max_side: int, title: str) -> None:
+    """A gr.Error (shown to the designer) when an uploaded image is over `max_side` px a side."""
+    if isinstance(payload, (bytes, bytearray, memoryview)):
+        source: Any = bytes(payload)
+    elif getattr(payload, "path", None):
+        source = payload.path
+    elif str(getattr(payload, "url", None) or "").startswith("data:"):
+        source = base64.b64decode(processing_utils.extract_base64_data(payload.url))
+    else:
+        return  # nothing here to decode (Gradio itself refuses it)
+    try:
+        check_upload(source, max_side, title)
+    except StudioError as error:
+        raise gr.Error(str(error), print_exception=False) from None

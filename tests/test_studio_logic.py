@@ -244,10 +244,10 @@ def test_store_refuses_malformed_or_unknown_ids(store, forged):
 
 
 def test_store_removes_the_oldest_past_its_limit(tmp_path):
-    store = ResultStore(tmp_path, max_items=3)
+    store = ResultStore(tmp_path, max_items=3)  # per owner (tests/test_studio_hardening.py has the rest)
     ids = []
     for color in range(5):
-        ids.append(store.save(png_with_parameters(None, color=(color, 0, 0)), "x"))
+        ids.append(store.save(png_with_parameters(None, color=(color, 0, 0)), "x", owner="ann"))
         time.sleep(0.01)  # distinct modification times
     assert [store.path(result_id) is not None for result_id in ids] == [False, False, True, True, True]
 
@@ -308,10 +308,12 @@ def test_restoring_maps_parameters_back_onto_controls():
 
 
 def test_a_dropped_png_becomes_an_entry_of_its_task(store):
-    png = png_with_parameters({"model": "sd_upscale", "seed": 8, "noise_level": 30})
+    png = png_with_parameters({"model": "sd_upscale", "seed": 8, "noise_level": 30}, extra_text={"Comment": "x"})
     entry = session.entry_from_png(store, png)
     assert entry["task"] == "upscale" and entry["parameters"]["noise_level"] == 30
-    assert store.path(entry["id"]).read_bytes() == png
+    kept = store.path(entry["id"]).read_bytes()  # its pixels and parameters, written anew: not the file as dropped
+    assert kept != png and read_parameters(kept) == entry["parameters"]
+    assert Image.open(io.BytesIO(kept)).tobytes() == Image.open(io.BytesIO(png)).tobytes()
     assert session.entry_from_png(store, png_with_parameters({"model": "other"})) is None
     assert session.entry_from_png(store, image_to_png(Image.new("RGB", (8, 8)))) is None
 
