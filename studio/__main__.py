@@ -22,10 +22,17 @@ import signal
 import sys
 from pathlib import Path
 
+from sdserve.files import atomic_file
+
 from studio.access import Quotas, choose_access
 from studio.app import build_app
 from studio.client import StudioClient
-from studio.endpoint import LocalEndpointProcess, checkout_has_tiny_weights, local_endpoint_available
+from studio.endpoint import (
+    LocalEndpointProcess,
+    checkout_has_tiny_weights,
+    local_endpoint_available,
+)
+from studio.session import MAX_UPLOAD_BYTES
 from studio.store import ResultStore
 
 DEFAULT_RESULTS_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-studio" / "results"
@@ -100,18 +107,31 @@ def main(argv: list[str] | None = None) -> None:
             access=args.access, quotas=Quotas(args.jobs_per_minute, args.images_per_day),
         )
         auth = args.access.users.check if args.access.mode == "password" else None
-        demo.queue().launch(server_name=args.host, server_port=args.port, auth=auth)
+        demo.queue().launch(
+            server_name=args.host, server_port=args.port, auth=auth,
+            # Uploads are refused past what the studio can take (the largest PNG it makes), before
+            # Gradio stores them; the store's bookkeeping is never served.
+            max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(store.root / ".owners")],
+        )
 
 
 def _history_secret(results_dir: Path) -> str:
-    """The key the browser's copy of the history is encrypted with, kept beside the results.
+    """The key the browser's copy of the history is encrypted with, kept beside the results folder
+    (not in it: Gradio serves that folder's files).
 
     Gradio picks a new one at every start otherwise, and the history would be lost with every
     restart although its images are still here.
     """
-    path = results_dir / ".history-secret"
+    path = results_dir.parent / f".{results_dir.name}-history-secret"
+    served = results_dir / ".history-secret"  # where earlier versions kept it
+    if served.is_file():
+        if not path.is_file():
+            served.replace(path)
+            path.chmod(0o600)
+        served.unlink(missing_ok=True)
     if not path.is_file():
-        path.write_text(secrets.token_urlsafe(16))
+        with atomic_file(path, mode=0o600) as staging:
+            staging.write_text(secrets.token_urlsafe(16))
     return path.read_text().strip()
 
 

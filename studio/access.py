@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sdserve.files import atomic_file
+
 from studio.client import StudioError
 
 PBKDF2_ROUNDS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256

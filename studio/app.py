@@ -21,25 +21,26 @@ from typing import Any
 
 import gradio as gr
 from PIL import Image
-
 from sdserve.catalog import MAX_BATCH_SIZE
-from studio.client import StudioClient, StudioError
+
 from studio.access import Access, QuotaBook, Quotas
+from studio.client import StudioClient, StudioError
 from studio.jobs import JobPlan, PartialJobError
 from studio.masks import editor_value, mask_from_editor
+from studio.scheduler import FairScheduler
 from studio.session import (
     Entry,
     add_to_history,
+    download_path,
     effective_seed,
-    entry_from_png,
     gallery_items,
     record_result,
+    restore_from_png,
     restored_inputs,
     restored_values,
     shows_tiny_weights,
     valid_history,
 )
-from studio.scheduler import FairScheduler
 from studio.status import run_with_status
 from studio.store import ResultStore
 from studio.tasks import TASKS, Task
@@ -108,11 +109,12 @@ class Handlers:
 
     def show_current(self, panel: TaskPanel, entry: Entry) -> dict:
         seed = effective_seed(entry)
+        path = download_path(entry, self.store)  # None for a dropped PNG kept as parameters only
         return {
             panel.current: entry,
             panel.parameters: entry["parameters"],
             panel.seed_used: "" if seed is None else str(seed),
-            panel.download: gr.DownloadButton(value=str(self.store.path(entry["id"])), interactive=True),
+            panel.download: gr.DownloadButton(value=path, interactive=path is not None),
         }
 
     def restore(self, entry: Entry) -> dict:
@@ -153,7 +155,8 @@ class Handlers:
                     result = yield from run_with_status(
                         lambda on_status: task.send(
                             self.client(), plan, on_status, job=job,
-                            on_result=lambda index, one: arrived.extend(record_result(self.store, task, one)),
+                            on_result=lambda index, one: arrived.extend(
+                                record_result(self.store, task, one, owner=designer)),
                         ),
                         present=present,
                         waiting=job.waiting_line,
@@ -165,7 +168,7 @@ class Handlers:
                 yield {page.status: f"**Error:** {message}"}
                 raise gr.Error(message, print_exception=False) from None
             inputs = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
-            entries = record_result(self.store, task, result, inputs)
+            entries = record_result(self.store, task, result, inputs, owner=designer)
             history_entries = add_to_history(valid_history(history_entries, self.store), entries)
             done = f"{task.title}, {_count(len(entries))} in {result.seconds:.1f} s."
             if problem is not None:
@@ -190,7 +193,7 @@ class Handlers:
                     result = task.send(self.client(), plan, job=job)
             except Exception as error:
                 raise gr.Error(_designer_message(error), print_exception=False) from None
-            return gallery_items(record_result(self.store, task, result), self.store), result.parameters
+            return gallery_items(record_result(self.store, task, result, owner=designer), self.store), result.parameters
 
         return call
 
@@ -219,10 +222,13 @@ class Handlers:
         entries = valid_history(history_entries, self.store)
         return self.restore(entries[selected.index]) if selected.index < len(entries) else {}
 
-    def open_png(self, png: bytes | None) -> dict:
-        entry = entry_from_png(self.store, png) if png else None
-        if entry is None:
-            raise gr.Error("That PNG carries no studio parameters.", print_exception=False)
+    def open_png(self, png: bytes | None, request: gr.Request = None) -> dict:
+        """A dropped PNG's parameters (and, within the tabs' limits, its image) back in its tab;
+        the upload itself is never kept."""
+        try:
+            entry = restore_from_png(self.store, png or b"", owner=self.access.designer(request))
+        except StudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
         return self.restore(entry)
 
     def show_history(self, history_entries: Any) -> dict:

@@ -64,7 +64,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-
 from sdserve.catalog import (
     IMAGE,
     MASK_IMAGE,
@@ -78,6 +77,7 @@ from sdserve.catalog import (
 )
 from sdserve.errors import RequestError
 from sdserve.params import RANDOM_SEED, SEED_MAX
+
 from studio.client import (
     INVOCATION_LIMIT_S,
     MAX_ANSWER_BYTES,

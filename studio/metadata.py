@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
-
 from sdserve.catalog import MAX_PROMPT_CHARS
 
 PARAMETERS_KEY = "parameters"

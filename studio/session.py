@@ -19,9 +19,9 @@ import os
 from typing import Any, BinaryIO
 
 from PIL import Image
-
 from sdserve.images import ALLOWED_FORMATS
 from sdserve.params import SEED_MAX
+
 from studio.client import GenerationResult, StudioError
 from studio.metadata import (
     MAX_PARAMETERS_BYTES,

@@ -27,7 +27,6 @@ from the marker files at start), so one studio process owns a results folder.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import threading
@@ -35,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
-
 from sdserve.files import atomic_file
+
 from studio.client import StudioError
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
-
 from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
+
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
 from studio.jobs import JobPlan, ResultCallback, max_input_side, plan_job
 from studio.scheduler import Job

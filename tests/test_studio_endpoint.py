@@ -69,3 +69,14 @@ def test_the_history_key_survives_a_restart(tmp_path):
     first = cli._history_secret(tmp_path)
     assert first and cli._history_secret(tmp_path) == first
 
+
+
+def test_the_history_key_lives_outside_the_served_results_folder(tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / ".history-secret").write_text("kept-by-an-older-version")
+    key = cli._history_secret(results)
+    assert key == "kept-by-an-older-version"  # moved, so the browsers' histories still open
+    assert not any(path.name.endswith("secret") for path in results.rglob("*"))
+    [secret_file] = [path for path in tmp_path.iterdir() if path.name.endswith("history-secret")]
+    assert secret_file.stat().st_mode & 0o077 == 0  # readable by its owner only
