@@ -18,8 +18,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -37,6 +39,8 @@ from studio.metadata import PARAMETERS_KEY
 
 if TYPE_CHECKING:  # studio.jobs imports this module; at run time it is imported where used
     from studio.jobs import JobPlan, JobResult, ResultCallback, Submit
+
+log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint refuses larger bodies
 MAX_ANSWER_BYTES = MAX_PAYLOAD_BYTES  # and SageMaker drops larger answers
@@ -348,30 +352,47 @@ def png_with_parameters(image: Image.Image, parameters: dict[str, Any]) -> bytes
 
 # --- failures, in words a designer can act on --------------------------------------------
 
+# What a designer never needs to read, and may not: AWS account ids and ARNs (an AccessDenied
+# names the caller's IAM identity), and file system paths (Triton's errors can carry them).
+REDACTIONS = (
+    (re.compile(r"arn:aws[\w-]*:[^\s\"',;)]+"), "<arn>"),
+    (re.compile(r"(?<!\d)\d{12}(?!\d)"), "<account>"),
+    (re.compile(r"(?:/[\w.@+-]+){2,}/?"), "<path>"),
+)
+
+
+def redacted(text: str) -> str:
+    for pattern, replacement in REDACTIONS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
 def describe_failure(error: Exception, model: str, config: EndpointConfig) -> StudioError:
+    """A StudioError in words a designer can act on; the full text goes to the studio's log."""
+    log.warning("call to %s via %s failed: %s", model, config.where, error)
     if isinstance(error, botocore.exceptions.ClientError):
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "")
         if code == "ModelError":
             # The model had no time left in this invocation for the call; another one may.
-            text = _model_message(error.response, message)
+            text = redacted(_model_message(error.response, message))
             return StudioError(text, retryable=BUSY_WORDS in text)
         if code == "ModelNotReadyException":
             return StudioError(f"The {model} model is still loading on the endpoint.", retryable=True)
         if code in RETRYABLE_CODES:
             return StudioError(f"The endpoint is busy ({code}).", retryable=True)
         if code == "ValidationError":
-            return StudioError(f"The endpoint refused the request: {message}")
-        return StudioError(f"The endpoint answered with an error ({code}): {message}")
+            return StudioError(f"The endpoint refused the request: {redacted(message)}")
+        return StudioError(f"The endpoint refused the studio's call ({code}); the details are in the studio's log.")
     if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
         return StudioError(
-            f"{config.where} did not answer within {config.read_timeout_s:.0f} s. Try fewer steps or a smaller size."
+            f"The endpoint did not answer within {config.read_timeout_s:.0f} s. Try fewer steps or a smaller size."
         )
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
-        return StudioError(f"Cannot reach {config.where}. Is it running?")
+        return StudioError("Cannot reach the endpoint. Is it running? (The studio's log says where it looked.)")
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return StudioError("No AWS credentials were found for the SageMaker endpoint.")
-    return StudioError(f"Calling {config.where} failed: {error}")
+    return StudioError("Calling the endpoint failed; the details are in the studio's log.")
 
 
 def _model_message(response: dict, fallback: str) -> str:

@@ -25,6 +25,7 @@ from studio.client import (
     StudioClient,
     StudioError,
     build_payload,
+    describe_failure,
     parse_answer,
 )
 from studio.metadata import read_parameters
@@ -122,7 +123,7 @@ def test_an_endpoint_that_is_not_running_is_named():
         port = sock.getsockname()[1]  # closed again: nothing listens there
     client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=f"http://127.0.0.1:{port}",
                                          connect_timeout_s=2))
-    with pytest.raises(StudioError, match=f"Cannot reach http://127.0.0.1:{port}. Is it running?"):
+    with pytest.raises(StudioError, match=r"Cannot reach the endpoint. Is it running\?"):
         client.generate("a cat", num_inference_steps=2, width=64, height=64)
 
 
@@ -160,3 +161,22 @@ def test_a_cancel_stops_the_retries_of_a_call():
         client.invoke("sd_base", {"prompt": "a"}, {}, cancelled=cancelled,
                       on_status=lambda line: cancelled.set() if "Retrying" in line else None)
     assert Loading.calls == 1 and time.monotonic() - started < 5  # no 30 s back-off slept through
+
+
+def test_what_a_designer_reads_carries_no_account_arn_or_path():
+    config = EndpointConfig(endpoint_name="secret-endpoint", region="eu-west-3")
+    denied = botocore.exceptions.ClientError(
+        {"Error": {"Code": "AccessDeniedException", "Message": "User: arn:aws:iam::123456789012:user/studio is not "
+                   "authorized to perform: sagemaker:InvokeEndpoint on resource: arn:aws:sagemaker:eu-west-3:"
+                   "123456789012:endpoint/secret-endpoint"}}, "InvokeEndpoint")
+    model_failure = botocore.exceptions.ClientError(
+        {"Error": {"Code": "ModelError", "Message": "x"}, "OriginalStatusCode": 400,
+         "OriginalMessage": '{"error": "failed to load /opt/ml/models/abc/model/1/model.py for account 123456789012"}'},
+        "InvokeEndpoint")
+    timeout = botocore.exceptions.ReadTimeoutError(endpoint_url="https://runtime.sagemaker.eu-west-3.amazonaws.com")
+    for error in (denied, model_failure, timeout):
+        message = str(describe_failure(error, "sd_base", config))
+        for secret in ("123456789012", "arn:aws", "/opt/ml", "secret-endpoint", "eu-west-3"):
+            assert secret not in message, message
+    assert "AccessDeniedException" in str(describe_failure(denied, "sd_base", config))
+    assert "<path>" in str(describe_failure(model_failure, "sd_base", config))

@@ -430,7 +430,7 @@ def test_client_timeout_sends_the_request_once(endpoint, runtime):
     invoke(runtime, "sd_base.tar.gz")  # loaded
     client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url, read_timeout_s=1))
     before = endpoint.invocations_total
-    with pytest.raises(StudioError, match=f"{endpoint.url} did not answer within 1 s"):
+    with pytest.raises(StudioError, match="The endpoint did not answer within 1 s"):
         client.generate("a slow one", num_inference_steps=40, width=SIZE, height=SIZE)
     assert endpoint.invocations_total - before == 1  # botocore did not send it again
     wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)

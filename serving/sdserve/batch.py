@@ -140,7 +140,10 @@ def serve_batch(
                 continue
             except Exception as error:  # the call's requests fail; the rest of the batch goes on
                 log.exception("pipeline call failed for %d image(s)", len(chunk))
-                _fail(outcomes, chunk, RuntimeError(f"{loaded.model} failed to generate: {error}"))
+                # The caller hears what kind of failure it was; its text (paths, devices) stays in the log.
+                _fail(outcomes, chunk, RuntimeError(
+                    f"{loaded.model} failed to generate ({type(error).__name__}); the model server's log has "
+                    "the details"))
                 continue
             for (index, row_index, _), image in zip(chunk, generated):
                 images[index, row_index].append(image)
