@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import hashlib
 import importlib.util
 import os
@@ -64,6 +65,7 @@ from sdserve.files import atomic_file
 
 __all__ = [
     "AUTO",
+    "exit_with_parent",
     "LocalTriton",
     "TritonInstallation",
     "TritonLaunchError",
@@ -216,6 +218,20 @@ def _make_executable(path: Path) -> None:
     wanted = mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
     if mode != wanted:
         os.chmod(path, wanted)
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def exit_with_parent() -> None:
+    """A child's preexec_fn: the kernel sends it SIGTERM when the thread that started it ends,
+    however that happens (SIGKILL included), so nothing the project starts outlives its parent.
+
+    The signal follows the *thread*: start long-lived children from a thread that lives as long
+    as they should (the main thread, or a watchdog's).
+    """
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def gpu_available() -> bool:
@@ -552,7 +568,7 @@ class LocalTriton:
                                                            self._empty_repository),
                 # Its own process group: stop() can reach the Python-backend stubs too, and a
                 # Ctrl-C in the terminal goes to us (we stop the server cleanly), not to it.
-                start_new_session=True)
+                start_new_session=True, preexec_fn=exit_with_parent)
         _running.add(self)
 
         ready_url = (self._url("sagemaker") + "/ping" if self.sagemaker

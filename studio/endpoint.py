@@ -4,9 +4,7 @@ own local endpoint (`python -m deploy.local_endpoint`), started for the studio a
 
 from __future__ import annotations
 
-import ctypes
 import importlib.util
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +18,6 @@ from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
 LOCAL_ENDPOINT_MODULE = "deploy.local_endpoint"
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 class EndpointStartError(RuntimeError):
@@ -64,10 +61,14 @@ class LocalEndpointProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> LocalEndpointProcess:
+        from serving.local_triton import exit_with_parent
+
         self.process = subprocess.Popen(
             [sys.executable, "-m", LOCAL_ENDPOINT_MODULE, "--port", str(self.port)],
             cwd=REPO_ROOT,
-            preexec_fn=_stop_with_parent if sys.platform == "linux" else None,
+            # Killed without cleaning up (SIGKILL), the studio still takes the endpoint (and its
+            # Triton) with it.
+            preexec_fn=exit_with_parent,
         )
         try:
             self._wait_until_up()
@@ -106,9 +107,3 @@ def _pings(url: str) -> bool:
             return response.status == 200
     except (urllib.error.URLError, OSError):
         return False
-
-
-def _stop_with_parent() -> None:
-    # Runs in the child before exec: if the studio dies without cleaning up (SIGKILL), the
-    # kernel sends the endpoint SIGTERM instead of leaving it and its Triton server running.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

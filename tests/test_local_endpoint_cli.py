@@ -125,3 +125,38 @@ def test_a_missing_store_folder_answers_validation_errors(tmp_path):
         process.communicate(timeout=60)
     assert process.returncode == 0
 
+
+
+def test_an_endpoint_killed_during_a_call_leaves_no_triton_behind(model_repository, tmp_path):
+    """kill -9 of the endpoint (which cannot clean up) while a model computes: its tritonserver and
+    the model's process still end, since the kernel tells tritonserver its parent is gone."""
+    port = find_free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = run_endpoint(tmp_path, port, "--build-from", str(model_repository))
+    try:
+        assert wait_for(lambda: pings(url) or process.poll() is not None, timeout=180)
+        runtime = boto3.session.Session(
+            region_name="us-east-1", aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
+        ).client("sagemaker-runtime", endpoint_url=url,
+                 config=botocore.config.Config(read_timeout=300, retries={"total_max_attempts": 1}))
+        runtime.invoke_endpoint(EndpointName="sd-studio", TargetModel="sd_base.tar.gz",
+                                ContentType="application/json", Body=kserve_body(PROMPT))
+        triton_pid = requests.get(url + "/models", timeout=5).json()["triton"]["pid"]
+        assert len(group_members(triton_pid)) >= 2  # tritonserver and the model's stub
+        long_call = kserve_body(PROMPT, num_inference_steps=150, width=128, height=128)
+        sender = subprocess.Popen(  # a call in flight when the endpoint dies
+            [sys.executable, "-c", "import sys, requests; requests.post(sys.argv[1], data=sys.stdin.buffer.read(), "
+             "headers={'X-Amzn-SageMaker-Target-Model': 'sd_base.tar.gz', 'Content-Type': 'application/json'}, "
+             "timeout=60)", f"{url}/endpoints/sd-studio/invocations"],
+            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        sender.stdin.write(long_call)
+        sender.stdin.close()
+        time.sleep(2)
+        process.kill()
+        process.wait(timeout=30)
+        assert wait_for(lambda: group_members(triton_pid) == [], timeout=60), group_members(triton_pid)
+        sender.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -12,17 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.archive import REPO_ROOT
 from sdserve.catalog import INVOCATION_SECONDS, MAX_PAYLOAD_BYTES
+
+from deploy.archive import REPO_ROOT
 
 from .cache import ModelCache
 from .errors import (
-    answer_too_large,
     LOCAL_ACCOUNT,
     EndpointError,
     InternalFailure,
     ServiceUnavailable,
     ValidationError,
+    answer_too_large,
     model_error,
 )
 from .front import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, HttpFront  # noqa: F401 (MAX_REQUEST_BYTES: exported here)
@@ -88,7 +89,6 @@ class LocalEndpoint:
         self._counter_lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._restart_lock = threading.Lock()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,30 +165,32 @@ class LocalEndpoint:
     # -- tritonserver death -------------------------------------------------------------------
 
     def _watch_triton(self) -> None:
+        # Restarts happen on this thread, which lives as long as the endpoint: the kernel tells a
+        # tritonserver to exit when the thread that started it ends (local_triton.exit_with_parent).
         while not self._stopping.wait(0.5):
             if not self.triton.is_running():
                 self._triton_died()
+                self._restart_triton()
 
     def _triton_died(self) -> str:
-        """Record the death (once) and restart tritonserver in the background; the reason."""
+        """Record the death (once; the watchdog restarts tritonserver); the reason."""
         code = self.triton.exit_code()
         reason = f"tritonserver exited unexpectedly with code {code}"
         if self.registry is not None and self.registry.triton_died(reason) and not self._stopping.is_set():
             log.error("%s; restarting it (models are loaded again on their next call)", reason)
-            self._thread(self._restart_triton, "triton restart")
         return reason
 
     def _restart_triton(self) -> None:
-        with self._restart_lock:
-            while not self._stopping.is_set():
-                try:
-                    self.triton.restart(timeout=self.settings.triton_startup_timeout_s)
-                except Exception as error:  # noqa: BLE001 - keep trying, say why
-                    log.error("restarting tritonserver failed: %s; trying again in 5 s", error)
-                    self._stopping.wait(5)
-                    continue
+        while not self._stopping.is_set():
+            try:
+                self.triton.restart(timeout=self.settings.triton_startup_timeout_s)
+            except Exception as error:  # noqa: BLE001 - keep trying, say why
+                log.error("restarting tritonserver failed: %s; trying again in 5 s", error)
+                self._stopping.wait(5)
+                continue
+            if self.registry is not None:
                 self.registry.triton_restarted()
-                return
+            return
 
     # -- invoke ------------------------------------------------------------------------------
 
