@@ -1,10 +1,17 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, by area: the model repository and artifacts (all), the
+local endpoint's archive store, and the deploy tests' AWS fixtures (defined in deploy_support)."""
 
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from sdserve.catalog import MODELS
+
+from deploy.archive import build_model_archive
+
+# The deploy tests' fixtures, offered to every test from here so that no test imports a fixture.
+from tests.deploy_support import clean_env, deploy, moto, moto_url, repository, tripwire  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = ROOT / "serving" / "models"
@@ -24,3 +31,12 @@ def model_repository() -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def archive_store(model_repository, tmp_path_factory) -> Path:
+    """A local model store with the four tiny models' archives, built once per session."""
+    store = tmp_path_factory.mktemp("model-store")
+    for model in MODELS:
+        build_model_archive(model, model_repository, store)
+    return store

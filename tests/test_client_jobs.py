@@ -16,9 +16,9 @@ import botocore.exceptions
 import numpy as np
 import pytest
 from PIL import Image
-
 from sdserve.images import encode_png
 from sdserve.params import SEED_MAX
+
 from studio.client import (
     MAX_ANSWER_BYTES,
     EndpointConfig,
@@ -42,15 +42,14 @@ from studio.jobs import (
 )
 from studio.metadata import read_parameters
 
-from .samples import assert_same_image
-from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fixture)
+from .endpoint_support import (
     ENDPOINT_NAME,
     STEPS,
-    archive_store,
     runtime_client,
     scene,
     start_endpoint,
 )
+from .samples import assert_same_image
 
 
 def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:

@@ -6,22 +6,17 @@ import hashlib
 import re
 
 import pytest
-
 from sdserve.catalog import MODELS
-from tests.test_archive import make_model
-from tests.test_deploy_support import (  # noqa: F401 (fixtures)
+
+from tests.deploy_support import (
     ACCOUNT,
     BUCKET,
     IMAGE,
     REGION,
     ROLE,
     aws_client,
-    clean_env,
-    deploy,
-    moto,
-    moto_url,
-    repository,
 )
+from tests.test_archive import make_model
 
 pytestmark = pytest.mark.aws
 

@@ -8,12 +8,17 @@ import pytest
 from botocore.exceptions import ClientError
 
 from deploy import cli
+from deploy.archive import REPO_ROOT
 from deploy.aws import DeployError
 from deploy.cli import build_parser
-from deploy.archive import REPO_ROOT
 from deploy.config import ConfigError, DeployConfig, check_prefix, load_config
 from deploy.endpoint import wait_for_endpoint
-from tests.test_deploy_support import BUCKET, REGION, ROLE, clean_env, deploy, repository, tripwire  # noqa: F401
+from tests.deploy_support import (
+    # noqa: F401
+    BUCKET,
+    REGION,
+    ROLE,
+)
 
 pytestmark = pytest.mark.aws
 

@@ -16,16 +16,11 @@ from deploy import image
 from deploy.archive import REPO_ROOT
 from deploy.aws import DeployError
 from deploy.config import DeployConfig
-from tests.test_deploy_support import (  # noqa: F401 (fixtures)
+from tests.deploy_support import (
     BUCKET,
     REGION,
     ROLE,
     aws_client,
-    clean_env,
-    deploy,
-    moto,
-    moto_url,
-    repository,
 )
 
 pytestmark = pytest.mark.aws

@@ -8,11 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+from sdserve.catalog import MODELS
 
 from deploy.archive import archive_name
 from deploy.policy import POLICIES, WHY_UNSCOPED
-from sdserve.catalog import MODELS
-from tests.test_deploy_support import BUCKET, REGION, clean_env, deploy, tripwire  # noqa: F401
+from tests.deploy_support import BUCKET, REGION
 
 pytestmark = pytest.mark.aws
 

@@ -24,15 +24,13 @@ from deploy.local_endpoint import EndpointSettings, State
 from serving.local_triton import group_members
 from studio.client import EndpointConfig, StudioClient, StudioError
 
-from .samples import assert_same_image
-from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fixture)
+from .endpoint_support import (
     ENDPOINT_NAME,
     EVIL_TRICKS,
     SIZE,
     STEPS,
     answer_image,
     answer_parameters,
-    archive_store,
     bomb_archive,
     broken_model_archive,
     copy_archive,
@@ -48,6 +46,7 @@ from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fix
     start_endpoint,
     wait_for,
 )
+from .samples import assert_same_image
 
 pytestmark = pytest.mark.triton
 

@@ -16,8 +16,8 @@ from deploy.local_endpoint.cache import ModelCache, folder_size
 from deploy.local_endpoint.registry import triton_model_name
 from deploy.local_endpoint.store import S3Store, check_target
 
+from .endpoint_support import EVIL_TRICKS, evil_archive, files_below
 from .test_archive import make_model, make_sdserve
-from .test_local_endpoint_support import EVIL_TRICKS, evil_archive, files_below
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ import requests
 
 from serving.local_triton import find_free_port, group_members
 
-from .test_local_endpoint_support import SIZE, answer_image, kserve_body, wait_for
+from .endpoint_support import SIZE, answer_image, kserve_body, wait_for
 
 pytestmark = pytest.mark.triton
 

@@ -11,12 +11,11 @@ import pytest
 from deploy.archive import archive_name
 from studio.client import EndpointConfig, StudioClient
 
-from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fixture)
+from .endpoint_support import (
     ENDPOINT_NAME,
     SIZE,
     STEPS,
     answer_image,
-    archive_store,
     copy_archive,
     invoke,
     kserve_body,

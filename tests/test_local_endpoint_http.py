@@ -16,7 +16,7 @@ import requests
 from deploy.local_endpoint import MAX_REQUEST_BYTES, EndpointSettings, LocalEndpoint
 from deploy.local_endpoint.front import REQUEST_TIMEOUT_S
 
-from .test_local_endpoint_support import invoke, runtime_client
+from .endpoint_support import invoke, runtime_client
 
 INVOCATIONS = "/endpoints/sd-studio/invocations"
 TIMEOUT = 30  # no socket operation of these tests waits longer

@@ -14,11 +14,10 @@ from moto.server import ThreadedMotoServer
 from deploy.archive import archive_name
 from studio.client import EndpointConfig, StudioClient
 
-from .test_local_endpoint_support import (  # noqa: F401 (archive_store is a fixture)
+from .endpoint_support import (
     ENDPOINT_NAME,
     SIZE,
     STEPS,
-    archive_store,
     evil_archive,
     invoke,
     listing,

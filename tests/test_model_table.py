@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from sdserve.catalog import INPUT_NAMES, MODELS, MODELS_BY_TASK
 from sdserve.params import WIDGETS
+
 from serving import derived
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from sdserve import batch as batch_module
 from sdserve.batch import serve_batch
 from sdserve.budget import BUSY_WORDS, CallOverBudget, ModelBusy, WorkBudget, megapixels
@@ -16,7 +15,13 @@ from sdserve.errors import RequestError
 from sdserve.params import SCHEDULERS
 from sdserve.pipelines import load_pipeline
 
-from .samples import SAME_IMAGE_TOLERANCE, assert_same_image, mask_b64, max_pixel_difference, png_b64
+from .samples import (
+    SAME_IMAGE_TOLERANCE,
+    assert_same_image,
+    mask_b64,
+    max_pixel_difference,
+    png_b64,
+)
 
 STEPS = 2
 

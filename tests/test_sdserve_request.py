@@ -7,12 +7,11 @@ import json
 import numpy as np
 import pytest
 from PIL import Image
-
 from sdserve.batch import split_rows
-from sdserve.errors import RequestError
-from sdserve.images import MAX_SIDE, decode_image, encode_png
 from sdserve.budget import WorkBudget
 from sdserve.catalog import MAX_PROMPT_CHARS, MODELS
+from sdserve.errors import RequestError
+from sdserve.images import MAX_SIDE, decode_image, encode_png
 from sdserve.request import parse_request
 
 from .samples import bomb_png_b64, mask_b64, png_b64

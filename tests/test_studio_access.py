@@ -16,7 +16,15 @@ import pytest
 from gradio_client import Client
 
 from serving.local_triton import find_free_port
-from studio.access import Access, QuotaBook, Quotas, Users, choose_access, hash_password, password_matches
+from studio.access import (
+    Access,
+    QuotaBook,
+    Quotas,
+    Users,
+    choose_access,
+    hash_password,
+    password_matches,
+)
 from studio.client import StudioError
 
 ROOT = Path(__file__).resolve().parents[1]

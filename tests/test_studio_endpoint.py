@@ -9,7 +9,12 @@ import urllib.request
 import pytest
 
 from studio import __main__ as cli
-from studio.endpoint import EndpointStartError, LocalEndpointProcess, checkout_has_tiny_weights
+from studio.endpoint import (
+    EndpointStartError,
+    LocalEndpointProcess,
+    checkout_has_tiny_weights,
+)
+
 
 def test_the_local_endpoint_is_started_and_stopped():
     with LocalEndpointProcess(startup_timeout_s=120) as endpoint:

@@ -22,10 +22,11 @@ from datetime import timedelta
 import gradio as gr
 import pytest
 from PIL import Image, ImageFile, PngImagePlugin
-
 from sdserve import files as sdserve_files
 from sdserve.images import MAX_SIDE as ENDPOINT_MAX_SIDE
-from studio import metadata, session, store as store_module
+
+from studio import metadata, session
+from studio import store as store_module
 from studio.client import GenerationResult, StudioError
 from studio.metadata import (
     MAX_PARAMETERS_BYTES,

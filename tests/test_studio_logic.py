@@ -11,15 +11,15 @@ import time
 import botocore.exceptions
 import pytest
 from PIL import Image, PngImagePlugin
-
 from sdserve.catalog import MODELS
 from sdserve.params import RANDOM_SEED, SEED_MAX
+
 from studio import session
 from studio.client import EndpointConfig, GenerationResult, StudioClient, StudioError
 from studio.jobs import JobResult
-from studio.scheduler import FairScheduler
 from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
 from studio.metadata import embed_parameters, image_to_png, read_parameters
+from studio.scheduler import FairScheduler
 from studio.status import run_with_status, status_line
 from studio.store import ResultStore
 from studio.tasks import TASK_BY_MODEL, TASKS

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
 from sdserve.catalog import CHECKPOINT_DIR, MODELS, WEIGHTS_MARKER
 from sdserve.checkpoint import checkpoint_variant, read_marker
+
 from serving import weights
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

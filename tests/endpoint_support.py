@@ -1,5 +1,5 @@
-"""Shared by the local endpoint tests: the archive store, starting an endpoint, a real boto3
-sagemaker-runtime client, request bodies and hostile archives. Holds no tests itself."""
+"""Helpers of the local endpoint tests: starting an endpoint, a real boto3 sagemaker-runtime
+client, request bodies and hostile archives (the archive store is a fixture in conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,26 +15,15 @@ from pathlib import Path
 
 import boto3
 import botocore.config
-import pytest
 import requests
 from PIL import Image, ImageDraw
-from sdserve.catalog import MODELS
 
-from deploy.archive import archive_name, build_model_archive
+from deploy.archive import archive_name
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
 
 ENDPOINT_NAME = "sd-studio"
 SIZE = 64
 STEPS = 2
-
-
-@pytest.fixture(scope="session")
-def archive_store(model_repository, tmp_path_factory) -> Path:
-    """A local model store with the four tiny models' archives, built once per session."""
-    store = tmp_path_factory.mktemp("model-store")
-    for model in MODELS:
-        build_model_archive(model, model_repository, store)
-    return store
 
 
 def start_endpoint(store: str | Path, tmp: Path, artifacts: Path, log_name: str, **settings) -> LocalEndpoint:

@@ -1,5 +1,6 @@
-"""Shared by the deploy tests: a clean AWS environment, moto in server mode on 127.0.0.1, a
-tripwire that proves no request was sent, and fake model folders. Holds no tests itself."""
+"""Fixtures and constants of the deploy tests: a clean AWS environment, moto in server mode on
+127.0.0.1, a tripwire that proves no request was sent, and fake model folders. The fixtures are
+made available to every test by conftest.py; the tests import only the constants and helpers."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import pytest
 from moto.core.responses import ActionResult
 from moto.sagemaker.responses import SageMakerResponse
 from moto.server import ThreadedMotoServer
+from sdserve.catalog import MODELS
 
 from deploy.cli import main
-from sdserve.catalog import MODELS
 from tests.test_archive import make_model
 
 ACCOUNT = "123456789012"  # moto's default account
