@@ -1,11 +1,14 @@
 """Fixtures shared by the test modules, by area: the model repository and artifacts (all), the
 local endpoint's archive store, and the deploy tests' AWS fixtures (defined in deploy_support)."""
 
+import os
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 from sdserve.catalog import MODELS
 
 from deploy.archive import build_model_archive
@@ -14,6 +17,14 @@ from deploy.archive import build_model_archive
 from tests.deploy_support import clean_env, deploy, moto, moto_url, repository, tripwire  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Property tests: a fixed, fast set of examples in `make test` (repeatable); HYPOTHESIS_PROFILE=long
+# searches 3000 examples a test with no deadline.
+settings.register_profile("fast", max_examples=60, deadline=timedelta(seconds=2), derandomize=True, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("long", max_examples=3000, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fast"))
 MODEL_REPOSITORY = ROOT / "serving" / "models"
 ARTIFACTS = ROOT / "test-artifacts"
 

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 import threading
 import time
 import tracemalloc
 import zlib
-from datetime import timedelta
 
 import gradio as gr
 import pytest
@@ -41,7 +39,7 @@ from studio.tasks import TASKS
 from studio.ui import bounded_upload
 
 try:
-    from hypothesis import HealthCheck, given, settings
+    from hypothesis import given, settings
     from hypothesis import strategies as st
 except ImportError:  # until requirements.txt pins it: the property tests are skipped, the rest run
     given = None
@@ -505,14 +503,7 @@ if given is None:
         pass
 
 else:
-    settings.register_profile(
-        "studio-fast", max_examples=60, deadline=timedelta(seconds=1), derandomize=True, database=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    settings.register_profile(
-        "long", max_examples=3000, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow],
-    )
-    PROFILE = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "studio-fast")))
+    PROFILE = settings()  # the profile conftest.py loaded (HYPOTHESIS_PROFILE)
 
     json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
     json_values = st.recursive(
