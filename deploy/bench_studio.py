@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
             demo.queue(default_concurrency_limit=None).launch(
                 server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
             url = f"http://127.0.0.1:{port}/"
-            designers = [Client(url, verbose=False) for _ in range(DESIGNERS)]
+            # The designers' browsers are elsewhere in real use: the harness does not download the
+            # images, so its own work on these two cores stays out of the studio's figures.
+            designers = [Client(url, verbose=False, download_files=False) for _ in range(DESIGNERS)]
             print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU), "
                   f"{args.size} px, {args.steps} steps; medians of {args.rounds} rounds")
 

@@ -55,13 +55,17 @@ class WorkBudget:
 
     seconds: float
     call_overhead_s: float | None = None  # what a call takes besides its steps; None: nothing measured
-    warmed_up: bool = False  # the first call (not learned from) is over
+    # The model's first call, kept apart: it pays for warming up (kernels chosen and compiled,
+    # memory allocated), several times what later calls take, so it is used only until they come.
+    warm_up: tuple[float, float, float] | None = None  # (megapixels, step seconds, rest of the call)
     steps_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def step_seconds(self, image_megapixels: float) -> float | None:
         with self._lock:
             seen = list(self.steps_seen)
+        if not seen and self.warm_up is not None:
+            seen = [self.warm_up[:2]]  # a cautious guess: warming up made it slow
         if not seen:
             return None
         # One point per size: the median of its steps, so one slow call does not move the fit.
@@ -84,29 +88,29 @@ class WorkBudget:
     def predict(self, image_megapixels: float, steps: int) -> float | None:
         """Seconds a call will take, or None before the first measurement."""
         step = self.step_seconds(image_megapixels)
-        return None if step is None else (self.call_overhead_s or 0.0) + step * steps
+        if step is None:
+            return None
+        overhead = self.call_overhead_s if self.call_overhead_s is not None else self.warm_up[2]
+        return overhead + step * steps
 
     def record(self, image_megapixels: float, step_ends: list[float], started: float, ended: float) -> None:
-        """Learn from one call: its start and end, and when each denoising step ended.
-
-        A model's first call is not learned from: it pays for warming up (kernels chosen and
-        compiled, memory allocated), several times what later calls take.
-        """
-        if not self.warmed_up:
-            self.warmed_up = True
-            return
+        """Learn from one call: its start and end, and when each denoising step ended."""
         if image_megapixels <= 0 or len(step_ends) < 2:
             return  # one step cannot tell the step time from the rest of the call
         step_s = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
         overhead_s = max(0.0, (ended - started) - step_s * len(step_ends))
         with self._lock:
+            if self.warm_up is None:
+                self.warm_up = (image_megapixels, step_s, overhead_s)
+                return
             self.steps_seen.append((image_megapixels, step_s))
             self.call_overhead_s = _blend(self.call_overhead_s, overhead_s)
 
     def rows_that_fit(self, row_megapixels: float, steps: int, remaining_s: float, most: int) -> int:
         """How many rows of this size one call can make in `remaining_s` (at most `most`).
 
-        Unmeasured, one: the first call of a model measures its speed before more are risked.
+        Unmeasured, one: the first call of a model measures its speed (cautiously, see warm_up)
+        before more are risked.
         """
         if self.predict(row_megapixels, steps) is None:
             return 1
