@@ -21,9 +21,11 @@ import argparse
 import json
 import logging
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,13 +36,22 @@ from deploy.archive import REPO_ROOT, build_model_archive
 from deploy.invoke import PROMPT, sample_image
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS, MODELS_BY_TASK
-from serving.local_triton import find_free_port
-from studio.app import build_app
+from serving.local_triton import exit_with_parent, find_free_port
 from studio.client import EndpointConfig, StudioClient, StudioError
 from studio.jobs import plan_job
-from studio.store import ResultStore
 
 DESIGNERS = 8
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"the studio did not start at {url}")
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -103,11 +114,15 @@ def main(argv: list[str] | None = None) -> int:
         with LocalEndpoint(settings) as endpoint:
             config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
             direct = StudioClient(config)
+            # The studio as it runs in use: its own process (`python -m studio`), so that its work and
+            # the harness's do not share one interpreter.
             port = find_free_port()
-            demo = build_app(lambda: StudioClient(config), store=ResultStore(work / "results"))
-            demo.queue(default_concurrency_limit=None).launch(
-                server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+            studio = subprocess.Popen(
+                [sys.executable, "-m", "studio", "--endpoint-url", endpoint.url, "--port", str(port),
+                 "--results-dir", str(work / "results"), "--jobs-per-minute", "1000", "--images-per-day", "100000"],
+                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=exit_with_parent)
             url = f"http://127.0.0.1:{port}/"
+            wait_until_up(url, studio)
             # The designers' browsers are elsewhere in real use: the harness does not download the
             # images, so its own work on these two cores stays out of the studio's figures.
             designers = [Client(url, verbose=False, download_files=False) for _ in range(DESIGNERS)]
@@ -132,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures["over_the_limit"] = over_the_limit(direct)
             if "4" in args.parts:
                 figures["upscale_512"] = upscale_512(args, config, direct)
-            demo.close()
+            studio.terminate()
+            studio.wait(timeout=60)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))
