@@ -69,6 +69,7 @@ demo: $(INSTALLED) compiler tiny-models
 bench: $(INSTALLED) compiler tiny-models
 	$(PY) -m serving.bench
 	$(PY) -m deploy.bench_endpoint --json build/bench-endpoint.json
+	$(PY) -m deploy.bench_studio --json build/bench-studio.json
 
 deploy-plan: $(INSTALLED)
 	$(PY) -m deploy plan
