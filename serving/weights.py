@@ -210,13 +210,14 @@ TINY_PIPELINES: dict[str, dict[str, Any]] = {
         # Its latents are as large as its input (a 256 px tile: 65,536 positions), so the tiny one
         # attends only after two downsamplings and its VAE not at all: attention over every latent
         # position would take minutes a tile on a CPU (the real model needs a GPU for that reason).
+        # Its full-resolution blocks are the narrowest (16 channels, norm groups of 8) for the same reason.
         "unet": _unet(
-            in_channels=7, num_class_embeds=1000, block_out_channels=(32, 32, 64),
+            in_channels=7, num_class_embeds=1000, block_out_channels=(16, 32, 64), norm_num_groups=8,
             down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"), attention_head_dim=(2, 2, 4),
         ),
         # Three blocks make the scale factor 4, as in the real x4 model; 0.08333 is its latent scale.
-        "vae": _vae((32, 32, 64), scaling_factor=0.08333, mid_block_add_attention=False),
+        "vae": _vae((16, 16, 32), scaling_factor=0.08333, mid_block_add_attention=False, norm_num_groups=8),
         # The upscaler predicts v rather than the noise.
         "scheduler": Component(
             "diffusers",

@@ -32,7 +32,7 @@ import botocore.config
 import botocore.exceptions
 from PIL import Image, PngImagePlugin
 from sdserve.budget import BUSY_WORDS
-from sdserve.catalog import IMAGE, INVOCATION_SECONDS, MASK_IMAGE, MAX_PAYLOAD_BYTES
+from sdserve.catalog import IMAGE, INVOCATION_SECONDS, MASK_IMAGE, MAX_PAYLOAD_BYTES, QUEUE_TIMEOUT_WORDS
 from sdserve.images import ALLOWED_FORMATS
 
 from studio.metadata import PARAMETERS_KEY
@@ -374,9 +374,10 @@ def describe_failure(error: Exception, model: str, config: EndpointConfig) -> St
         code = error.response.get("Error", {}).get("Code", "")
         message = error.response.get("Error", {}).get("Message", "")
         if code == "ModelError":
-            # The model had no time left in this invocation for the call; another one may.
+            # The model had no time left for the call (busy), or it waited too long in Triton's queue
+            # behind other calls (refused early rather than run late): either may go through later.
             text = redacted(_model_message(error.response, message))
-            return StudioError(text, retryable=BUSY_WORDS in text)
+            return StudioError(text, retryable=BUSY_WORDS in text or QUEUE_TIMEOUT_WORDS in text)
         if code == "ModelNotReadyException":
             return StudioError(f"The {model} model is still loading on the endpoint.", retryable=True)
         if code in RETRYABLE_CODES:

@@ -44,6 +44,8 @@ INVOCATION_SECONDS = 60
 CALL_BUDGET_S = 25
 QUEUE_TIMEOUT_S = 30
 MAX_QUEUE_SIZE = 4 * MAX_BATCH_SIZE  # requests queued per model beyond the running batch
+# How Triton words a request its queue policy refused for waiting too long: worth sending again.
+QUEUE_TIMEOUT_WORDS = "Request timeout expired"
 
 # The KServe v2 BYTES inputs of the reference article, in the order the configs list them.
 PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS = "prompt", "negative_prompt", "image", "mask_image", "gen_args"
