@@ -10,13 +10,13 @@ such output ends up in CI logs and issues.
 from __future__ import annotations
 
 import pprint
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
 import botocore.config
 from botocore.exceptions import ClientError
+from sdserve.redaction import redact
 
 # A boto3 "not found" comes under many codes; SageMaker's describe_* says ValidationException
 # with "Could not find ..." in the message, so that code only counts together with the message.
@@ -27,21 +27,6 @@ NOT_FOUND_CODES = {
 # The parameter that names what a call acts on, shown when the call runs.
 NAME_PARAMETERS = ("ModelName", "EndpointConfigName", "EndpointName", "Key", "PolicyName", "ResourceId",
                    "repositoryName", "Bucket")
-
-
-# Account ids stand alone as 12 digits (in ARNs, ECR registry hosts, "account 123456789012");
-# access key ids are AKIA (long-term) or ASIA (temporary) and 16 more capitals or digits.
-SENSITIVE = (
-    (re.compile(r"(?<![0-9])[0-9]{12}(?![0-9])"), "<account>"),
-    (re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"), "<access key id>"),
-)
-
-
-def redact(text: str) -> str:
-    """`text` with account ids and access key ids masked."""
-    for pattern, mask in SENSITIVE:
-        text = pattern.sub(mask, text)
-    return text
 
 
 class DeployError(RuntimeError):

@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,8 +31,15 @@ import botocore.config
 import botocore.exceptions
 from PIL import Image, PngImagePlugin
 from sdserve.budget import BUSY_WORDS
-from sdserve.catalog import IMAGE, INVOCATION_SECONDS, MASK_IMAGE, MAX_PAYLOAD_BYTES, QUEUE_TIMEOUT_WORDS
+from sdserve.catalog import (
+    IMAGE,
+    INVOCATION_SECONDS,
+    MASK_IMAGE,
+    MAX_PAYLOAD_BYTES,
+    QUEUE_TIMEOUT_WORDS,
+)
 from sdserve.images import ALLOWED_FORMATS
+from sdserve.redaction import redact
 
 from studio.metadata import PARAMETERS_KEY
 
@@ -352,19 +358,10 @@ def png_with_parameters(image: Image.Image, parameters: dict[str, Any]) -> bytes
 
 # --- failures, in words a designer can act on --------------------------------------------
 
-# What a designer never needs to read, and may not: AWS account ids and ARNs (an AccessDenied
-# names the caller's IAM identity), and file system paths (Triton's errors can carry them).
-REDACTIONS = (
-    (re.compile(r"arn:aws[\w-]*:[^\s\"',;)]+"), "<arn>"),
-    (re.compile(r"(?<!\d)\d{12}(?!\d)"), "<account>"),
-    (re.compile(r"(?:/[\w.@+-]+){2,}/?"), "<path>"),
-)
-
-
 def redacted(text: str) -> str:
-    for pattern, replacement in REDACTIONS:
-        text = pattern.sub(replacement, text)
-    return text
+    """What a designer may read: no account ids, ARNs (an AccessDenied names the caller's IAM
+    identity) or file paths (Triton's errors can carry them)."""
+    return redact(text, arns=True, paths=True)
 
 
 def describe_failure(error: Exception, model: str, config: EndpointConfig) -> StudioError:
