@@ -145,7 +145,7 @@ def arguments_table() -> str:
             kind = "one of " + ", ".join(f"`{choice}`" for choice in argument.choices)
         if argument.multiple_of:
             kind += f", a multiple of {argument.multiple_of}"
-        usual = max(set(defaults), key=defaults.count)
+        usual = max(defaults, key=defaults.count)  # ties: the first model's, so the text is stable
         others = [f"{model}: {value}" for model, value in zip(models, defaults) if value != usual]
         default = usual + (f" ({', '.join(others)})" if others else "")
         lines.append(f"| `{name}` | {where} | {kind} | {default} | {argument.help} |")
