@@ -2,11 +2,12 @@
 
 import base64
 import io
+import json
 import struct
 import zlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 
 def png_b64(size=(64, 64), color=(200, 30, 30), mode="RGB") -> bytes:
@@ -49,3 +50,15 @@ def assert_same_image(first: Image.Image, second: Image.Image) -> None:
     assert (first.size, first.mode) == (second.size, second.mode)
     difference = max_pixel_difference(first, second)
     assert difference <= SAME_IMAGE_TOLERANCE, f"pixels differ by up to {difference} levels"
+
+
+def png_with_parameters(parameters: dict | None, size=(64, 64), color=(10, 120, 200), extra_text=None) -> bytes:
+    """A PNG with `parameters` (JSON) in its text chunk, as the studio and the endpoint write them."""
+    info = PngImagePlugin.PngInfo()
+    for key, value in (extra_text or {}).items():
+        info.add_text(key, value)
+    if parameters is not None:
+        info.add_text("parameters", json.dumps(parameters))
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()

@@ -19,7 +19,7 @@ import zlib
 
 import gradio as gr
 import pytest
-from PIL import Image, ImageFile, PngImagePlugin
+from PIL import Image, ImageFile
 from sdserve import files as sdserve_files
 from sdserve.images import MAX_SIDE as ENDPOINT_MAX_SIDE
 
@@ -37,6 +37,8 @@ from studio.metadata import (
 from studio.store import OWNERS_DIR, ResultStore, owner_key
 from studio.tasks import TASKS
 from studio.ui import bounded_upload
+
+from .samples import png_with_parameters
 
 try:
     from hypothesis import given, settings
@@ -66,17 +68,6 @@ def text_chunk(text: str, key: str = "parameters") -> bytes:
 def crafted_png(width: int, height: int, *chunks: bytes, idat: bytes = zlib.compress(b"\0" * 64)) -> bytes:
     """A PNG header claiming width x height, the given chunks, and a few bytes of image data."""
     return metadata.PNG_SIGNATURE + ihdr(width, height) + b"".join(chunks) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-
-
-def studio_png(parameters: dict | None = None, size=(64, 64), color=(10, 120, 200), extra_text=None) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for key, value in (extra_text or {}).items():
-        info.add_text(key, value)
-    if parameters is not None:
-        info.add_text("parameters", json.dumps(parameters))
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 class CountingStream:
@@ -137,7 +128,7 @@ def test_a_huge_dropped_png_restores_its_parameters_and_keeps_nothing(store, no_
 
 
 def test_a_dropped_png_is_kept_only_as_its_pixels_and_parameters(store):
-    clean = studio_png(GENERATE, extra_text={"Comment": "x" * 1000})
+    clean = png_with_parameters(GENERATE, extra_text={"Comment": "x" * 1000})
     dropped = clean + b"\0junk" * (1024 * 1024)  # 5 MB after IEND
     entry = session.restore_from_png(store, dropped, owner="ann")
     kept = store.path(entry["id"]).read_bytes()
@@ -149,7 +140,7 @@ def test_a_dropped_png_is_kept_only_as_its_pixels_and_parameters(store):
 
 
 def test_a_drop_over_its_tabs_input_limit_keeps_only_its_parameters(store):
-    upscaled = studio_png({"model": "sd_upscale", "seed": 3}, size=(TASKS["upscale"].max_image_side + 8, 8))
+    upscaled = png_with_parameters({"model": "sd_upscale", "seed": 3}, size=(TASKS["upscale"].max_image_side + 8, 8))
     entry = session.restore_from_png(store, upscaled)
     assert entry["id"] is None and entry["task"] == "upscale" and folders(store) == []
 
@@ -157,9 +148,9 @@ def test_a_drop_over_its_tabs_input_limit_keeps_only_its_parameters(store):
 @pytest.mark.parametrize("data, words", [
     (b"", "not a PNG"),
     (b"GIF89a" + b"\0" * 100, "not a PNG"),
-    (studio_png(None), "no studio parameters"),
-    (studio_png({"model": "other"}), "not from a model of this studio"),
-    (studio_png(GENERATE)[:40], "cut short"),
+    (png_with_parameters(None), "no studio parameters"),
+    (png_with_parameters({"model": "other"}), "not from a model of this studio"),
+    (png_with_parameters(GENERATE)[:40], "cut short"),
 ])
 def test_a_drop_that_restores_nothing_says_why(store, data, words):
     with pytest.raises(StudioError, match=words):
@@ -237,7 +228,7 @@ def test_the_tabs_use_the_bounded_inputs():
 
 
 def pngs(count: int, size=(8, 8)) -> list[bytes]:
-    return [studio_png(None, size=size, color=(index % 256, index // 256, 7)) for index in range(count)]
+    return [png_with_parameters(None, size=size, color=(index % 256, index // 256, 7)) for index in range(count)]
 
 
 def test_each_owner_is_pruned_on_its_own_oldest_first(tmp_path):
@@ -316,7 +307,7 @@ def test_past_the_folders_limit_the_least_recently_active_owners_go_first(tmp_pa
 
 def test_concurrent_saves_of_the_same_result_all_succeed_and_the_file_is_whole(tmp_path):
     store = ResultStore(tmp_path)
-    png = studio_png(GENERATE, size=(512, 512)) + b"\0" * (2 * 1024 * 1024)  # big enough to be written in parts
+    png = png_with_parameters(GENERATE, size=(512, 512)) + b"\0" * (2 * 1024 * 1024)  # big enough to be written in parts
     expected = store_module.hashlib.sha256(png).hexdigest()[:32]
     barrier = threading.Barrier(16)
     results, errors, torn = [], [], []
@@ -391,7 +382,7 @@ def test_the_store_writes_through_atomic_file(tmp_path, monkeypatch):
 
 def test_a_forged_history_of_200000_entries_is_cut_before_it_is_checked(store, monkeypatch):
     [good] = session.record_result(store, TASKS["generate"], GenerationResult(
-        model="sd_base", images=[], png=[studio_png(GENERATE)], parameters=GENERATE))
+        model="sd_base", images=[], png=[png_with_parameters(GENERATE)], parameters=GENERATE))
     forged = [{"id": "f" * 32, "task": "generate", "parameters": {"seed": n}, "inputs": {}} for n in range(200_000)]
     looked_up = []
     path = store.path
@@ -413,28 +404,28 @@ def test_a_forged_history_of_200000_entries_is_cut_before_it_is_checked(store, m
 ])
 def test_forged_entries_are_dropped_not_raised(store, forged):
     [good] = session.record_result(store, TASKS["generate"], GenerationResult(
-        model="sd_base", images=[], png=[studio_png(GENERATE)], parameters=GENERATE))
+        model="sd_base", images=[], png=[png_with_parameters(GENERATE)], parameters=GENERATE))
     assert session.valid_history([{**good, **forged}, good], store) == [good]
 
 
 def test_a_valid_entry_comes_back_with_only_an_entrys_keys(store):
     [good] = session.record_result(store, TASKS["generate"], GenerationResult(
-        model="sd_base", images=[], png=[studio_png(GENERATE)], parameters=GENERATE))
+        model="sd_base", images=[], png=[png_with_parameters(GENERATE)], parameters=GENERATE))
     assert session.valid_history([{**good, "extra": "x" * 100_000}], store) == [good]
 
 
 def test_a_300_character_seed_makes_a_bounded_file_name_and_no_empty_folder(store):
     parameters = {**GENERATE, "seed": int("9" * 300)}
     [entry] = session.record_result(store, TASKS["generate"], GenerationResult(
-        model="sd_base", images=[], png=[studio_png(parameters)], parameters=parameters))
+        model="sd_base", images=[], png=[png_with_parameters(parameters)], parameters=parameters))
     assert store.path(entry["id"]).name == "generate-seed-unknown.png"
-    result_id = store.save(studio_png(None, color=(1, 2, 3)), "generate-seed-" + "9" * 300 + ".png")
+    result_id = store.save(png_with_parameters(None, color=(1, 2, 3)), "generate-seed-" + "9" * 300 + ".png")
     name = store.path(result_id).name
     assert name.startswith("generate-seed-999") and len(name) <= store_module.MAX_NAME_CHARS + len(".png")
 
 
 def test_a_failed_save_leaves_no_folder_and_the_id_can_be_saved_later(store, monkeypatch):
-    png = studio_png(GENERATE)
+    png = png_with_parameters(GENERATE)
 
     def full_disk(self, data):
         raise OSError(28, "No space left on device")
@@ -449,7 +440,7 @@ def test_a_failed_save_leaves_no_folder_and_the_id_can_be_saved_later(store, mon
 
 
 def test_an_empty_folder_does_not_block_its_id(store):
-    png = studio_png(GENERATE)
+    png = png_with_parameters(GENERATE)
     result_id = store_module.hashlib.sha256(png).hexdigest()[:32]
     (store.root / result_id).mkdir()
     assert store.save(png, "x") == result_id and store.path(result_id).read_bytes() == png
@@ -457,7 +448,7 @@ def test_an_empty_folder_does_not_block_its_id(store):
 
 @pytest.mark.parametrize("text", ["[" * 200_000, "[" * 100_000, "{" * 5000, json.dumps({"p": "x" * 200_000})])
 def test_a_parameters_chunk_too_deep_or_too_long_is_a_clear_refusal(text, monkeypatch):
-    png = studio_png(None)
+    png = png_with_parameters(None)
     png = png[:33] + text_chunk(text) + png[33:]  # after the header
     assert read_parameters(png) is None
     with pytest.raises(PngMetadataError, match="parameters"):
@@ -557,7 +548,7 @@ else:
     @PROFILE
     @given(st.data())
     def test_a_studio_png_damaged_anywhere_reads_as_parameters_or_none(data):
-        png = bytearray(studio_png(GENERATE, size=(16, 16)))
+        png = bytearray(png_with_parameters(GENERATE, size=(16, 16)))
         for _ in range(data.draw(st.integers(1, 4))):
             position = data.draw(st.integers(0, len(png) - 1))
             png[position] = data.draw(st.integers(0, 255))
@@ -568,7 +559,7 @@ else:
     @PROFILE
     @given(st.dictionaries(st.text(max_size=12), json_values, max_size=8))
     def test_parameters_round_trip_within_the_bound(parameters):
-        png = metadata.embed_parameters(studio_png(None, size=(4, 4)), parameters)
+        png = metadata.embed_parameters(png_with_parameters(None, size=(4, 4)), parameters)
         assert read_parameters(png) == parameters
 
     @pytest.fixture(scope="module")

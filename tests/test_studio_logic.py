@@ -24,16 +24,7 @@ from studio.status import run_with_status, status_line
 from studio.store import ResultStore
 from studio.tasks import TASK_BY_MODEL, TASKS
 
-
-def png_with_parameters(parameters: dict | None, size=(64, 64), color=(10, 120, 200), extra_text=None) -> bytes:
-    info = PngImagePlugin.PngInfo()
-    for key, value in (extra_text or {}).items():
-        info.add_text(key, value)
-    if parameters is not None:
-        info.add_text("parameters", json.dumps(parameters))
-    buffer = io.BytesIO()
-    Image.new("RGB", size, color).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
+from .samples import png_with_parameters
 
 
 def painted_mask(size=(64, 64), box=(16, 16, 40, 40)) -> Image.Image:
