@@ -5,7 +5,6 @@ Fast in `make test`; HYPOTHESIS_PROFILE=long searches far longer (see conftest.p
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import tarfile
