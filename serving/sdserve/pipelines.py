@@ -32,6 +32,8 @@ class LoadedPipeline:
     attention: str  # which attention implementation runs, for the logs
     default_scheduler: Any  # the checkpoint's own; requests may swap in another per call
     budget: WorkBudget  # the time one call may take, and this model's measured speed
+    # Whether the pipeline takes `callback_on_step_end`; the upscaler has only the older `callback`.
+    step_end_callbacks: bool
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -60,6 +62,7 @@ def load_pipeline(
         attention=attention,
         default_scheduler=pipe.scheduler,
         budget=WorkBudget(call_budget_s),
+        step_end_callbacks="callback_on_step_end" in inspect.signature(pipe.__call__).parameters,
     )
 
 
@@ -126,7 +129,7 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
         call["width"], call["height"] = first.size
     image_megapixels = sum(megapixels(row.request.size) for row in rows)
     step_ends: list[float] = []
-    call.update(_step_callback(pipe, step_ends, deadline, denoising_steps(args)))
+    call.update(_step_callback(loaded.step_end_callbacks, step_ends, deadline, denoising_steps(args)))
     started = time.monotonic()
     try:
         with torch.inference_mode():
@@ -135,7 +138,7 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
         loaded.budget.record(image_megapixels, step_ends, started, time.monotonic())
 
 
-def _step_callback(pipe: diffusers.DiffusionPipeline, step_ends: list[float], deadline: float | None,
+def _step_callback(step_end_callbacks: bool, step_ends: list[float], deadline: float | None,
                    total: int) -> dict[str, Any]:
     """Step-callback arguments that note when each step ends (the model's speed) and raise
     CallStopped once `deadline` has passed.
@@ -148,7 +151,7 @@ def _step_callback(pipe: diffusers.DiffusionPipeline, step_ends: list[float], de
         if deadline is not None and step_ends[-1] > deadline:
             raise CallStopped(step + 1, total)
 
-    if "callback_on_step_end" in inspect.signature(pipe.__call__).parameters:
+    if step_end_callbacks:
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
             check(step)
             return tensors
