@@ -124,6 +124,7 @@ def model_variant(repository: Path, spec: ModelSpec, target: Path, name: str, *,
     for kind, (relative, _) in KINDS.items():
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_text(render(spec, kind, name=name, dynamic_batching=dynamic_batching))
+    (folder / "1").mkdir()
     shutil.copy(source / "1" / "model.py", folder / "1" / "model.py")
     (folder / "1" / CHECKPOINT_DIR).symlink_to((source / "1" / CHECKPOINT_DIR).resolve())
     return folder

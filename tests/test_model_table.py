@@ -64,3 +64,12 @@ def test_sdserve_has_one_import_name():
     # The studio's image imports the table without torch.
     code = "import sys, sdserve.catalog, sdserve.params; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
+
+
+def test_a_variant_for_the_benchmarks_is_a_complete_model_folder(tmp_path, model_repository):
+    spec = MODELS["sd_base"]
+    folder = derived.model_variant(model_repository, spec, tmp_path, "sd_base_unbatched", dynamic_batching=False)
+    config = (folder / "configs" / "cpu.pbtxt").read_text()
+    assert 'name: "sd_base_unbatched"' in config and "dynamic_batching" not in config
+    assert (folder / "1" / "model.py").read_text() == (model_repository / "sd_base" / "1" / "model.py").read_text()
+    assert (folder / "1" / "checkpoint" / "model_index.json").is_file()
