@@ -135,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             def straight(seed: int) -> None:
                 direct.generate(PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps, seed=seed)
 
-            # Warm-up: the model loaded, and its speed measured at two sizes.
-            through_studio(designers[0], seed=1)
+            # Warm-up: the model loaded, its speed measured at two sizes, and every designer's
+            # session open (Gradio builds a session's state, ~50 ms of CPU, on its first event),
+            # so that the rounds time jobs, not sessions being opened.
+            at_once([lambda client=client: through_studio(client, seed=1) for client in designers])
             direct.generate(PROMPT, width=2 * args.size, height=2 * args.size, num_inference_steps=args.steps)
 
             if "1" in args.parts:

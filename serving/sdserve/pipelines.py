@@ -149,7 +149,8 @@ def _step_callback(step_end_callbacks: bool, step_ends: list[float], deadline: f
     def check(step: int) -> None:
         step_ends.append(time.monotonic())
         if deadline is not None and step_ends[-1] > deadline:
-            raise CallStopped(step + 1, total)
+            # PNDM runs one step more than asked for: the count shown stays within what was asked.
+            raise CallStopped(min(step + 1, total), total)
 
     if step_end_callbacks:
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict) -> dict:
