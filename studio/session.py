@@ -35,7 +35,7 @@ from studio.metadata import (
     read_png_head,
 )
 from studio.store import DEFAULT_OWNER, ResultStore
-from studio.tasks import TASK_BY_MODEL, TASKS, Task
+from studio.tasks import TASKS, Task, task_of
 
 HISTORY_LIMIT = 50
 CAPTION_PROMPT_CHARS = 60
@@ -157,7 +157,7 @@ def restore_from_png(
         raise StudioError(str(error)) from None
     except OSError:
         raise StudioError("That file could not be read.") from None
-    task = TASK_BY_MODEL.get(str(parameters.get("model")))
+    task = task_of(parameters)
     if task is None:
         raise StudioError("That PNG's parameters are not from a model of this studio.")
     result_id = None

@@ -85,6 +85,9 @@ class ModelSpec:
     takes_mask: bool = False
     # The pipeline is told the image's size (inpainting would otherwise work at 512x512).
     size_from_image: bool = False
+    # The side the model was trained at, where it does its best work: the studio's masked edits
+    # (studio.edits) send a box around the mask enlarged (or reduced) to it. None: not used.
+    working_side: int | None = None
     output_scale: int = 1  # output side / input side (the upscaler's 4)
 
     @property
@@ -180,6 +183,7 @@ MODELS: dict[str, ModelSpec] = {
             max_image_side=1024,
             takes_mask=True,
             size_from_image=True,
+            working_side=512,
         ),
         ModelSpec(
             name="sd_upscale",
