@@ -17,7 +17,7 @@ from sdserve.errors import RequestError
 from sdserve.params import Argument
 
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
-from studio.edits import EDIT_TOOLS, EditTool
+from studio.edits import EDIT_TOOLS, EditTool, plan_edit
 from studio.jobs import JobPlan, ResultCallback, max_input_side, plan_job
 from studio.scheduler import Job
 
@@ -146,6 +146,21 @@ class Task:
             mask = checked_mask(mask, image.size)
         return plan_job(self.name, prompt, negative_prompt, image=image, mask=mask, gen_args=arguments,
                         settings=settings or None)
+
+    def preview(self, values: dict[str, Any], image: Image.Image | None,
+                mask: Image.Image | None = None) -> Image.Image | None:
+        """An edit tool's preview (studio.edits.EditPlan.preview) for the tab's current inputs and
+        settings; None while there is nothing to show (no image or mask yet, a setting out of range)."""
+        if self.tool is None or image is None:
+            return None
+        try:
+            settings = {name: self.control(name).validate(values.get(name)) for name in self.setting_names}
+            return plan_edit(self.tool, self.checked_image(image), mask, settings, self.max_image_side).preview()
+        except StudioError:
+            return None
+
+    def control(self, name: str) -> Control:
+        return next(control for control in self.controls if control.name == name)
 
     def run(
         self,

@@ -164,3 +164,52 @@ def test_cancelled_work_never_shows_up(studio_url, page):
     expect(page.locator("#history img")).to_have_count(1)
     expect(page.locator("#history")).to_contain_text("a quick one")
 
+
+
+def test_vary_erase_with_a_feathered_mask_and_extend(studio_url, page, artifacts_dir):
+    """Vary a Generate result, erase with mask settings previewed before sending, extend the canvas,
+    and restore the extension from the history with its settings."""
+    page.goto(studio_url)
+    page.locator("#generate-prompt textarea").fill("a harbour")
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 64)
+    set_number(page, "generate-seed", 500)
+    run_and_wait(page, "generate", "Generate")
+
+    page.locator("#generate-vary").click()
+    expect(page.locator("#history img")).to_have_count(2, timeout=CALL_TIMEOUT_MS)
+    expect(page.locator("#status")).to_contain_text("Done: Generate")
+    expect(page.locator("#generate-variation_strength input[type=number]")).to_have_value("0.3")
+    expect(page.locator("#generate-seed input")).to_have_value("500")
+    expect(page.locator("#generate-variation_seed input")).not_to_have_value("-1")
+    expect(page.locator("#generate-parameters")).to_contain_text("variation_seed", use_inner_text=True)
+
+    page.locator("#generate-send-erase").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Erase")
+    set_number(page, "erase-mask_grow", 2)
+    set_number(page, "erase-mask_feather", 6)
+    set_number(page, "erase-brush-size", 6)
+    page.wait_for_timeout(500)  # the new brush size reaches the editor
+    paint(page, "#erase-editor canvas")
+    expect(page.locator("#erase-edit-preview img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#erase-only_masked input[type=checkbox]")).to_be_checked()
+    run_and_wait(page, "erase", "Erase")
+
+    page.locator("#erase-send-extend").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Extend")
+    set_number(page, "extend-extend_right", 32)
+    set_number(page, "extend-extend_overlap", 8)
+    expect(page.locator("#extend-edit-preview img")).to_be_visible(timeout=30_000)
+    run_and_wait(page, "extend", "Extend")
+    expect(page.locator("#history img")).to_have_count(4)
+    for caption in ("Extend · seed", "Erase · seed", "Generate · seed"):
+        expect(page.locator("#history")).to_contain_text(caption)
+    page.screenshot(path=str(artifacts_dir / "studio-edits.png"), full_page=True)
+
+    page.reload()
+    expect(page.locator("#history img")).to_have_count(4, timeout=30_000)
+    page.locator("#history img").nth(0).click()
+    expect(page.locator("#status")).to_contain_text("Restored into Extend")
+    expect(page.locator("#extend-extend_right input[type=number]")).to_have_value("32")
+    expect(page.locator("#extend-extend_overlap input[type=number]")).to_have_value("8")
+    page.screenshot(path=str(artifacts_dir / "studio-edits-restored.png"), full_page=True)
