@@ -23,7 +23,8 @@ from studio.edits import (
 )
 from studio.jobs import plan_job
 from studio.metadata import read_parameters
-from studio.tasks import TASKS
+from studio.client import png_with_parameters
+from studio.tasks import TASKS, task_of
 
 from .endpoint_support import ENDPOINT_NAME, STEPS, start_endpoint
 
@@ -223,3 +224,57 @@ def test_extend_through_the_endpoint_keeps_the_old_image_outside_the_overlap(cli
     parameters = read_parameters(result.png[0])
     assert parameters["task"] == "extend" and (parameters["width"], parameters["height"]) == (width, height)
     assert parameters["extend_overlap"] == overlap
+
+
+# --- the studio around them: previews, restore, Vary ----------------------------------------------
+
+
+def test_the_preview_tints_what_is_repainted_and_outlines_the_box():
+    image, mask = photo((96, 64)), painted((96, 64), (40, 20, 60, 40))
+    shown = TASKS["erase"].preview({"mask_feather": 2.0, "mask_padding": 8.0}, image, mask)
+    assert shown.size == (96, 64)
+    edit = plan_edit(ERASE, image, mask, {"mask_feather": 2, "mask_padding": 8}, 1024)
+    left, top, right, bottom = edit.box
+    assert shown.getpixel((left, top)) == (0, 200, 255)  # the outline
+    assert shown.getpixel((5, 5)) == image.getpixel((5, 5))  # untouched outside the box
+    assert shown.getpixel((50, 30)) != image.getpixel((50, 30))  # tinted where it is repainted
+    # Nothing to preview yet, or a setting out of its range: no preview, no error.
+    assert TASKS["erase"].preview({}, image, None) is None
+    assert TASKS["extend"].preview({"extend_left": 1000}, image) is None
+    assert TASKS["extend"].preview({"extend_left": 16}, image).size == (112, 64)
+
+
+def test_an_extended_result_restores_into_extend_with_its_settings(tmp_path):
+    from studio.session import restore_from_png, restored_values
+    from studio.store import ResultStore
+
+    parameters = {"model": "sd_inpaint", "task": "extend", "seed": 4, "extend_right": 40, "extend_overlap": 8,
+                  "prompt": "more sea"}
+    png = png_with_parameters(photo((104, 64)), parameters)
+    entry = restore_from_png(ResultStore(tmp_path / "results"), png)
+    assert entry["task"] == "extend"
+    values = restored_values(TASKS["extend"], entry["parameters"])
+    assert (values["extend_right"], values["extend_overlap"], values["seed"]) == (40, 8, 4)
+    # A plain inpainting result (no "task"), or one naming a tool of another model, restores into Erase.
+    assert task_of({"model": "sd_inpaint"}).name == "erase"
+    assert task_of({"model": "sd_base", "task": "extend"}).name == "generate"
+
+
+def test_a_switch_takes_on_or_off_only():
+    only_masked = TASKS["erase"].control("only_masked")
+    assert only_masked.validate(False) is False and only_masked.validate(1) is True
+    with pytest.raises(StudioError, match="must be on or off"):
+        only_masked.validate("yes")
+    assert only_masked.restore("yes") is True  # the default, for a forged PNG
+
+
+def test_vary_keeps_the_results_values_and_picks_a_new_variation_seed():
+    from studio.session import VARY_STRENGTH, vary_values
+
+    parameters = {"model": "sd_base", "prompt": "a harbour", "seed": 500, "width": 64, "height": 64,
+                  "variation_seed": 3, "variation_strength": 0.0}
+    values = vary_values(TASKS["generate"], parameters, lambda: 77)
+    assert (values["seed"], values["variation_seed"], values["variation_strength"]) == (500, 77, VARY_STRENGTH)
+    assert values["prompt"] == "a harbour" and values["width"] == 64
+    plan = TASKS["generate"].plan({**values, "num_images_per_prompt": 2})
+    assert [(call.seed, call.gen_args["variation_seed"]) for call in plan.calls] == [(500, 77), (500, 78)]
