@@ -11,6 +11,10 @@ bytes) and one invocation at 60 s. So the client splits:
   space with feathered seams. An image that fits one tile is sent as one call, untouched, and
   its result is the endpoint's own, byte for byte.
 
+Erase and Extend (studio.edits) are one call per image too: what is sent is the box around
+their mask at its work size, and each answer is pasted back into the input through the mask
+before it is reported (`JobPlan.edit`).
+
 The interface (all of it usable without Gradio):
 
     plan = plan_job(task, prompt, negative_prompt, *, image=None, mask=None, gen_args={...})

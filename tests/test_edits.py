@@ -278,3 +278,14 @@ def test_vary_keeps_the_results_values_and_picks_a_new_variation_seed():
     assert values["prompt"] == "a harbour" and values["width"] == 64
     plan = TASKS["generate"].plan({**values, "num_images_per_prompt": 2})
     assert [(call.seed, call.gen_args["variation_seed"]) for call in plan.calls] == [(500, 77), (500, 78)]
+
+
+@pytest.mark.triton
+def test_the_client_methods_take_the_settings_beside_the_models_arguments(client):
+    image = photo((64, 48))
+    result = client.extend(image, "more sky", extend_top=16, extend_overlap=8, work_side=64,
+                           num_inference_steps=STEPS, seed=1)
+    assert result.images[0].size == (64, 64) and result.parameters["extend_top"] == 16
+    assert np.array_equal(pixels(result.images[0])[16 + 8:], pixels(image)[8:])
+    with pytest.raises(StudioError, match="Feather \\(px\\): must be from 0 to 64"):
+        client.erase(image, painted((64, 48), (10, 10, 30, 30)), mask_feather=65)
