@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 from sdserve.catalog import MAX_BATCH_SIZE
+from sdserve.params import SEED_MAX
 
 from studio.access import Access, QuotaBook, Quotas
 from studio.client import StudioClient, StudioError
@@ -40,6 +42,7 @@ from studio.session import (
     restored_values,
     shows_tiny_weights,
     valid_history,
+    vary_values,
 )
 from studio.status import run_with_status
 from studio.store import ResultStore
@@ -63,7 +66,7 @@ TINY_WEIGHTS_BANNER = (
 )
 # On the demo's tiny weights (a CPU), the article's 512 px and 50 steps take minutes an image;
 # the studio starts small instead, and says so.
-TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10}
+TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10, "work_side": 128}
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
 
 
@@ -182,6 +185,30 @@ class Handlers:
             }
 
         return run
+
+    def vary(self, panel: TaskPanel) -> Callable:
+        """Vary: the current result's own values, a new random variation seed at VARY_STRENGTH, and
+        the tab's run with them (the controls show what was used)."""
+        run = self.run(panel)
+
+        def vary(history_entries: list, entry: Entry | None, request: gr.Request = None, **values: Any):
+            if not entry:
+                raise gr.Error("Nothing to vary yet: make or pick a result first.", print_exception=False)
+            varied = vary_values(panel.task, entry["parameters"], lambda: secrets.randbelow(SEED_MAX + 1))
+            yield {panel.controls[name]: value for name, value in varied.items()}
+            yield from run(history_entries, request=request, **{**values, **varied})
+
+        return vary
+
+    def preview_edit(self, panel: TaskPanel) -> Callable:
+        """An edit tab's preview of what will be sent, as its image (and mask) or settings change."""
+        task = panel.task
+
+        def preview(source: Any, *settings: Any):
+            image, mask = _source_images(task, source)
+            return task.preview(dict(zip(task.setting_names, settings)), image, mask)
+
+        return preview
 
     def api(self, task: Task) -> Callable:
         """A task's named API endpoint: the same job, without the page."""
@@ -310,6 +337,19 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         )
         panel.gallery.select(handlers.pick_result(panel), inputs=panel.results, outputs=panel.current_outputs,
                              **UI_ONLY)
+        if panel.vary is not None:
+            run_events.append(panel.vary.click(
+                handlers.vary(panel), inputs=[page.history, panel.current], inputs_kwargs=panel.controls,
+                outputs=[page.status, page.history, page.history_gallery, page.banner, *panel.result_outputs,
+                         *panel.controls.values()],
+                show_progress="minimal", show_progress_on=[page.status, panel.gallery], **SCHEDULED, **UI_ONLY,
+            ))
+        if panel.edit_preview is not None:
+            gr.on(
+                triggers=[panel.source.change, *(control.change for control in panel.setting_controls)],
+                fn=handlers.preview_edit(panel), inputs=[panel.source, *panel.setting_controls],
+                outputs=panel.edit_preview, show_progress="hidden", **UI_ONLY,
+            )
         panel.reuse_seed.click(
             lambda seed: int(seed) if seed and seed.isdigit() else gr.skip(),
             inputs=panel.seed_used, outputs=panel.controls["seed"], **UI_ONLY,

@@ -140,7 +140,7 @@ class StudioClient:
     def from_env(cls) -> "StudioClient":
         return cls(EndpointConfig.from_env())
 
-    # --- the four models: thin wrappers, their generation arguments are the table's ----------
+    # --- the tabs: thin wrappers, their generation arguments are the table's ----------------
 
     def generate(self, prompt: str, *, negative_prompt: str = "", on_status: StatusCallback | None = None,
                  **gen_args: Any) -> GenerationResult:
@@ -153,9 +153,15 @@ class StudioClient:
         return self.run("restyle", prompt, negative_prompt, gen_args, image=image, on_status=on_status)
 
     def erase(self, image: Image.Image, mask: Image.Image, prompt: str = "", *, negative_prompt: str = "",
-              on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
-        """Inpainting: repaint the white part of `mask` with what `prompt` describes."""
-        return self.run("erase", prompt, negative_prompt, gen_args, image=image, mask=mask, on_status=on_status)
+              on_status: StatusCallback | None = None, **arguments: Any) -> GenerationResult:
+        """Inpainting: repaint the white part of `mask` with what `prompt` describes; only the pixels the
+        mask reaches change. `arguments`: the model's and Erase's settings (studio.edits.ERASE)."""
+        return self.run("erase", prompt, negative_prompt, arguments, image=image, mask=mask, on_status=on_status)
+
+    def extend(self, image: Image.Image, prompt: str = "", *, negative_prompt: str = "",
+               on_status: StatusCallback | None = None, **arguments: Any) -> GenerationResult:
+        """Outpainting: more canvas on the sides given (extend_left=128, ...; studio.edits.EXTEND), filled in."""
+        return self.run("extend", prompt, negative_prompt, arguments, image=image, on_status=on_status)
 
     def upscale(self, image: Image.Image, prompt: str = "", *, negative_prompt: str = "",
                 on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
@@ -179,9 +185,15 @@ class StudioClient:
         failed raises the StudioError of the failure; one that made some of its images raises
         studio.jobs.PartialJobError, whose `result` carries the images made.
         """
+        from studio.edits import EDIT_TOOLS
         from studio.jobs import plan_job
 
-        plan = plan_job(task, prompt, negative_prompt, image=image, mask=mask, gen_args=gen_args)
+        # An edit tool's studio-side settings travel beside the model's arguments; the rest are gen_args.
+        setting_names = {argument.name for argument in EDIT_TOOLS[task].settings} if task in EDIT_TOOLS else set()
+        settings = {name: value for name, value in gen_args.items() if name in setting_names}
+        gen_args = {name: value for name, value in gen_args.items() if name not in setting_names}
+        plan = plan_job(task, prompt, negative_prompt, image=image, mask=mask, gen_args=gen_args,
+                        settings=settings or None)
         return self.run_job(plan, on_status=on_status).raise_for_errors()
 
     def run_job(

@@ -11,6 +11,10 @@ bytes) and one invocation at 60 s. So the client splits:
   space with feathered seams. An image that fits one tile is sent as one call, untouched, and
   its result is the endpoint's own, byte for byte.
 
+Erase and Extend (studio.edits) are one call per image too: what is sent is the box around
+their mask at its work size, and each answer is pasted back into the input through the mask
+before it is reported (`JobPlan.edit`).
+
 The interface (all of it usable without Gradio):
 
     plan = plan_job(task, prompt, negative_prompt, *, image=None, mask=None, gen_args={...})
@@ -76,7 +80,7 @@ from sdserve.catalog import (
     ModelSpec,
 )
 from sdserve.errors import RequestError
-from sdserve.params import RANDOM_SEED, SEED_MAX
+from sdserve.params import SEED_MAX, image_seeds
 
 from studio.client import (
     INVOCATION_LIMIT_S,
@@ -88,6 +92,7 @@ from studio.client import (
     StudioError,
     png_with_parameters,
 )
+from studio.edits import EDIT_TOOLS, EditPlan, plan_edit
 
 # --- the limits a job is split by --------------------------------------------------------------
 
@@ -272,6 +277,8 @@ class JobPlan:
     calls: tuple[PlannedCall, ...]
     layout: TileLayout | None = None  # the tiles, when the image is tiled
     reasons: tuple[str, ...] = ()  # why it is split, naming the limit; empty for one call
+    edit: EditPlan | None = None  # for Erase and Extend: what is sent, and how answers are pasted back
+    variation_seeds: tuple[int, ...] = ()  # one per image of a job of variations
 
     @property
     def call_count(self) -> int:
@@ -314,13 +321,20 @@ def plan_job(
     tile_side: int = UPSCALE_TILE_SIDE,
     tile_overlap: int = UPSCALE_TILE_OVERLAP,
     rng: Random | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> JobPlan:
     """The calls a job takes, without sending anything. Refuses (StudioError) unknown or bad
     arguments and images over max_input_side. `tile_side`/`tile_overlap` (input px) exist for
     tests and tuning; a tile side whose worst-case answer exceeds MAX_ANSWER_BYTES is refused.
     `rng` picks the seed for -1 (default: the secrets module, as the server does).
+    `task` may also be an edit tool of studio.edits ("erase", "extend"): `settings` are then its
+    studio-side settings, the calls carry the box it sends, and each answer is pasted back.
     """
-    spec = MODELS_BY_TASK[task]
+    tool = EDIT_TOOLS.get(task)
+    spec = tool.spec if tool is not None else MODELS_BY_TASK[task]
+    title = tool.title if tool is not None else spec.title
+    if settings and tool is None:
+        raise StudioError(f"{task} takes no studio-side settings; it was given {', '.join(sorted(settings))}.")
     gen_args = dict(gen_args or {})
     unknown = sorted(set(gen_args) - set(spec.argument_names))
     if unknown:
@@ -331,11 +345,11 @@ def plan_job(
         except RequestError as error:
             raise StudioError(f"{error}.") from None
     count = gen_args.get("num_images_per_prompt", spec.argument("num_images_per_prompt").default)
-    seed = gen_args.get("seed", RANDOM_SEED)
-    if seed == RANDOM_SEED:
-        seed = rng.randint(0, SEED_MAX) if rng is not None else secrets.randbelow(SEED_MAX + 1)
-    # Image k uses seed + k, wrapping past SEED_MAX, exactly as sdserve.batch does for one call.
-    seeds = tuple((seed + k) % (SEED_MAX + 1) for k in range(count))
+    pick_seed = (lambda: rng.randint(0, SEED_MAX)) if rng is not None else (lambda: secrets.randbelow(SEED_MAX + 1))
+    # Each image's seeds, counted exactly as sdserve.batch does for one call (-1 resolved once, here).
+    each_image = image_seeds({**gen_args, "num_images_per_prompt": count}, pick_seed)
+    seeds = tuple(image["seed"] for image in each_image)
+    variation_seeds = tuple(image["variation_seed"] for image in each_image if "variation_seed" in image)
 
     inputs: dict[str, str | Image.Image] = {PROMPT: prompt, NEGATIVE_PROMPT: negative_prompt}
     if spec.takes_image:
@@ -344,15 +358,19 @@ def plan_job(
         inputs[MASK_IMAGE] = mask
 
     layout = None
+    edit = None
     reasons: list[str] = []
     if spec.takes_image and isinstance(image, Image.Image):
         width, height = image.size
         limit = max_input_side(spec)
         if limit and max(width, height) > limit:
             raise StudioError(
-                f"The image is {width}×{height} px; {spec.title} accepts at most {limit} px a side. "
+                f"The image is {width}×{height} px; {title} accepts at most {limit} px a side. "
                 "Make it smaller first."
             )
+        if tool is not None:
+            edit = plan_edit(tool, image, mask, settings, limit)
+            inputs[IMAGE], inputs[MASK_IMAGE] = edit.call_image, edit.call_mask
         # Sides as the server will use them (it resizes down to multiples of 8): an image that
         # fits one tile then is sent as one call, untouched.
         if spec.output_scale > 1 and max(width - width % SIZE_MULTIPLE, height - height % SIZE_MULTIPLE) > tile_side:
@@ -369,29 +387,32 @@ def plan_job(
 
     if count > 1:
         calls_of = "its own calls" if layout is not None else "its own call"
+        numbered = (f"seed {seeds[0]}, variation seeds {variation_seeds[0]} to {variation_seeds[-1]}"
+                    if variation_seeds else f"seeds {seeds[0]} to {seeds[-1]}")
         reasons.append(
-            f"Each of the {count} images (seeds {seeds[0]} to {seeds[-1]}) is {calls_of}, so every answer stays "
+            f"Each of the {count} images ({numbered}) is {calls_of}, so every answer stays "
             f"within the endpoint's {_megabytes(MAX_ANSWER_BYTES)} answer limit, every call does one image's work "
             f"(SageMaker allows a call {INVOCATION_LIMIT_S} s), and each image shows when it is ready."
         )
 
     calls: list[PlannedCall] = []
-    for image_index, image_seed in enumerate(seeds):
+    for image_index, image_seed in enumerate(each_image):
         image_label = f"image {image_index + 1} of {count}" if count > 1 else ""
         if layout is None:
             if count == 1:
-                # Sent as the caller gave it, only the seed resolved: the same request as before splitting.
-                args = {**gen_args, "seed": image_seed}
+                # Sent as the caller gave it, only the seeds resolved: the same request as before splitting.
+                args = {**gen_args, **image_seed}
             else:
-                args = {**gen_args, "seed": image_seed, "num_images_per_prompt": 1}
+                args = {**gen_args, **image_seed, "num_images_per_prompt": 1}
             calls.append(PlannedCall(len(calls), image_index, None, image_label or "the call", inputs, args))
             continue
-        args = {**gen_args, "seed": image_seed, "num_images_per_prompt": 1}  # every tile: its image's seed
+        args = {**gen_args, **image_seed, "num_images_per_prompt": 1}  # every tile: its image's seeds
         for tile_index, tile in enumerate(tiles):
             label = f"tile {tile_index + 1} of {layout.count}"
             calls.append(PlannedCall(len(calls), image_index, tile_index, ", ".join(filter(None, (image_label, label))),
                                      {**inputs, IMAGE: tile}, args))
-    return JobPlan(task, spec.name, spec.title, seeds, tuple(calls), layout, tuple(reasons))
+    return JobPlan(task, spec.name, title, seeds, tuple(calls), layout,
+                   tuple(reasons), edit, variation_seeds)
 
 
 def _tiles(spec: ModelSpec, image: Image.Image, tile_side: int, overlap: int) -> tuple[TileLayout, list[Image.Image]]:
@@ -664,7 +685,7 @@ def _image_if_done(plan: JobPlan, image_index: int, answers: dict[int, Generatio
     if not all(call.index in answers for call in calls):
         return None
     if plan.layout is None:
-        return answers[calls[0].index]
+        return answers[calls[0].index] if plan.edit is None else _pasted(plan.edit, calls[0], answers[calls[0].index])
     tiles = [answers[call.index] for call in calls]
     layout = plan.layout
     for call, tile in zip(calls, tiles):
@@ -691,6 +712,16 @@ def _image_if_done(plan: JobPlan, image_index: int, answers: dict[int, Generatio
                             parameters=parameters, seconds=max(tile.seconds for tile in tiles))
 
 
+def _pasted(edit: EditPlan, call: PlannedCall, answer: GenerationResult) -> GenerationResult:
+    """An edit's answer put back into its image (studio.edits): only the masked pixels change."""
+    if len(answer.images) != 1:
+        raise _Unusable(CallFailure(call, StudioError(f"its answer was {len(answer.images)} images, not one")))
+    pasted = edit.paste(answer.images[0])
+    parameters = edit.parameters(answer.parameters)
+    return GenerationResult(model=answer.model, images=[pasted], png=[png_with_parameters(pasted, parameters)],
+                            parameters=parameters, seconds=answer.seconds)
+
+
 def _min_overlap(layout: TileLayout) -> int:
     gaps = [b - a for a, b in zip(layout.xs, layout.xs[1:])] + [b - a for a, b in zip(layout.ys, layout.ys[1:])]
     sides = [layout.tile_size[0]] * (len(layout.xs) - 1) + [layout.tile_size[1]] * (len(layout.ys) - 1)
@@ -714,6 +745,9 @@ def _assemble(
             "seeds": [plan.seeds[index] for index in order],
             "num_images_per_prompt": plan.image_count,
         }
+        if plan.variation_seeds:
+            parameters["variation_seed"] = plan.variation_seeds[0]
+            parameters["variation_seeds"] = [plan.variation_seeds[index] for index in order]
     return JobResult(
         model=plan.model,
         images=[image for part in made for image in part.images],

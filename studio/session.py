@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from PIL import Image
@@ -35,9 +36,11 @@ from studio.metadata import (
     read_png_head,
 )
 from studio.store import DEFAULT_OWNER, ResultStore
-from studio.tasks import TASK_BY_MODEL, TASKS, Task
+from studio.tasks import TASKS, Task, task_of
 
 HISTORY_LIMIT = 50
+# How far "Vary" moves from the picture it varies: recognisably the same picture, visibly another take.
+VARY_STRENGTH = 0.3
 CAPTION_PROMPT_CHARS = 60
 INPUT_NAMES = ("image", "mask")
 
@@ -157,7 +160,7 @@ def restore_from_png(
         raise StudioError(str(error)) from None
     except OSError:
         raise StudioError("That file could not be read.") from None
-    task = TASK_BY_MODEL.get(str(parameters.get("model")))
+    task = task_of(parameters)
     if task is None:
         raise StudioError("That PNG's parameters are not from a model of this studio.")
     result_id = None
@@ -258,6 +261,13 @@ def restored_values(task: Task, parameters: dict[str, Any]) -> dict[str, Any]:
         for control in task.controls
         if control.name in parameters
     }
+
+
+def vary_values(task: Task, parameters: dict[str, Any], pick_seed: Callable[[], int]) -> dict[str, Any]:
+    """The controls that make a variation of a result: its own values (seed included) with a new
+    variation seed from `pick_seed` at VARY_STRENGTH. A result that is itself a variation is varied
+    around its seed's image: variations do not nest."""
+    return {**restored_values(task, parameters), "variation_seed": pick_seed(), "variation_strength": VARY_STRENGTH}
 
 
 def restored_inputs(entry: Entry, store: ResultStore) -> dict[str, Image.Image]:

@@ -17,6 +17,7 @@ from sdserve.errors import RequestError
 from sdserve.params import Argument
 
 from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
+from studio.edits import EDIT_TOOLS, EditTool, plan_edit
 from studio.jobs import JobPlan, ResultCallback, max_input_side, plan_job
 from studio.scheduler import Job
 
@@ -25,9 +26,9 @@ from studio.scheduler import Job
 class Control:
     """One input of a tab as the studio shows it: a text box, a slider, a list or a number."""
 
-    name: str  # the generation argument's name (or "prompt" / "negative_prompt")
+    name: str  # the generation argument's or studio-side setting's name (or "prompt" / "negative_prompt")
     label: str
-    widget: str  # "text", or the argument's widget: "slider", "dropdown", "number"
+    widget: str  # "text", or the argument's widget: "slider", "dropdown", "number", "checkbox"
     default: Any
     info: str | None = None
     argument: Argument | None = None  # None for the text inputs
@@ -64,7 +65,11 @@ class Control:
         if self.argument is None:
             return str(value)
         kind = self.argument.kind
-        if kind is not str:
+        if kind is bool:
+            if value not in (True, False):  # 1 and 0 too: bool(value) would take any string as on
+                raise StudioError(f"{self.label} must be on or off; got {value!r}.")
+            value = bool(value)
+        elif kind is not str:
             try:
                 value = float(value)
             except (TypeError, ValueError):
@@ -90,25 +95,36 @@ class Control:
 
 @dataclass(frozen=True)
 class Task:
-    """One tab of the studio and one API endpoint: `name` is both, and the StudioClient method."""
+    """One tab of the studio and one API endpoint: `name` is both, and the StudioClient method.
+
+    A model's own task, or an edit tool of studio.edits on it (Erase, Extend): then the tool names
+    the tab and adds its studio-side settings to the controls, after the model's arguments.
+    """
 
     spec: ModelSpec
     controls: tuple[Control, ...]
+    tool: EditTool | None = None
 
     @classmethod
-    def for_model(cls, spec: ModelSpec) -> Task:
+    def for_model(cls, spec: ModelSpec, tool: EditTool | None = None) -> Task:
         text = (
             Control("prompt", spec.prompt_label, "text", "", spec.prompt_help or None),
             Control("negative_prompt", "Negative prompt", "text", "", "What to steer away from."),
         )
-        return cls(spec, (*text, *map(Control.for_argument, spec.arguments)))
+        settings = tool.settings if tool is not None else ()
+        return cls(spec, (*text, *map(Control.for_argument, (*spec.arguments, *settings))), tool)
 
-    name = property(lambda self: self.spec.task)
-    title = property(lambda self: self.spec.title)
+    name = property(lambda self: self.tool.name if self.tool else self.spec.task)
+    title = property(lambda self: self.tool.title if self.tool else self.spec.title)
     model = property(lambda self: self.spec.name)
-    summary = property(lambda self: self.spec.summary)
+    summary = property(lambda self: self.tool.summary if self.tool else self.spec.summary)
     takes_image = property(lambda self: self.spec.takes_image)
-    takes_mask = property(lambda self: self.spec.takes_mask)
+    takes_mask = property(lambda self: self.tool.takes_mask if self.tool else self.spec.takes_mask)
+
+    @property
+    def setting_names(self) -> tuple[str, ...]:
+        """The studio-side settings among the controls (an edit tool's); the rest go to the endpoint."""
+        return tuple(argument.name for argument in self.tool.settings) if self.tool else ()
     prompt_required = property(lambda self: self.spec.prompt_required)
     # The largest input the studio takes: a tiled model (the upscaler) takes more than one call does.
     max_image_side = property(lambda self: max_input_side(self.spec))
@@ -121,13 +137,30 @@ class Task:
         """Check the inputs and plan the job's calls (studio.jobs), sending nothing."""
         arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
         prompt, negative_prompt = arguments.pop("prompt"), arguments.pop("negative_prompt")
+        settings = {name: arguments.pop(name) for name in self.setting_names}
         if self.prompt_required and not prompt.strip():
             raise StudioError(f"Write a prompt: {self.title} needs one.")
         if self.takes_image:
             image = self.checked_image(image)
         if self.takes_mask:
             mask = checked_mask(mask, image.size)
-        return plan_job(self.name, prompt, negative_prompt, image=image, mask=mask, gen_args=arguments)
+        return plan_job(self.name, prompt, negative_prompt, image=image, mask=mask, gen_args=arguments,
+                        settings=settings or None)
+
+    def preview(self, values: dict[str, Any], image: Image.Image | None,
+                mask: Image.Image | None = None) -> Image.Image | None:
+        """An edit tool's preview (studio.edits.EditPlan.preview) for the tab's current inputs and
+        settings; None while there is nothing to show (no image or mask yet, a setting out of range)."""
+        if self.tool is None or image is None:
+            return None
+        try:
+            settings = {name: self.control(name).validate(values.get(name)) for name in self.setting_names}
+            return plan_edit(self.tool, self.checked_image(image), mask, settings, self.max_image_side).preview()
+        except StudioError:
+            return None
+
+    def control(self, name: str) -> Control:
+        return next(control for control in self.controls if control.name == name)
 
     def run(
         self,
@@ -197,5 +230,25 @@ def checked_mask(mask: Image.Image | None, image_size: tuple[int, int]) -> Image
     return mask
 
 
-TASKS: dict[str, Task] = {spec.task: Task.for_model(spec) for spec in MODELS.values()}
-TASK_BY_MODEL: dict[str, Task] = {task.model: task for task in TASKS.values()}
+def _tasks() -> list[Task]:
+    """Each model's task (Erase is an edit tool's, studio.edits), and after it the other edit tools
+    on that model (Extend, after Erase)."""
+    tasks = []
+    for spec in MODELS.values():
+        tasks.append(Task.for_model(spec, EDIT_TOOLS.get(spec.task)))
+        tasks += [Task.for_model(spec, tool) for tool in EDIT_TOOLS.values() if tool.model == spec.name
+                  and tool.name != spec.task]
+    return tasks
+
+
+TASKS: dict[str, Task] = {task.name: task for task in _tasks()}
+# A model's own task: what a result of it restores into when its parameters name no edit tool.
+TASK_BY_MODEL: dict[str, Task] = {task.model: task for task in TASKS.values() if task.name == task.spec.task}
+
+
+def task_of(parameters: dict[str, Any]) -> Task | None:
+    """The tab a result's parameters restore into: an edit tool's ("task") on its model, else the model's."""
+    named = TASKS.get(parameters.get("task")) if isinstance(parameters.get("task"), str) else None
+    if named is not None and named.model == parameters.get("model"):
+        return named
+    return TASK_BY_MODEL.get(str(parameters.get("model")))

@@ -47,6 +47,14 @@ class TaskPanel:
     # The API endpoint's image parameters by name. An editor value is awkward over the API, so
     # Erase takes a plain image there, and a mask (the preview component, which shows the same).
     api_images: dict[str, gr.Image] = field(default_factory=dict)
+    # An edit tool's tab (Erase, Extend): what will be sent and pasted back, shown before sending.
+    edit_preview: gr.Image | None = None
+    vary: gr.Button | None = None  # a tab with variation arguments (Generate): vary the current result
+
+    @property
+    def setting_controls(self) -> list[gr.components.Component]:
+        """The controls of the tab's studio-side settings (an edit tool's), in order."""
+        return [self.controls[name] for name in self.task.setting_names]
 
     @property
     def source_outputs(self) -> list[gr.components.Component]:
@@ -81,6 +89,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
     """
     name = task.name
     start = {**task.defaults(), **(starting_values or {})}
+    settings = set(task.setting_names)
     gr.Markdown(task.summary)
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
@@ -90,12 +99,26 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
                 for control in task.controls
                 if control.name in MAIN_CONTROLS
             }
+            edit_preview = None
+            if task.tool is not None:
+                with gr.Accordion(task.tool.settings_title, open=True):
+                    with gr.Row():
+                        controls.update(
+                            (control.name, control_widget(control, start[control.name], f"{name}-{control.name}"))
+                            for control in task.controls
+                            if control.name in settings
+                        )
+                    edit_preview = gr.Image(
+                        label="Preview: the box sent (outlined) and what is repainted (tinted); "
+                              "the rest stays exactly as it is",
+                        type="pil", interactive=False, height=240, elem_id=f"{name}-edit-preview",
+                    )
             with gr.Accordion("Sampling", open=True):
                 with gr.Row():
                     controls.update(
                         (control.name, control_widget(control, start[control.name], f"{name}-{control.name}"))
                         for control in task.controls
-                        if control.name not in MAIN_CONTROLS
+                        if control.name not in MAIN_CONTROLS and control.name not in settings
                     )
             run = gr.Button(task.title, variant="primary", elem_id=f"{name}-run")
         with gr.Column(scale=1):
@@ -106,6 +129,9 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
             with gr.Row():
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id=f"{name}-seed-used")
                 reuse_seed = gr.Button("Reuse this seed", size="sm", elem_id=f"{name}-reuse-seed")
+                vary = None
+                if "variation_seed" in controls:
+                    vary = gr.Button("Vary", size="sm", elem_id=f"{name}-vary")
                 download = gr.DownloadButton(
                     "Download PNG", interactive=False, size="sm", elem_id=f"{name}-download"
                 )
@@ -120,6 +146,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
         task=task, controls=controls, run=run, gallery=gallery, seed_used=seed_used, reuse_seed=reuse_seed,
         download=download, send=send, parameters=parameters, results=gr.State([]), current=gr.State(None),
         source=source, brush_size=brush_size, mask_preview=mask_preview, api_images=api_images,
+        edit_preview=edit_preview, vary=vary,
     )
 
 
@@ -161,6 +188,8 @@ def control_widget(control: Control, value: Any, elem_id: str) -> gr.components.
         return gr.Dropdown(list(control.choices), **common)
     if control.widget == "number":
         return gr.Number(precision=0, minimum=control.minimum, maximum=control.maximum, **common)
+    if control.widget == "checkbox":
+        return gr.Checkbox(**common)
     raise ValueError(f"unknown widget {control.widget!r} for {control.name}")
 
 

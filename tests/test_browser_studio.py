@@ -79,6 +79,27 @@ def run_and_wait(page: Page, task: str, title: str) -> None:
     expect(page.locator(f"#{task}-results img").first).to_be_visible()
 
 
+def generate_at(page: Page, url: str, prompt: str, size: tuple[int, int], seed: int) -> None:
+    """A fresh page's Generate run with this prompt, size and seed."""
+    page.goto(url)
+    page.locator("#generate-prompt textarea").fill(prompt)
+    set_number(page, "generate-width", size[0])
+    set_number(page, "generate-height", size[1])
+    set_number(page, "generate-seed", seed)
+    run_and_wait(page, "generate", "Generate")
+
+
+def history_survives_a_reload(page: Page, captions: tuple[str, ...], screenshot) -> None:
+    """The history shows one result per caption (newest first), the page is saved as `screenshot`,
+    and the history is all there again after a reload."""
+    expect(page.locator("#history img")).to_have_count(len(captions))
+    for caption in set(captions):
+        expect(page.locator("#history")).to_contain_text(caption)
+    page.screenshot(path=str(screenshot), full_page=True)
+    page.reload()
+    expect(page.locator("#history img")).to_have_count(len(captions), timeout=30_000)
+
+
 def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
     page.goto(studio_url)
     expect(page.locator("#tiny-weights-banner")).to_contain_text("Demo weights", timeout=60_000)
@@ -102,14 +123,8 @@ def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
     expect(page.locator("#status")).to_contain_text("Sent to Upscale")
     run_and_wait(page, "upscale", "Upscale")
 
-    history = page.locator("#history img")
-    expect(history).to_have_count(3)
-    for caption in ("Upscale · seed", "Erase · seed", "Generate · seed"):
-        expect(page.locator("#history")).to_contain_text(caption)
-    page.screenshot(path=str(artifacts_dir / "studio-session.png"), full_page=True)
-
-    page.reload()
-    expect(page.locator("#history img")).to_have_count(3, timeout=30_000)
+    history_survives_a_reload(page, ("Upscale · seed", "Erase · seed", "Generate · seed"),
+                              artifacts_dir / "studio-session.png")
 
     # Picking the oldest result restores it into Generate, with its size and effective seed.
     page.locator("#history img").nth(2).click()
@@ -121,12 +136,7 @@ def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
 
 
 def test_a_downloaded_png_brings_its_parameters_back(studio_url, page, tmp_path):
-    page.goto(studio_url)
-    page.locator("#generate-prompt textarea").fill("a lighthouse")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 72)
-    set_number(page, "generate-seed", 4242)
-    run_and_wait(page, "generate", "Generate")
+    generate_at(page, studio_url, "a lighthouse", (64, 72), 4242)
     with page.expect_download() as download:
         page.locator("#generate-download").click()
     png = tmp_path / download.value.suggested_filename
@@ -164,3 +174,41 @@ def test_cancelled_work_never_shows_up(studio_url, page):
     expect(page.locator("#history img")).to_have_count(1)
     expect(page.locator("#history")).to_contain_text("a quick one")
 
+
+
+def test_vary_erase_with_a_feathered_mask_and_extend(studio_url, page, artifacts_dir):
+    """Vary a Generate result, erase with mask settings previewed before sending, extend the canvas,
+    and restore the extension from the history with its settings."""
+    generate_at(page, studio_url, "a harbour", (64, 64), 500)
+
+    page.locator("#generate-vary").click()
+    expect(page.locator("#history img")).to_have_count(2, timeout=CALL_TIMEOUT_MS)
+    expect(page.locator("#status")).to_contain_text("Done: Generate")
+    expect(page.locator("#generate-variation_strength input[type=number]")).to_have_value("0.3")
+    expect(page.locator("#generate-seed input")).to_have_value("500")
+    expect(page.locator("#generate-variation_seed input")).not_to_have_value("-1")
+
+    page.locator("#generate-send-erase").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Erase")
+    set_number(page, "erase-mask_grow", 2)
+    set_number(page, "erase-mask_feather", 6)
+    set_number(page, "erase-brush-size", 6)
+    page.wait_for_timeout(500)  # the new brush size reaches the editor
+    paint(page, "#erase-editor canvas")
+    expect(page.locator("#erase-edit-preview img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#erase-only_masked input[type=checkbox]")).to_be_checked()
+    run_and_wait(page, "erase", "Erase")
+
+    page.locator("#erase-send-extend").click()
+    expect(page.locator("#status")).to_contain_text("Sent to Extend")
+    set_number(page, "extend-extend_right", 32)
+    set_number(page, "extend-extend_overlap", 8)
+    expect(page.locator("#extend-edit-preview img")).to_be_visible(timeout=30_000)
+    run_and_wait(page, "extend", "Extend")
+    history_survives_a_reload(page, ("Extend · seed", "Erase · seed", "Generate · seed", "Generate · seed"),
+                              artifacts_dir / "studio-edits.png")
+    page.locator("#history img").nth(0).click()
+    expect(page.locator("#status")).to_contain_text("Restored into Extend")
+    expect(page.locator("#extend-extend_right input[type=number]")).to_have_value("32")
+    expect(page.locator("#extend-extend_overlap input[type=number]")).to_have_value("8")
+    page.screenshot(path=str(artifacts_dir / "studio-edits-restored.png"), full_page=True)

@@ -65,6 +65,14 @@ def test_given_values_are_kept_and_ints_accepted_as_floats():
         ('{"height": 100}', "gen_args.height", "multiple of 8"),
         ('{"width": 4096}', "gen_args.width", "from 64 to 1024"),
         ('{"num_images_per_prompt": 5}', "gen_args.num_images_per_prompt", "from 1 to 4"),
+        ('{"variation_seed": -2}', "gen_args.variation_seed", "from -1 to 4294967295"),
+        ('{"variation_seed": 4294967296}', "gen_args.variation_seed", "from -1 to 4294967295"),
+        ('{"variation_seed": 1.5}', "gen_args.variation_seed", "must be an integer"),
+        ('{"variation_seed": true}', "gen_args.variation_seed", "boolean"),
+        ('{"variation_strength": 1.5}', "gen_args.variation_strength", "from 0 to 1"),
+        ('{"variation_strength": -0.1}', "gen_args.variation_strength", "from 0 to 1"),
+        ('{"variation_strength": NaN}', "gen_args.variation_strength", "finite"),
+        ('{"variation_strength": "a lot"}', "gen_args.variation_strength", "must be a number"),
     ],
 )
 def test_bad_gen_args_name_the_key(gen_args, field, words):
@@ -78,6 +86,9 @@ def test_strength_range_and_model_specific_keys():
     expect_error("gen_args.height", parse_gen_args, "sd_depth", '{"height": 512}')
     expect_error("gen_args.strength", parse_gen_args, "sd_upscale", '{"strength": 0.5}')
     expect_error("gen_args.noise_level", parse_gen_args, "sd_upscale", '{"noise_level": 351}')
+    # Variations are of text-to-image only: the other models start from their input image.
+    expect_error("gen_args.variation_seed", parse_gen_args, "sd_inpaint", '{"variation_seed": 3}')
+    expect_error("gen_args.variation_strength", parse_gen_args, "sd_depth", '{"variation_strength": 0.5}')
 
 
 def test_gen_args_size_limit():

@@ -1,4 +1,4 @@
-"""The studio's four API endpoints through gradio_client, against `python -m studio` as `make demo`
+"""The studio's five API endpoints through gradio_client, against `python -m studio` as `make demo`
 runs it: the studio starts the checkout's local endpoint (real Triton, tiny weights) itself.
 """
 
@@ -14,15 +14,17 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
 from serving.local_triton import find_free_port
+from studio.edits import feathered_mask
 from studio.metadata import read_parameters
 
-from .samples import assert_same_image
+from .samples import assert_same_image, max_pixel_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600  # the first start of Triton on a busy 2-core machine
@@ -86,6 +88,13 @@ def mask(path: Path, size=(64, 64), painted=True) -> Path:
     return path
 
 
+def dot(path: Path, size=(64, 64)) -> Path:
+    image = Image.new("L", size, 0)
+    image.paste(255, (30, 30, 34, 34))
+    image.save(path)
+    return path
+
+
 def only_image(result) -> tuple[Path, dict]:
     """(the one image's file, the parameters it carries) from an endpoint's (gallery, parameters)."""
     gallery, parameters = result
@@ -97,13 +106,16 @@ def only_image(result) -> tuple[Path, dict]:
     return path, embedded
 
 
-def test_the_four_endpoints_are_named_and_documented(client):
+def test_the_five_endpoints_are_named_and_documented(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/upscale"}
+    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/extend", "/upscale"}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names["/erase"][:3] == ["image", "mask", "prompt"]
     assert {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "seed", "num_images_per_prompt"} <= set(names["/generate"])
     assert "width" in names["/generate"] and "noise_level" in names["/upscale"] and "strength" in names["/restyle"]
+    assert {"variation_seed", "variation_strength"} <= set(names["/generate"])
+    assert {"mask_grow", "mask_feather", "only_masked", "work_side"} <= set(names["/erase"])
+    assert names["/extend"][:2] == ["image", "prompt"] and "extend_right" in names["/extend"]
     assert all(info["description"] for info in endpoints.values())
 
 
@@ -143,6 +155,47 @@ def test_several_images_each_carry_their_own_seed(client):
     assert seeds == parameters["seeds"] == [10, 11]
 
 
+def test_variations_go_from_the_seeds_image_to_the_variation_seeds(client):
+    def make(**arguments):
+        return only_image(client.predict(prompt="a red house", width=64, height=64, api_name="/generate",
+                                         **{"seed": 31, **arguments}, **TINY))
+
+    plain, _ = make()
+    other, _ = make(seed=32)
+    at_zero, _ = make(variation_seed=32, variation_strength=0.0)
+    at_one, _ = make(variation_seed=32, variation_strength=1.0)
+    varied, parameters = make(variation_seed=32, variation_strength=0.3)
+    assert_same_image(Image.open(at_zero), Image.open(plain))
+    assert_same_image(Image.open(at_one), Image.open(other))
+    assert max_pixel_difference(Image.open(varied), Image.open(plain)) > 8
+    assert max_pixel_difference(Image.open(varied), Image.open(other)) > 8
+    assert (parameters["seed"], parameters["variation_seed"], parameters["variation_strength"]) == (31, 32, 0.3)
+    again, _ = make(variation_seed=32, variation_strength=0.3)
+    assert_same_image(Image.open(again), Image.open(varied))
+
+
+def test_erase_and_extend_leave_every_pixel_outside_the_mask_as_it_was(client, tmp_path):
+    source = picture(tmp_path / "wide.png", (160, 96))
+    painted = Image.new("L", (160, 96), 0)
+    painted.paste(255, (100, 30, 140, 70))
+    painted.save(tmp_path / "painted.png")
+    erased, parameters = only_image(client.predict(
+        image=handle_file(source), mask=handle_file(tmp_path / "painted.png"), prompt="a window",
+        mask_grow=2, mask_feather=4, work_side=64, seed=3, api_name="/erase", **TINY))
+    alpha = np.asarray(feathered_mask(painted, grow=2, feather=4))
+    before, after = np.asarray(Image.open(source).convert("RGB")), np.asarray(Image.open(erased).convert("RGB"))
+    assert after.shape == before.shape and np.array_equal(after[alpha == 0], before[alpha == 0])
+    assert (after[alpha == 255] != before[alpha == 255]).any()
+    assert (parameters["task"], parameters["mask_grow"], parameters["mask_feather"]) == ("erase", 2, 4)
+
+    extended, parameters = only_image(client.predict(
+        image=handle_file(source), prompt="more wall", extend_left=32, extend_overlap=8, work_side=64, seed=3,
+        api_name="/extend", **TINY))
+    after = np.asarray(Image.open(extended).convert("RGB"))
+    assert after.shape == (96, 192, 3) and np.array_equal(after[:, 32 + 8:], before[:, 8:])
+    assert (parameters["task"], parameters["extend_left"], parameters["width"]) == ("extend", 32, 192)
+
+
 @pytest.mark.parametrize(
     "endpoint, inputs, message",
     [
@@ -154,6 +207,9 @@ def test_several_images_each_carry_their_own_seed(client):
         ("/upscale", {"image": "huge picture"}, "at most 1024 px a side"),  # larger ones are tiled
         ("/restyle", {"image": "huge picture", "prompt": "x"}, "at most 1024 px a side"),
         ("/generate", {"prompt": ""}, "Write a prompt"),
+        ("/extend", {"image": "picture"}, "at least one side"),
+        ("/extend", {"image": "large picture", "extend_left": 512}, "would be 1112×600 px; Extend makes at most 1024 px"),
+        ("/erase", {"image": "picture", "mask": "small dot", "mask_grow": -8}, "empty after shrinking it by 8 px"),
         ("/generate", {"prompt": "x", "width": 4096}, "Value 4096 is greater than maximum value 1024"),  # Gradio checks sliders
     ],
 )
@@ -164,6 +220,7 @@ def test_bad_inputs_get_a_clear_message(client, tmp_path, endpoint, inputs, mess
         "huge picture": lambda: picture(tmp_path / "huge.png", (1100, 1100)),
         "empty mask": lambda: mask(tmp_path / "empty.png", painted=False),
         "small mask": lambda: mask(tmp_path / "small.png", (32, 32)),
+        "small dot": lambda: dot(tmp_path / "dot.png"),
     }
     arguments = {name: handle_file(files[value]()) if value in files else value for name, value in inputs.items()}
     with pytest.raises(AppError) as raised:

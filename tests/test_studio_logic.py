@@ -22,7 +22,7 @@ from studio.metadata import embed_parameters, image_to_png, read_parameters
 from studio.scheduler import FairScheduler
 from studio.status import run_with_status, status_line
 from studio.store import ResultStore
-from studio.tasks import TASK_BY_MODEL, TASKS
+from studio.tasks import TASK_BY_MODEL, TASKS, task_of
 
 from .samples import png_with_parameters
 
@@ -43,12 +43,18 @@ def store(tmp_path) -> ResultStore:
 
 @pytest.mark.parametrize("task", TASKS.values(), ids=lambda task: task.name)
 def test_each_model_is_a_tab_whose_controls_are_its_arguments(task):
+    """A model's own tab, or an edit tool's on it (Erase, Extend), whose settings follow the arguments."""
     spec = MODELS[task.model]
-    assert TASK_BY_MODEL[spec.name] is task and spec.task == task.name
+    if task.tool is None or task.name == spec.task:
+        assert TASK_BY_MODEL[spec.name] is task and spec.task == task.name
+    else:
+        assert task_of({"model": spec.name, "task": task.name}) is task
+    settings = task.tool.settings if task.tool else ()
     names = [control.name for control in task.controls]
-    assert names == ["prompt", "negative_prompt", *spec.argument_names]
+    assert names == ["prompt", "negative_prompt", *spec.argument_names, *(setting.name for setting in settings)]
+    arguments = {argument.name: argument for argument in (*spec.arguments, *settings)}
     for control in task.controls[2:]:
-        argument = spec.argument(control.name)
+        argument = arguments[control.name]
         assert (control.label, control.default, control.minimum, control.maximum) == (
             argument.label, argument.default, argument.minimum, argument.maximum
         )

@@ -25,7 +25,7 @@ from .budget import CallOverBudget, ModelBusy, denoising_steps, megapixels, what
 from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
 from .images import encode_within
-from .params import RANDOM_SEED, SEED_MAX
+from .params import SEED_MAX, image_seeds
 from .pipelines import CallStopped, ImageRow, LoadedPipeline, run_call, scheduler_class_name
 from .request import GenerationRequest, parse_request
 
@@ -97,18 +97,18 @@ def serve_batch(
             outcomes.append(error)
 
     # Every image to make, tagged with (request index, row index), seeds resolved now
-    # so the answer can say which seed each image used.
+    # so the answer can say which seed (and variation seed) each image used.
     rows_by_key: dict[tuple, list[tuple[int, int, ImageRow]]] = defaultdict(list)
-    seeds: dict[tuple[int, int], list[int]] = {}
+    seeds: dict[tuple[int, int], list[dict[str, int]]] = {}
     for index, outcome in enumerate(outcomes):
         if isinstance(outcome, Exception):
             continue
         for row_index, request in enumerate(outcome):
-            first_seed = _resolve_seed(request.args["seed"])
-            row_seeds = [(first_seed + k) % (SEED_MAX + 1) for k in range(request.args["num_images_per_prompt"])]
+            row_seeds = image_seeds(request.args, _random_seed)
             seeds[index, row_index] = row_seeds
-            for seed in row_seeds:
-                rows_by_key[request.batch_key()].append((index, row_index, ImageRow(request, seed)))
+            for image in row_seeds:
+                rows_by_key[request.batch_key()].append(
+                    (index, row_index, ImageRow(request, image["seed"], image.get("variation_seed"))))
 
     images: dict[tuple[int, int], list] = defaultdict(list)
     for tagged in rows_by_key.values():
@@ -169,7 +169,7 @@ def _fail(outcomes: list, chunk: list, error: Exception) -> None:
 def _answer(
     loaded: LoadedPipeline,
     requests: list[GenerationRequest],
-    seeds: list[list[int]],
+    seeds: list[list[dict[str, int]]],
     made: list[list[Image.Image]],
     max_answer_bytes: int,
 ) -> Answer:
@@ -178,7 +178,8 @@ def _answer(
         effective_parameters(loaded, request, row_seeds, row_images[0].size)
         for request, row_seeds, row_images in zip(requests, seeds, made)
     ]
-    texts = [[json.dumps({**row, "seed": seed}) for seed in row["seeds"]] for row in parameters]
+    # Each image's own PNG chunk: its row's parameters with that image's seeds.
+    texts = [[json.dumps({**row, **image}) for image in row_seeds] for row, row_seeds in zip(parameters, seeds)]
     # What the answer carries besides the images: the parameters, and JSON framing per tensor.
     overhead = sum(len(json.dumps(row)) + 64 for row in parameters) + ANSWER_FRAMING_BYTES
     encoded, encoding = encode_within(made, texts, max_answer_bytes - overhead)
@@ -188,22 +189,23 @@ def _answer(
     )
 
 
-def _resolve_seed(seed: int) -> int:
-    return secrets.randbelow(SEED_MAX + 1) if seed == RANDOM_SEED else seed
+def _random_seed() -> int:
+    return secrets.randbelow(SEED_MAX + 1)
 
 
 def effective_parameters(
-    loaded: LoadedPipeline, request: GenerationRequest, seeds: list[int], size: tuple[int, int]
+    loaded: LoadedPipeline, request: GenerationRequest, seeds: list[dict[str, int]], size: tuple[int, int]
 ) -> dict[str, Any]:
-    """Everything needed to make the same image again."""
+    """Everything needed to make the same image again; `seeds` are each image's (params.image_seeds)."""
     parameters = {
         "model": loaded.model,
         "weights": loaded.weights_kind,
         "prompt": request.prompt,
         "negative_prompt": request.negative_prompt,
         **request.args,
-        "seed": seeds[0],
-        "seeds": seeds,
+        **seeds[0],
+        "seeds": [image["seed"] for image in seeds],
+        **({"variation_seeds": [image["variation_seed"] for image in seeds]} if "variation_seed" in seeds[0] else {}),
         "scheduler_class": scheduler_class_name(request.args["scheduler"], loaded.default_scheduler),
         "width": size[0],
         "height": size[1],

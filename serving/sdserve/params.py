@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +33,7 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
     "pndm": ("PNDMScheduler", {}),
 }
 
-WIDGETS = ("slider", "number", "dropdown")
+WIDGETS = ("slider", "number", "dropdown", "checkbox")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Argument:
     """One generation argument: the key in `gen_args`, the pipeline keyword and the studio control."""
 
     name: str
-    kind: type  # int, float or str
+    kind: type  # int, float, str, or bool (a studio-side switch; see studio.edits)
     default: Any
     label: str
     help: str = ""
@@ -61,8 +62,9 @@ class Argument:
         """The value with its proper type, or a RequestError naming `field` and the limit."""
         field = field or f"gen_args.{self.name}"
         # bool is an int in Python; a designer's `true` is never a step count.
-        if isinstance(value, bool):
-            raise RequestError(field, f"must be {self.describe()}, not a boolean")
+        if isinstance(value, bool) != (self.kind is bool):
+            raise RequestError(field, f"must be {self.describe()}, not a boolean" if isinstance(value, bool)
+                               else f"must be {self.describe()}, got {type(value).__name__}")
         if self.kind is float and isinstance(value, int):
             value = float(value)
         if not isinstance(value, self.kind):
@@ -80,7 +82,7 @@ class Argument:
         return value
 
     def describe(self) -> str:
-        names = {int: "an integer", float: "a number", str: "a string"}
+        names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
         return f"{names[self.kind]} {self.describe_range()}".strip()
 
     def describe_range(self) -> str:
@@ -117,6 +119,42 @@ def sampling_arguments(guidance: float) -> tuple[Argument, ...]:
             minimum=1, maximum=4, step=1, pipeline=False, shared_by_batch=False,
         ),
     )
+
+
+def variation_arguments() -> tuple[Argument, ...]:
+    """A second seed whose noise is mixed into the seed's (spherically), for variations of an image."""
+    return (
+        Argument(
+            "variation_seed", int, RANDOM_SEED, "Variation seed",
+            "The second noise mixed in; -1 picks a random one. Each further image takes the next one.",
+            minimum=RANDOM_SEED, maximum=SEED_MAX, step=1, widget="number", pipeline=False, shared_by_batch=False,
+        ),
+        Argument(
+            "variation_strength", float, 0.0, "Variation strength",
+            "0 gives the seed's own image, 1 the variation seed's; in between, a variation of the seed's image.",
+            minimum=0.0, maximum=1.0, step=0.05, pipeline=False, shared_by_batch=False,
+        ),
+    )
+
+
+def image_seeds(args: Mapping[str, Any], pick_seed: Callable[[], int]) -> list[dict[str, int]]:
+    """The seeds of each image a request (or a job) makes, as the keys of its gen_args.
+
+    Plain images take consecutive seeds: seed, seed + 1, ... Variations (variation_strength > 0)
+    are all variations of one image, the seed's: they keep the seed and take consecutive
+    variation seeds. -1 is resolved with `pick_seed`, once, so the numbers stay consecutive;
+    a variation seed is resolved only when it is used. The server (sdserve.batch) and the
+    studio (which sends N images as N calls, studio.jobs) both count this way.
+    """
+    def resolved(seed: int) -> int:
+        return pick_seed() if seed == RANDOM_SEED else seed
+
+    count = args.get("num_images_per_prompt", 1)
+    seed = resolved(args.get("seed", RANDOM_SEED))
+    if args.get("variation_strength", 0) > 0:
+        variation_seed = resolved(args.get("variation_seed", RANDOM_SEED))
+        return [{"seed": seed, "variation_seed": (variation_seed + k) % (SEED_MAX + 1)} for k in range(count)]
+    return [{"seed": (seed + k) % (SEED_MAX + 1)} for k in range(count)]
 
 
 def parse_gen_args(arguments: tuple[Argument, ...], raw: bytes | str | None, model: str) -> dict[str, Any]:

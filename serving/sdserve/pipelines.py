@@ -12,6 +12,7 @@ from typing import Any
 
 import diffusers
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
 from .budget import WorkBudget, denoising_steps, megapixels
@@ -90,6 +91,7 @@ class ImageRow:
 
     request: GenerationRequest
     seed: int
+    variation_seed: int | None = None  # set for a variation (variation_strength > 0)
 
 
 class CallStopped(Exception):
@@ -113,10 +115,11 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
     spec = first.spec
     pipe = loaded.pipe
     pipe.scheduler = make_scheduler(args["scheduler"], loaded.default_scheduler)
+    generators = [torch.Generator("cpu").manual_seed(row.seed) for row in rows]
     call: dict[str, Any] = {
         "prompt": [row.request.prompt for row in rows],
         "negative_prompt": [row.request.negative_prompt for row in rows],
-        "generator": [torch.Generator("cpu").manual_seed(row.seed) for row in rows],
+        "generator": generators,
         "num_images_per_prompt": 1,
         "output_type": "pil",
         **{argument.name: args[argument.name] for argument in spec.arguments if argument.pipeline},
@@ -127,6 +130,8 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
         call["mask_image"] = [row.request.mask_image for row in rows]
     if spec.size_from_image:
         call["width"], call["height"] = first.size
+    if any(row.variation_seed is not None for row in rows):
+        call["latents"] = variation_latents(pipe, rows, generators, first.size)
     image_megapixels = sum(megapixels(row.request.size) for row in rows)
     step_ends: list[float] = []
     call.update(_step_callback(loaded.step_end_callbacks, step_ends, deadline, denoising_steps(args)))
@@ -136,6 +141,45 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
             return pipe(**call).images
     finally:  # a stopped call still tells the speed
         loaded.budget.record(image_megapixels, step_ends, started, time.monotonic())
+
+
+def variation_latents(pipe: Any, rows: list[ImageRow], generators: list[torch.Generator],
+                      size: tuple[int, int]) -> torch.Tensor:
+    """The initial latents of a text-to-image call with variations, one row at a time.
+
+    Each row's seed noise is drawn from the row's own generator exactly as the pipeline draws
+    it (same shape, dtype and CPU generator), so the generator is left in the same state for the
+    scheduler's later draws and a row at strength 0 is the seed's own image. A variation's noise
+    comes from its own generator and is mixed in spherically: the mix keeps the norm that the
+    denoiser expects of Gaussian noise, where a straight average would shrink it.
+    """
+    width, height = size
+    shape = (1, pipe.unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    dtype = pipe.text_encoder.dtype
+    latents = []
+    for row, generator in zip(rows, generators):
+        noise = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+        if row.variation_seed is not None:
+            variation = randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(row.variation_seed),
+                                     device=torch.device("cpu"), dtype=dtype)
+            noise = slerp(row.request.args["variation_strength"], noise, variation)
+        latents.append(noise)
+    return torch.cat(latents)
+
+
+def slerp(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from `start` (t = 0, returned as it is) to `end` (t = 1, likewise)."""
+    if t <= 0:
+        return start
+    if t >= 1:
+        return end
+    a, b = start.double(), end.double()
+    cosine = torch.clamp((a * b).sum() / (a.norm() * b.norm()), -1.0, 1.0)
+    if cosine.abs() > 0.9995:  # nearly parallel: the straight line is the arc
+        return ((1 - t) * a + t * b).to(start.dtype)
+    theta = torch.acos(cosine)
+    mixed = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    return mixed.to(start.dtype)
 
 
 def _step_callback(step_end_callbacks: bool, step_ends: list[float], deadline: float | None,
