@@ -31,11 +31,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, SIZE_MULTIPLE, ModelSpec
+from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, MODELS_BY_TASK, SIZE_MULTIPLE, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
 
 from studio.client import StudioError
+
+# Both edits repaint with the model of the Erase task.
+INPAINTING = MODELS_BY_TASK["erase"]
 
 # --- the settings ------------------------------------------------------------------------------
 
@@ -56,10 +59,10 @@ MASK_PADDING = Argument(
     minimum=0, maximum=256, step=8, pipeline=False,
 )
 WORK_SIDE = Argument(
-    "work_side", int, MODELS["sd_inpaint"].working_side, "Work size (px)",
+    "work_side", int, INPAINTING.working_side, "Work size (px)",
     "The longer side the box around the edit is sent at: the model's working size by default; "
     "larger is sharper and slower.",
-    minimum=64, maximum=MODELS["sd_inpaint"].max_image_side, step=8, multiple_of=SIZE_MULTIPLE, pipeline=False,
+    minimum=64, maximum=INPAINTING.max_image_side, step=8, multiple_of=SIZE_MULTIPLE, pipeline=False,
 )
 ONLY_MASKED = Argument(
     "only_masked", bool, True, "Only the masked area, at full resolution",
@@ -113,11 +116,11 @@ class EditTool:
 
 
 ERASE = EditTool(
-    "erase", "sd_inpaint", "Erase", MODELS["sd_inpaint"].summary,
+    "erase", INPAINTING.name, "Erase", INPAINTING.summary,
     (MASK_GROW, MASK_FEATHER, MASK_PADDING, ONLY_MASKED, WORK_SIDE), "Mask", takes_mask=True,
 )
 EXTEND = EditTool(
-    "extend", "sd_inpaint", "Extend",
+    "extend", INPAINTING.name, "Extend",
     "More canvas on the sides you choose; the model fills it in to match (outpainting).",
     (*EXTEND_ARGUMENTS, EXTEND_OVERLAP, MASK_PADDING, WORK_SIDE), "Canvas", takes_mask=False,
 )
