@@ -105,7 +105,17 @@ class _Calls:
     loading: int = 0  # calls in flight that found the model cold or were told it is loading
     last_answer: float | None = None  # clock time of the last successful answer
     per_image: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS))  # warm seconds per image
-    cold_wait_s: float | None = None  # the latest measured
+    cold_call: tuple[float, int] | None = None  # the latest call that found it cold: (seconds, images)
+    cold_warm_up: bool = False  # ... and whether it was a warm-up (a step on the smallest image)
+
+    @property
+    def cold_wait_s(self) -> float | None:
+        """The latest cold call's time less what its images take warm (a warm-up's work is nil)."""
+        if self.cold_call is None:
+            return None
+        seconds, images = self.cold_call
+        warm_s = 0.0 if self.cold_warm_up else _median(self.per_image)
+        return None if warm_s is None else max(0.0, seconds - warm_s * images)
 
 
 class Call:
@@ -176,10 +186,7 @@ class EndpointWatch:
                 return
             calls.last_answer = self.clock()
             if call.found_cold:
-                # A warm-up's own work is a step on the smallest image: its time is the wait.
-                warm_s = 0.0 if call.warm_up else _median(calls.per_image)
-                if warm_s is not None:
-                    calls.cold_wait_s = max(0.0, seconds - warm_s * images)
+                calls.cold_call, calls.cold_warm_up = (seconds, images), call.warm_up
             elif not call.warm_up and images:
                 calls.per_image.append(seconds / images)
 
@@ -284,10 +291,10 @@ class WarmUps:
         """Start warming `model` up unless it is warm or warming; what happened, in words."""
         state = self.watch.state(model)
         with self._lock:
-            if model in self._in_flight or state == LOADING:
-                return f"{model} is already being loaded."
             if state == WARM:
                 return f"{model} is loaded already."
+            if model in self._in_flight or state == LOADING:
+                return f"{model} is already being loaded."
             self._in_flight.add(model)
         threading.Thread(target=self._warm, args=(model,), name=f"warm-up {model}", daemon=True).start()
         return f"Loading {model} on the endpoint now, while you get the next step ready."

@@ -2,28 +2,18 @@
 `python -m studio` on the checkout's local endpoint: generate, send to Erase, paint a mask with
 the mouse, erase, send to Upscale, upscale, and find all three results in the session history,
 also after a reload; and a downloaded PNG dropped back restores its parameters. The final page
-of the session is saved as test-artifacts/studio-session.png.
+of the session is saved as test-artifacts/studio-session.png. The browser (`page`) is conftest's.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.test_studio_api import launched_studio
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CALL_TIMEOUT_MS = 300_000  # a model's first call loads it into Triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.browser]
@@ -33,22 +23,6 @@ pytestmark = [pytest.mark.triton, pytest.mark.browser]
 def studio_url(model_repository, tmp_path_factory) -> Iterator[str]:
     with launched_studio(tmp_path_factory.mktemp("studio-results")) as url:
         yield url
-
-
-@pytest.fixture
-def page(tmp_path) -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            tmp_path / "profile",  # a fresh profile: no history from an earlier run
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
 
 
 def set_number(page: Page, elem_id: str, value: float) -> None:

@@ -32,12 +32,13 @@ pytestmark = pytest.mark.triton
 
 
 @contextlib.contextmanager
-def launched_studio(results_dir: Path) -> Iterator[str]:
-    """`python -m studio` on a free port with no endpoint configured; its URL while it runs."""
+def launched_studio(results_dir: Path, *flags: str) -> Iterator[str]:
+    """`python -m studio` on a free port with no endpoint configured (unless `flags` give one);
+    its URL while it runs."""
     port = find_free_port()
     env = {name: value for name, value in os.environ.items() if name not in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir)], cwd=ROOT, env=env
+        [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir), *flags], cwd=ROOT, env=env
     )
     url = f"http://127.0.0.1:{port}/"
     try:
