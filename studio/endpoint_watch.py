@@ -315,7 +315,8 @@ class WarmUps:
 
 # --- the panel, in words ---------------------------------------------------------------------------------
 
-STATE_WORDS = {WARM: "🟢 warm", LOADING: "🟡 loading", COLD: "⚪ cold"}
+# Words, not coloured dots: a browser without an emoji font shows those as empty boxes.
+STATE_WORDS = {WARM: "**warm**", LOADING: "loading…", COLD: "cold"}
 
 
 def describe_endpoint(watch: EndpointWatch) -> str:
