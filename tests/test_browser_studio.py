@@ -53,23 +53,33 @@ def run_and_wait(page: Page, task: str, title: str) -> None:
     expect(page.locator(f"#{task}-results img").first).to_be_visible()
 
 
+def generate_small(page: Page, prompt: str) -> None:
+    """A 64 px Generate of `prompt`, waited for."""
+    page.locator("#generate-prompt textarea").fill(prompt)
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 64)
+    run_and_wait(page, "generate", "Generate")
+
+
+def paint_a_mask(page: Page) -> None:
+    """Paint a few strokes with a small brush on the Erase tab's editor; the mask preview shows it."""
+    set_number(page, "erase-brush-size", 6)
+    page.wait_for_timeout(500)  # the new brush size reaches the editor
+    paint(page, "#erase-editor canvas")
+    expect(page.locator("#erase-mask img")).to_be_visible()
+
+
 def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
     page.goto(studio_url)
     expect(page.locator("#tiny-weights-banner")).to_contain_text("Demo weights", timeout=60_000)
 
-    page.locator("#generate-prompt textarea").fill("a small house under a blue sky")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 64)
-    run_and_wait(page, "generate", "Generate")
+    generate_small(page, "a small house under a blue sky")
     expect(page.locator("#generate-seed-used textarea")).not_to_have_value("")
 
     page.locator("#generate-send-erase").click()
     expect(page.locator("#status")).to_contain_text("Sent to Erase")
     expect(page.locator("#erase-prompt textarea")).to_have_value("a small house under a blue sky")
-    set_number(page, "erase-brush-size", 6)
-    page.wait_for_timeout(500)  # the new brush size reaches the editor
-    paint(page, "#erase-editor canvas")
-    expect(page.locator("#erase-mask img")).to_be_visible()
+    paint_a_mask(page)
     run_and_wait(page, "erase", "Erase")
 
     page.locator("#erase-send-upscale").click()

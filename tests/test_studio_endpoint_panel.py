@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError
 from playwright.sync_api import Page, expect
 
 from tests.endpoint_support import listing, start_endpoint, wait_for
-from tests.test_browser_studio import CALL_TIMEOUT_MS, paint, run_and_wait, set_number
+from tests.test_browser_studio import CALL_TIMEOUT_MS, generate_small, paint_a_mask, run_and_wait
 from tests.test_studio_api import launched_studio, picture
 
 pytestmark = pytest.mark.triton
@@ -98,10 +98,7 @@ def panel_row(page: Page, title: str):
 @pytest.mark.browser
 def test_sending_on_loads_the_target_model_while_the_designer_paints(studio_url, endpoint, page, artifacts_dir):
     page.goto(studio_url)
-    page.locator("#generate-prompt textarea").fill("a small house under a blue sky")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 64)
-    run_and_wait(page, "generate", "Generate")
+    generate_small(page, "a small house under a blue sky")
     expect(panel_row(page, "Generate (sd_base)")).to_contain_text("warm")
     expect(panel_row(page, "Restyle (sd_depth)")).to_contain_text("cold")
 
@@ -117,10 +114,7 @@ def test_sending_on_loads_the_target_model_while_the_designer_paints(studio_url,
 @pytest.mark.browser
 def test_the_panel_shows_states_cold_start_and_an_estimated_cost(studio_url, page, artifacts_dir):
     page.goto(studio_url)
-    page.locator("#generate-prompt textarea").fill("a lighthouse")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 64)
-    run_and_wait(page, "generate", "Generate")
+    generate_small(page, "a lighthouse")
     run_and_wait(page, "generate", "Generate")  # warm: its seconds per image are measured
     panel = page.locator("#endpoint-panel")
     expect(panel).to_contain_text("States from the local endpoint's model listing")
@@ -136,16 +130,10 @@ def test_the_panel_shows_states_cold_start_and_an_estimated_cost(studio_url, pag
 @pytest.mark.browser
 def test_before_and_after_in_the_tab_and_from_the_history(studio_url, page, artifacts_dir):
     page.goto(studio_url)
-    page.locator("#generate-prompt textarea").fill("a red boat")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 64)
-    run_and_wait(page, "generate", "Generate")
+    generate_small(page, "a red boat")
     page.locator("#generate-send-erase").click()
     expect(page.locator("#status")).to_contain_text("Sent to Erase")
-    set_number(page, "erase-brush-size", 6)
-    page.wait_for_timeout(500)  # the new brush size reaches the editor
-    paint(page, "#erase-editor canvas")
-    expect(page.locator("#erase-mask img")).to_be_visible()
+    paint_a_mask(page)
     run_and_wait(page, "erase", "Erase")
     slider = page.locator("#erase-before-after img")
     expect(slider).to_have_count(2, timeout=30_000)
