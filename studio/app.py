@@ -67,8 +67,8 @@ TINY_WEIGHTS_BANNER = (
 # On the demo's tiny weights (a CPU), the article's 512 px and 50 steps take minutes an image;
 # the studio starts small instead, and says so.
 TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10}
-ENDPOINT_PANEL_REFRESH_S = 5  # the endpoint panel also refreshes when a job or a Send to ends
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
+ENDPOINT_PANEL_REFRESH_S = 5  # the endpoint panel also refreshes when a job or a Send to ends
 
 
 @dataclass
@@ -350,9 +350,10 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         )
         for target_name, button in panel.send.items():
             target = page.panels[target_name]
-            send_events.append(button.click(handlers.send_to(target), inputs=panel.current,
-                         outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs],
-                         **UI_ONLY))
+            send_events.append(button.click(
+                handlers.send_to(target), inputs=panel.current,
+                outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs], **UI_ONLY,
+            ))
 
     erase = next(panel for panel in page.panels.values() if panel.mask_preview is not None)
     erase.source.change(
