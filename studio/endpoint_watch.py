@@ -257,8 +257,8 @@ def _median(values) -> float | None:
 
 
 def warm_up_request(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(inputs, gen_args) of the smallest call `model` accepts, from the model table; its images
-    (a grey square, a mask replacing all of it) are made by the caller's encoder from these sizes."""
+    """(inputs, gen_args) of the smallest call `model` accepts, from the model table: one step on
+    a WARM_UP_SIDE square (a grey image, a mask replacing all of it, where the model takes them)."""
     from PIL import Image
 
     spec = MODELS[model]
