@@ -11,13 +11,17 @@ per designer (each its own session). Each line is a ratio of two things measured
    call that cannot be predicted yet is stopped at the budget (time past the budget).
 4. The 512x512 upscale: the largest answer of the tiled job vs the 6 MB cap, and its time vs the
    same upscale sent as one call (whose answer the server must squeeze into the cap as WebP).
+5. Sending on warms up: a designer's generate -> Send to Erase -> (think time) -> erase, on an
+   endpoint with room for one model (so the erase's model is cold after every generate): the
+   erase's wait when Send to warmed the model up vs when it did not (alternating rounds).
 
-    python -m deploy.bench_studio [--rounds 3] [--size 64] [--steps 10] [--json FILE]
+    python -m deploy.bench_studio [--rounds 3] [--size 64] [--steps 10] [--think 10] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import statistics
@@ -26,14 +30,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gradio_client import Client
+from gradio_client import Client, handle_file
 
 from deploy.archive import REPO_ROOT, build_model_archive
-from deploy.invoke import PROMPT, sample_image
+from deploy.invoke import PROMPT, sample_image, sample_mask
 from deploy.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS, MODELS_BY_TASK
 from serving.local_triton import exit_with_parent, find_free_port
@@ -52,6 +56,24 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -
         except OSError:
             time.sleep(0.5)
     raise RuntimeError(f"the studio did not start at {url}")
+
+
+@contextlib.contextmanager
+def running_studio(endpoint_url: str, results_dir: Path) -> Iterator[str]:
+    """The studio as it runs in use, in front of `endpoint_url`: its own process (`python -m
+    studio`), so that its work and the harness's do not share one interpreter; its URL."""
+    port = find_free_port()
+    studio = subprocess.Popen(
+        [sys.executable, "-m", "studio", "--endpoint-url", endpoint_url, "--port", str(port),
+         "--results-dir", str(results_dir), "--jobs-per-minute", "1000", "--images-per-day", "100000"],
+        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=exit_with_parent)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_until_up(url, studio)
+        yield url
+    finally:
+        studio.terminate()
+        studio.wait(timeout=60)
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -98,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--upscale-steps", type=int, default=2)
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "serving" / "models")
-    parser.add_argument("--parts", default="1234", help="which of the four to run (default 1234)")
+    parser.add_argument("--think", type=float, default=10.0, help="part 5: seconds between Send to and Erase")
+    parser.add_argument("--parts", default="12345", help="which of the five to run (default 12345)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
@@ -109,52 +132,49 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work)
         for model in MODELS:
             build_model_archive(model, args.repository, work / "store")
-        settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache",
-                                    log_dir=work / "logs")
-        with LocalEndpoint(settings) as endpoint:
-            config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
-            direct = StudioClient(config)
-            # The studio as it runs in use: its own process (`python -m studio`), so that its work and
-            # the harness's do not share one interpreter.
-            port = find_free_port()
-            studio = subprocess.Popen(
-                [sys.executable, "-m", "studio", "--endpoint-url", endpoint.url, "--port", str(port),
-                 "--results-dir", str(work / "results"), "--jobs-per-minute", "1000", "--images-per-day", "100000"],
-                cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=exit_with_parent)
-            url = f"http://127.0.0.1:{port}/"
-            wait_until_up(url, studio)
-            # The designers' browsers are elsewhere in real use: the harness does not download the
-            # images, so its own work on these two cores stays out of the studio's figures.
-            designers = [Client(url, verbose=False, download_files=False) for _ in range(DESIGNERS)]
-            print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU), "
-                  f"{args.size} px, {args.steps} steps; medians of {args.rounds} rounds")
-
-            def through_studio(client: Client, **values) -> None:
-                client.predict(api_name="/generate", **{**generate, **values})
-
-            def straight(seed: int) -> None:
-                direct.generate(PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps, seed=seed)
-
-            # Warm-up: the model loaded, its speed measured at two sizes, and every designer's
-            # session open (Gradio builds a session's state, ~50 ms of CPU, on its first event),
-            # so that the rounds time jobs, not sessions being opened.
-            at_once([lambda client=client: through_studio(client, seed=1) for client in designers])
-            direct.generate(PROMPT, width=2 * args.size, height=2 * args.size, num_inference_steps=args.steps)
-
-            if "1" in args.parts:
-                figures["eight_designers"] = eight_designers(args, designers, through_studio, straight)
-            if "2" in args.parts:
-                figures["head_of_line"] = head_of_line(args, designers, through_studio, generate)
-            if "3" in args.parts:
-                figures["over_the_limit"] = over_the_limit(direct)
-            if "4" in args.parts:
-                figures["upscale_512"] = upscale_512(args, config, direct)
-            studio.terminate()
-            studio.wait(timeout=60)
+        if set(args.parts) & set("1234"):
+            shared(args, work, generate, figures)
+        if "5" in args.parts:
+            figures["warm_up_on_send"] = warm_up_on_send(args, work)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def shared(args, work: Path, generate: dict, figures: dict) -> None:
+    """Parts 1 to 4: one endpoint with room for every model, the studio in front of it."""
+    settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache",
+                                log_dir=work / "logs")
+    with LocalEndpoint(settings) as endpoint, running_studio(endpoint.url, work / "results") as url:
+        config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
+        direct = StudioClient(config)
+        # The designers' browsers are elsewhere in real use: the harness does not download the
+        # images, so its own work on these two cores stays out of the studio's figures.
+        designers = [Client(url, verbose=False, download_files=False) for _ in range(DESIGNERS)]
+        print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU), "
+              f"{args.size} px, {args.steps} steps; medians of {args.rounds} rounds")
+
+        def through_studio(client: Client, **values) -> None:
+            client.predict(api_name="/generate", **{**generate, **values})
+
+        def straight(seed: int) -> None:
+            direct.generate(PROMPT, width=args.size, height=args.size, num_inference_steps=args.steps, seed=seed)
+
+        # Warm-up: the model loaded, its speed measured at two sizes, and every designer's
+        # session open (Gradio builds a session's state, ~50 ms of CPU, on its first event),
+        # so that the rounds time jobs, not sessions being opened.
+        at_once([lambda client=client: through_studio(client, seed=1) for client in designers])
+        direct.generate(PROMPT, width=2 * args.size, height=2 * args.size, num_inference_steps=args.steps)
+
+        if "1" in args.parts:
+            figures["eight_designers"] = eight_designers(args, designers, through_studio, straight)
+        if "2" in args.parts:
+            figures["head_of_line"] = head_of_line(args, designers, through_studio, generate)
+        if "3" in args.parts:
+            figures["over_the_limit"] = over_the_limit(direct)
+        if "4" in args.parts:
+            figures["upscale_512"] = upscale_512(args, config, direct)
 
 
 def eight_designers(args, designers, through_studio, straight) -> dict:
@@ -242,6 +262,40 @@ def upscale_512(args, config: EndpointConfig, direct: StudioClient) -> dict:
           f"as one call {untiled}" + (f"; tiled / one call {tiled_s / untiled_s:.2f}x" if untiled_s else ""))
     return {"calls": plan.call_count, "largest_answer_bytes": largest, "cap_bytes": MAX_PAYLOAD_BYTES,
             "tiled_s": tiled_s, "untiled_s": untiled_s, "untiled": untiled}
+
+
+def warm_up_on_send(args, work: Path) -> dict:
+    """5. generate -> Send to Erase -> think -> erase, with room for one model: the erase's wait
+    with the warm-up that Send to fires and without it (alternating rounds, one designer)."""
+    settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache-one-model",
+                                log_dir=work / "logs-one-model", max_models=1)
+    mask = work / "mask.png"
+    sample_mask(args.size).save(mask)
+    waits: dict[bool, list[float]] = {False: [], True: []}
+    with LocalEndpoint(settings) as endpoint, running_studio(endpoint.url, work / "results-one-model") as url:
+        # This designer downloads its results: the studio takes an image to erase as an upload
+        # (it does not fetch URLs of its own host).
+        designer = Client(url, verbose=False)
+        for _ in range(args.rounds):
+            for warm_up in (False, True):
+                # The generate loads sd_base, and so evicts sd_inpaint: the erase's model is cold.
+                images, _ = designer.predict(api_name="/generate", prompt=PROMPT, width=args.size, height=args.size,
+                                             num_inference_steps=args.steps)
+                image = images[0]["image"]
+                if warm_up:  # what Send to Erase does besides showing the image in the tab
+                    designer.predict(task="erase", api_name="/warm_up")
+                time.sleep(args.think)  # the designer paints the mask, writes the prompt
+                waits[warm_up].append(timed(lambda image=image: designer.predict(
+                    api_name="/erase", image=handle_file(image), mask=handle_file(str(mask)), prompt=PROMPT,
+                    num_inference_steps=args.steps)))
+        loads = {m["target_model"]: m["loads"] for m in endpoint.listing()["models"]}
+    without, with_warm_up = statistics.median(waits[False]), statistics.median(waits[True])
+    print(f"\n5. Sending on warms up (room for one model, {args.think:.0f} s between Send to Erase and Erase): "
+          f"the erase's wait without warm-up {without:.1f} s, with {with_warm_up:.1f} s")
+    print(f"   erase wait without / with warm-up: {without / with_warm_up:.2f}x "
+          f"(loads: {', '.join(f'{name} {count}' for name, count in sorted(loads.items()))})")
+    return {"think_s": args.think, "without_warm_up_s": waits[False], "with_warm_up_s": waits[True],
+            "ratio": without / with_warm_up, "loads": loads}
 
 
 if __name__ == "__main__":

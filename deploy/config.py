@@ -26,6 +26,7 @@ import boto3
 from deploy.archive import REPO_ROOT, archive_name
 from sdserve.checkpoint import has_checkpoint
 from sdserve.catalog import MODELS
+from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 
 ENV_PREFIX = "SD_DEPLOY_"
 CONFIG_ENV = "SD_DEPLOY_CONFIG"
@@ -68,7 +69,9 @@ class DeployConfig:
     prefix: str | None = _setting(None, "S3 prefix of the archives, the endpoint's ModelDataUrl (default: <project>/models)",
                                   keep_blank=True)
     role_arn: str | None = _setting(None, "SageMaker execution role ARN (S3 read on the prefix, ECR pull, logs)")
-    instance_type: str = _setting("ml.g5.2xlarge", "endpoint instance type (a GPU family for the KIND_GPU configs)")
+    # The types offered, with their prices, are sdserve.instances' table (the studio prices images with it).
+    instance_type: str = _setting(DEFAULT_INSTANCE_TYPE, "endpoint instance type, one of " + ", ".join(INSTANCE_TYPES)
+                                  + " (a GPU family for the KIND_GPU configs)")
     instance_count: int = _setting(1, "initial instance count (2+ recommended for availability)")
     triton_version: str = _setting("25.04", "SageMaker Triton container version, resolved by the sagemaker SDK")
     image_uri: str | None = _setting(None, "prebuilt container image; default: the extended image `package --image` pushes")
@@ -131,7 +134,8 @@ class DeployConfig:
 
     @property
     def gpu_instance(self) -> bool:
-        return self.instance_type.startswith(("ml.g", "ml.p"))
+        instance = INSTANCE_TYPES.get(self.instance_type)
+        return instance.gpu is not None if instance else self.instance_type.startswith(("ml.g", "ml.p"))
 
 
 SETTINGS = {f.name: f for f in dataclasses.fields(DeployConfig)}
@@ -263,6 +267,11 @@ def check_region(cfg: DeployConfig) -> None:
 
 
 def check_endpoint_settings(cfg: DeployConfig) -> None:
+    if cfg.instance_type not in INSTANCE_TYPES:
+        raise ConfigError(
+            f"instance type {cfg.instance_type!r} is not one deploy offers ({', '.join(INSTANCE_TYPES)}); "
+            "to offer another, add it with its on-demand price to serving/sdserve/instances.py"
+        )
     if cfg.instance_count < 1:
         raise ConfigError(f"instance count must be at least 1, got {cfg.instance_count}")
     if cfg.poll_seconds <= 0 or cfg.wait_timeout_seconds <= 0:

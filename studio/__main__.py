@@ -6,7 +6,7 @@
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
 GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_USERS_FILE,
-STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY), which is how a container or a Hugging Face Space
+STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY, STUDIO_INSTANCE_TYPE, STUDIO_PRICE_PER_HOUR), which is how a container or a Hugging Face Space
 sets them. AWS credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
 sign-in (see studio/access.py) or --public-without-login.
 """
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from sdserve.files import atomic_file
+from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 
 from studio.access import Quotas, choose_access
 from studio.app import build_app
@@ -32,6 +33,7 @@ from studio.endpoint import (
     checkout_has_tiny_weights,
     local_endpoint_available,
 )
+from studio.endpoint_watch import EndpointWatch, Pricing
 from studio.session import MAX_UPLOAD_BYTES
 from studio.store import ResultStore
 
@@ -67,7 +69,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quotas = Quotas.from_env()
     parser.add_argument("--jobs-per-minute", type=int, default=quotas.jobs_per_minute, help="per designer")
     parser.add_argument("--images-per-day", type=int, default=quotas.images_per_day, help="per designer")
+    parser.add_argument(
+        "--instance-type", default=env.get("STUDIO_INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE,
+        help=f"the endpoint's instance type, whose on-demand price the cost per image is estimated with "
+             f"({', '.join(INSTANCE_TYPES)}; default {DEFAULT_INSTANCE_TYPE})",
+    )
+    parser.add_argument(
+        "--price-per-hour", type=float, default=env.get("STUDIO_PRICE_PER_HOUR") or None, metavar="USD",
+        help="the instance's price per hour, where the table's us-east-1 on-demand price does not fit",
+    )
     args = parser.parse_args(argv)
+    try:
+        args.pricing = Pricing(args.instance_type, args.price_per_hour)
+    except ValueError as error:
+        parser.error(str(error))
     try:
         args.access = choose_access(args.host, args.users_file, args.public_without_login)
     except (ValueError, OSError) as error:
@@ -90,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     store = ResultStore(args.results_dir)
     with contextlib.ExitStack() as stack:
         tiny_weights = False
+        listing_url = None  # AWS has none: the panel judges from the studio's own calls
         if args.endpoint_name:
             where = f"SageMaker endpoint {args.endpoint_name} ({args.region})"
             client_factory = lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region)  # noqa: E731
@@ -100,11 +116,13 @@ def main(argv: list[str] | None = None) -> None:
                 url = stack.enter_context(LocalEndpointProcess()).url
                 tiny_weights = checkout_has_tiny_weights()
             where = url
+            listing_url = f"{url.rstrip('/')}/models"  # the local endpoint's: which models are loaded
             client_factory = lambda: StudioClient.for_local(url)  # noqa: E731
         logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
         demo = build_app(
             client_factory, store=store, tiny_weights=tiny_weights, history_secret=_history_secret(store.root),
             access=args.access, quotas=Quotas(args.jobs_per_minute, args.images_per_day),
+            watch=EndpointWatch(args.pricing, listing_url=listing_url),
         )
         auth = args.access.users.check if args.access.mode == "password" else None
         demo.queue().launch(

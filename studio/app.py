@@ -11,6 +11,7 @@ status, records the result (studio/session.py) and shows it in the tab and the h
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -27,12 +28,14 @@ from sdserve.params import SEED_MAX
 
 from studio.access import Access, QuotaBook, Quotas
 from studio.client import StudioClient, StudioError
+from studio.endpoint_watch import EndpointWatch, WarmUps, describe_endpoint
 from studio.jobs import JobPlan, PartialJobError
 from studio.masks import editor_value, mask_from_editor
 from studio.scheduler import FairScheduler
 from studio.session import (
     Entry,
     add_to_history,
+    before_after,
     download_path,
     effective_seed,
     gallery_items,
@@ -68,6 +71,7 @@ TINY_WEIGHTS_BANNER = (
 # the studio starts small instead, and says so.
 TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10, "work_side": 128}
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
+ENDPOINT_PANEL_REFRESH_S = 5  # the endpoint panel also refreshes when a job or a Send to ends
 
 
 @dataclass
@@ -82,6 +86,8 @@ class Page:
     panels: dict[str, TaskPanel]
     history_gallery: gr.Gallery
     png_drop: gr.File
+    endpoint_panel: gr.Markdown | None = None
+    endpoint_timer: gr.Timer | None = None
 
     @property
     def restore_outputs(self) -> list:
@@ -95,9 +101,11 @@ class Handlers:
     """The event handlers; each returns (or yields) updates keyed by component."""
 
     def __init__(self, page: Page, client: Callable[[], StudioClient], store: ResultStore, scheduler: FairScheduler,
-                 access: Access, quotas: QuotaBook):
+                 access: Access, quotas: QuotaBook, watch: EndpointWatch | None = None):
         self.page, self.client, self.store, self.scheduler = page, client, store, scheduler
         self.access, self.quotas = access, quotas
+        self.watch = watch or EndpointWatch()
+        self.warm_ups = WarmUps(self.watch, lambda model: self.client().warm_up(model))
 
     def admit(self, task: Task, request: gr.Request | None, values: dict, image=None, mask=None) -> tuple[str, JobPlan]:
         """(designer, plan) of a job the designer may send: signed in, inputs valid, within quota."""
@@ -118,6 +126,7 @@ class Handlers:
             panel.parameters: entry["parameters"],
             panel.seed_used: "" if seed is None else str(seed),
             panel.download: gr.DownloadButton(value=path, interactive=path is not None),
+            **({panel.before_after: before_after(entry, self.store)} if panel.before_after is not None else {}),
         }
 
     def restore(self, entry: Entry) -> dict:
@@ -230,9 +239,11 @@ class Handlers:
             if image is None:
                 gr.Warning("Nothing to send yet: make or pick a result first.")
                 return {}
+            # The target's model loads while the designer paints the mask or writes the prompt.
+            loading = self.warm_ups.request(target.task.model)
             return {
                 self.page.tabs: gr.Tabs(selected=target.task.name),
-                self.page.status: f"Sent to {target.task.title}.",
+                self.page.status: f"Sent to {target.task.title}. {loading}",
                 target.controls["prompt"]: entry["parameters"].get("prompt", ""),
                 **_source_update(target, image),
             }
@@ -257,6 +268,26 @@ class Handlers:
         except StudioError as error:
             raise gr.Error(str(error), print_exception=False) from None
         return self.restore(entry)
+
+    def warm_up(self, task: str, request: gr.Request = None) -> str:
+        """Load a tab's model on the endpoint now, in the background (what "Send to" does).
+
+        task: the tab whose model to load: restyle, erase or upscale (generate too).
+        Returns what the studio did: loading it, or why not (loaded already, being loaded).
+        Not counted against the designer's quotas: the call is the smallest the model takes.
+        """
+        self.access.designer(request)  # signed in, where the studio signs in
+        if task not in TASKS:
+            raise gr.Error(f"No tab {task!r}; the tabs are {', '.join(TASKS)}.", print_exception=False)
+        return self.warm_ups.request(TASKS[task].model)
+
+    def endpoint_status(self) -> list[dict]:
+        """Each model as the endpoint panel shows it: state (warm, loading or cold), the wait a
+        cold start costs (s), seconds per image warm, and the estimated cost per image (USD)."""
+        return [dataclasses.asdict(view) for view in self.watch.views()]
+
+    def endpoint_panel(self) -> str:
+        return describe_endpoint(self.watch)
 
     def show_history(self, history_entries: Any) -> dict:
         entries = valid_history(history_entries, self.store)
@@ -301,7 +332,10 @@ def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path, 
         label="Drop a PNG made by the studio here to restore its parameters",
         file_types=[".png"], type="binary", height=120, elem_id="png-drop",
     )
-    return Page(banner, status, cancel, history, tabs, panels, history_gallery, png_drop)
+    with gr.Accordion("Endpoint", open=True, elem_id="endpoint-accordion"):
+        endpoint_panel = gr.Markdown("Asking the endpoint…", elem_id="endpoint-panel")
+    endpoint_timer = gr.Timer(ENDPOINT_PANEL_REFRESH_S)
+    return Page(banner, status, cancel, history, tabs, panels, history_gallery, png_drop, endpoint_panel, endpoint_timer)
 
 
 # --- the wiring ------------------------------------------------------------------------------------
@@ -314,7 +348,7 @@ SCHEDULED = {"concurrency_limit": None}
 
 def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     """Every event of the page and the named API endpoints, tab by tab, then the page-wide ones."""
-    run_events = []
+    run_events, send_events = [], []
     for panel in page.panels.values():
         task = panel.task
         run_events.append(panel.run.click(
@@ -356,9 +390,10 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         )
         for target_name, button in panel.send.items():
             target = page.panels[target_name]
-            button.click(handlers.send_to(target), inputs=panel.current,
-                         outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs],
-                         **UI_ONLY)
+            send_events.append(button.click(
+                handlers.send_to(target), inputs=panel.current,
+                outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs], **UI_ONLY,
+            ))
 
     erase = next(panel for panel in page.panels.values() if panel.mask_preview is not None)
     erase.source.change(
@@ -377,8 +412,22 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     page.history_gallery.select(handlers.pick_from_history, inputs=page.history, outputs=page.restore_outputs,
                                 **UI_ONLY)
     page.png_drop.upload(handlers.open_png, inputs=page.png_drop, outputs=page.restore_outputs, **UI_ONLY)
+    wire_endpoint_panel(demo, page, handlers, run_events + send_events)
     demo.load(handlers.show_history, inputs=page.history,
               outputs=[page.history, page.history_gallery, page.banner], **UI_ONLY)
+
+
+def wire_endpoint_panel(demo: gr.Blocks, page: Page, handlers: Handlers, events: list) -> None:
+    """The endpoint panel: on load, every few seconds, and after each job and Send to; and its
+    named API endpoints (`/warm_up`, `/endpoint_status`)."""
+    quiet = {"outputs": page.endpoint_panel, "show_progress": "hidden", "queue": False, **UI_ONLY}
+    demo.load(handlers.endpoint_panel, **quiet)
+    page.endpoint_timer.tick(handlers.endpoint_panel, **quiet)
+    for event in events:
+        event.then(handlers.endpoint_panel, **quiet)
+    # Quick and never sent through the scheduler: the warm-up itself runs in the background.
+    gr.api(handlers.warm_up, api_name="warm_up", queue=False)
+    gr.api(handlers.endpoint_status, api_name="endpoint_status", queue=False)
 
 
 def build_app(
@@ -391,6 +440,7 @@ def build_app(
     endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
     access: Access = LOCAL_ACCESS,
     quotas: Quotas = Quotas(),
+    watch: EndpointWatch | None = None,
 ) -> gr.Blocks:
     """The studio as a gr.Blocks; `client_factory` is called once, on the first request.
 
@@ -401,10 +451,16 @@ def build_app(
     gr.set_static_paths([store.root, assets_dir])
     with gr.Blocks(title="SD Studio", analytics_enabled=False) as demo:
         page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir, access=access)
-        handlers = Handlers(page, functools.cache(client_factory), store, FairScheduler(endpoint_concurrency),
-                            access, QuotaBook(quotas))
+        watch = watch or EndpointWatch()
+        handlers = Handlers(page, functools.cache(lambda: _watched(client_factory(), watch)), store,
+                            FairScheduler(endpoint_concurrency), access, QuotaBook(quotas), watch)
         wire(demo, page, handlers)
     return demo
+
+
+def _watched(client: StudioClient, watch: EndpointWatch) -> StudioClient:
+    client.watch = watch  # every call it makes feeds the endpoint panel
+    return client
 
 
 def _count(images: int) -> str:

@@ -123,6 +123,8 @@ class GenerationResult:
 class StudioClient:
     config: EndpointConfig
     runtime: Any = field(default=None, repr=False)  # a boto3 sagemaker-runtime client
+    # Told of every call (studio.endpoint_watch.EndpointWatch): what the endpoint panel shows.
+    watch: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.runtime is None:
@@ -210,6 +212,14 @@ class StudioClient:
 
         return run_job(self, plan, submit=submit, on_status=on_status, on_result=on_result, cancelled=cancelled)
 
+    def warm_up(self, model: str) -> GenerationResult:
+        """The smallest call `model` accepts, sent once (no retries): the endpoint loads the model
+        for it. What "Send to" fires, so a cold load happens while the designer gets ready."""
+        from studio.endpoint_watch import warm_up_request
+
+        inputs, gen_args = warm_up_request(model)
+        return self.invoke(model, inputs, gen_args, attempts=1, progress=False, warm_up=True)
+
     # --- the call itself ------------------------------------------------------------
 
     def invoke(
@@ -221,17 +231,33 @@ class StudioClient:
         on_status: StatusCallback | None = None,
         cancelled: threading.Event | None = None,
         progress: bool = True,
+        attempts: int | None = None,
+        warm_up: bool = False,
     ) -> GenerationResult:
         """One request to `model` in the article's KServe v2 shape; retries while it loads.
 
         `cancelled` set stops it before the first send and before any retry (JobCancelled); a
         request already sent is waited for. `progress=False` reports only retries (a split job
-        reports its own progress, per call finished).
+        reports its own progress, per call finished). `attempts` defaults to the config's
+        max_attempts; `warm_up` tells the watch the call is a warm-up, not a designer's.
         """
-        notify = on_status or (lambda message: None)
         body = build_payload(inputs, gen_args)
+        call = self.watch.call(model, warm_up=warm_up) if self.watch is not None else None
+        try:
+            result = self._send(model, body, on_status, cancelled, progress, attempts or self.config.max_attempts, call)
+        except BaseException:
+            if call is not None:
+                call.failed()
+            raise
+        if call is not None:
+            call.done(result.seconds, len(result.images))
+        return result
+
+    def _send(self, model: str, body: bytes, on_status: StatusCallback | None, cancelled: threading.Event | None,
+              progress: bool, attempts: int, call: Any) -> GenerationResult:
+        notify = on_status or (lambda message: None)
         started = time.monotonic()
-        for attempt in range(1, self.config.max_attempts + 1):
+        for attempt in range(1, attempts + 1):
             if cancelled is not None and cancelled.is_set():
                 raise JobCancelled() if attempt == 1 else JobCancelled("Cancelled while waiting to retry.")
             if attempt == 1:
@@ -251,7 +277,9 @@ class StudioClient:
                 break
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 failure = describe_failure(error, model, self.config)
-                if not failure.retryable or attempt == self.config.max_attempts:
+                if call is not None and _still_loading(error):
+                    call.loading()
+                if not failure.retryable or attempt == attempts:
                     raise failure from None
                 delay = self.config.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
                 notify(f"{failure} Retrying in {delay:.0f} s…")
@@ -264,6 +292,11 @@ class StudioClient:
         if progress:
             notify(f"{model} answered in {result.seconds:.1f} s.")
         return result
+
+
+def _still_loading(error: Exception) -> bool:
+    return isinstance(error, botocore.exceptions.ClientError) and \
+        error.response.get("Error", {}).get("Code") == "ModelNotReadyException"
 
 
 def _runtime_client(config: EndpointConfig) -> Any:

@@ -276,6 +276,13 @@ def restored_inputs(entry: Entry, store: ResultStore) -> dict[str, Image.Image]:
     return {name: image for name, image in images.items() if image is not None}
 
 
+def before_after(entry: Entry, store: ResultStore) -> tuple[str, str] | None:
+    """(input image path, result path) to compare, while the store keeps both; None otherwise."""
+    before = store.path((entry.get("inputs") or {}).get("image"))
+    after = download_path(entry, store)
+    return (str(before), after) if before is not None and after is not None else None
+
+
 def effective_seed(entry: Entry) -> int | None:
     seed = entry["parameters"].get("seed")
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None

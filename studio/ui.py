@@ -44,6 +44,7 @@ class TaskPanel:
     source: gr.Image | gr.ImageEditor | None = None  # the input image; the Erase tab's is the editor
     brush_size: gr.Slider | None = None
     mask_preview: gr.Image | None = None
+    before_after: gr.ImageSlider | None = None  # the current result beside its input (tabs that take one)
     # The API endpoint's image parameters by name. An editor value is awkward over the API, so
     # Erase takes a plain image there, and a mask (the preview component, which shows the same).
     api_images: dict[str, gr.Image] = field(default_factory=dict)
@@ -64,7 +65,8 @@ class TaskPanel:
     @property
     def current_outputs(self) -> list[gr.components.Component]:
         """What picking a result in this tab updates."""
-        return [self.current, self.parameters, self.seed_used, self.download]
+        compare = [self.before_after] if self.before_after is not None else []
+        return [self.current, self.parameters, self.seed_used, self.download, *compare]
 
     @property
     def result_outputs(self) -> list[gr.components.Component]:
@@ -126,6 +128,10 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
                 label=f"{task.title} results", columns=2, fit_columns=False, height=420, object_fit="contain",
                 interactive=False, elem_id=f"{name}-results",
             )
+            before_after = gr.ImageSlider(
+                label="Before / after: drag the handle to compare the result with its input", type="filepath",
+                interactive=False, height=360, elem_id=f"{name}-before-after",
+            ) if task.takes_image else None
             with gr.Row():
                 seed_used = gr.Textbox(label="Seed used", interactive=False, elem_id=f"{name}-seed-used")
                 reuse_seed = gr.Button("Reuse this seed", size="sm", elem_id=f"{name}-reuse-seed")
@@ -147,6 +153,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
         download=download, send=send, parameters=parameters, results=gr.State([]), current=gr.State(None),
         source=source, brush_size=brush_size, mask_preview=mask_preview, api_images=api_images,
         edit_preview=edit_preview, vary=vary,
+        before_after=before_after,
     )
 
 

@@ -1,14 +1,18 @@
 """Fixtures shared by the test modules, by area: the model repository and artifacts (all), the
-local endpoint's archive store, and the deploy tests' AWS fixtures (defined in deploy_support)."""
+local endpoint's archive store, a browser page (the browser tests), and the deploy tests' AWS
+fixtures (defined in deploy_support)."""
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from playwright.sync_api import Page, sync_playwright
 from sdserve.catalog import MODELS
 
 from deploy.archive import build_model_archive
@@ -51,3 +55,31 @@ def archive_store(model_repository, tmp_path_factory) -> Path:
     for model in MODELS:
         build_model_archive(model, model_repository, store)
     return store
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def page(tmp_path) -> Iterator[Page]:
+    """A page of Debian chromium through Playwright, headless, in a fresh profile."""
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tmp_path / "profile",  # a fresh profile: no history from an earlier run
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        try:
+            yield context.pages[0] if context.pages else context.new_page()
+        finally:
+            context.close()

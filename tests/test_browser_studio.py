@@ -2,28 +2,18 @@
 `python -m studio` on the checkout's local endpoint: generate, send to Erase, paint a mask with
 the mouse, erase, send to Upscale, upscale, and find all three results in the session history,
 also after a reload; and a downloaded PNG dropped back restores its parameters. The final page
-of the session is saved as test-artifacts/studio-session.png.
+of the session is saved as test-artifacts/studio-session.png. The browser (`page`) is conftest's.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
 from tests.test_studio_api import launched_studio
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CALL_TIMEOUT_MS = 300_000  # a model's first call loads it into Triton
 
 pytestmark = [pytest.mark.triton, pytest.mark.browser]
@@ -33,22 +23,6 @@ pytestmark = [pytest.mark.triton, pytest.mark.browser]
 def studio_url(model_repository, tmp_path_factory) -> Iterator[str]:
     with launched_studio(tmp_path_factory.mktemp("studio-results")) as url:
         yield url
-
-
-@pytest.fixture
-def page(tmp_path) -> Iterator[Page]:
-    with sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            tmp_path / "profile",  # a fresh profile: no history from an earlier run
-            executable_path=CHROMIUM,
-            headless=True,
-            args=CHROMIUM_ARGS,
-            viewport={"width": 1400, "height": 1000},
-        )
-        try:
-            yield context.pages[0] if context.pages else context.new_page()
-        finally:
-            context.close()
 
 
 def set_number(page: Page, elem_id: str, value: float) -> None:
@@ -100,23 +74,33 @@ def history_survives_a_reload(page: Page, captions: tuple[str, ...], screenshot)
     expect(page.locator("#history img")).to_have_count(len(captions), timeout=30_000)
 
 
+def generate_small(page: Page, prompt: str) -> None:
+    """A 64 px Generate of `prompt`, waited for."""
+    page.locator("#generate-prompt textarea").fill(prompt)
+    set_number(page, "generate-width", 64)
+    set_number(page, "generate-height", 64)
+    run_and_wait(page, "generate", "Generate")
+
+
+def paint_a_mask(page: Page) -> None:
+    """Paint a few strokes with a small brush on the Erase tab's editor; the mask preview shows it."""
+    set_number(page, "erase-brush-size", 6)
+    page.wait_for_timeout(500)  # the new brush size reaches the editor
+    paint(page, "#erase-editor canvas")
+    expect(page.locator("#erase-mask img")).to_be_visible()
+
+
 def test_generate_erase_upscale_session(studio_url, page, artifacts_dir):
     page.goto(studio_url)
     expect(page.locator("#tiny-weights-banner")).to_contain_text("Demo weights", timeout=60_000)
 
-    page.locator("#generate-prompt textarea").fill("a small house under a blue sky")
-    set_number(page, "generate-width", 64)
-    set_number(page, "generate-height", 64)
-    run_and_wait(page, "generate", "Generate")
+    generate_small(page, "a small house under a blue sky")
     expect(page.locator("#generate-seed-used textarea")).not_to_have_value("")
 
     page.locator("#generate-send-erase").click()
     expect(page.locator("#status")).to_contain_text("Sent to Erase")
     expect(page.locator("#erase-prompt textarea")).to_have_value("a small house under a blue sky")
-    set_number(page, "erase-brush-size", 6)
-    page.wait_for_timeout(500)  # the new brush size reaches the editor
-    paint(page, "#erase-editor canvas")
-    expect(page.locator("#erase-mask img")).to_be_visible()
+    paint_a_mask(page)
     run_and_wait(page, "erase", "Erase")
 
     page.locator("#erase-send-upscale").click()

@@ -34,12 +34,13 @@ pytestmark = pytest.mark.triton
 
 
 @contextlib.contextmanager
-def launched_studio(results_dir: Path) -> Iterator[str]:
-    """`python -m studio` on a free port with no endpoint configured; its URL while it runs."""
+def launched_studio(results_dir: Path, *flags: str) -> Iterator[str]:
+    """`python -m studio` on a free port with no endpoint configured (unless `flags` give one);
+    its URL while it runs."""
     port = find_free_port()
     env = {name: value for name, value in os.environ.items() if name not in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir)], cwd=ROOT, env=env
+        [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir), *flags], cwd=ROOT, env=env
     )
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -108,7 +109,8 @@ def only_image(result) -> tuple[Path, dict]:
 
 def test_the_five_endpoints_are_named_and_documented(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/extend", "/upscale"}
+    # Besides the tabs: the endpoint panel's figures and the warm-up "Send to" fires.
+    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/extend", "/upscale", "/endpoint_status", "/warm_up"}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names["/erase"][:3] == ["image", "mask", "prompt"]
     assert {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "seed", "num_images_per_prompt"} <= set(names["/generate"])
