@@ -36,6 +36,8 @@ def paint(page: Page, canvas_selector: str) -> None:
     """Three horizontal brush strokes across the middle of the editor's canvas."""
     canvas = page.locator(canvas_selector).first
     expect(canvas).to_be_visible()
+    # The mouse works in viewport coordinates: the canvas must be on screen, whatever scrolled last.
+    canvas.scroll_into_view_if_needed()
     box = canvas.bounding_box()
     center_x, center_y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     for offset in (-30, 0, 30):
