@@ -99,7 +99,7 @@ def only_image(result) -> tuple[Path, dict]:
 
 def test_the_four_endpoints_are_named_and_documented(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/upscale"}
+    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/upscale", "/restore"}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names["/erase"][:3] == ["image", "mask", "prompt"]
     assert {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "seed", "num_images_per_prompt"} <= set(names["/generate"])

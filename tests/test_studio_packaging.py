@@ -174,7 +174,7 @@ def test_the_studio_builds_without_the_serving_stack(tmp_path):
         """
     )
     assert done.returncode == 0, done.stderr
-    assert "['/erase', '/generate', '/restyle', '/upscale']" in done.stdout
+    assert "['/erase', '/generate', '/restore', '/restyle', '/upscale']" in done.stdout
 
 
 def test_without_an_endpoint_setting_the_image_says_what_to_set():
