@@ -346,7 +346,8 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     page.history_gallery.select(handlers.pick_from_history, inputs=page.history, outputs=page.restore_outputs,
                                 **UI_ONLY)
     page.png_drop.upload(handlers.open_png, inputs=page.png_drop, outputs=page.restore_outputs, **UI_ONLY)
-    restored_task, restored_controls = gr.Textbox(visible=False), gr.JSON(visible=False)  # the API's answer only
+    restored_task = gr.Textbox(label="task", visible=False)  # the API's answer only
+    restored_controls = gr.JSON(label="values", visible=False)
     gr.on(
         triggers=[],  # an API endpoint only: the page restores by the history and the PNG drop above
         fn=handlers.api_restore, inputs=page.png_drop, outputs=[restored_task, restored_controls],
