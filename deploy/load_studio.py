@@ -66,6 +66,7 @@ DEFAULT_SECONDS, MAX_SECONDS = 60, 3600
 SIZE, STEPS = 64, 2  # quick on a CPU with the tiny weights
 MODEL_TABS = ("generate", "erase", "restyle", "upscale")  # a designer's chain, in order
 RESTORE = "restore"
+FAILURE_PAUSE_S = 2.0  # a designer told a job failed tries again after this
 JOB_WAIT_S = 240  # a job without an answer by then counts as lost (the studio's own calls give up sooner)
 RECOVERY_LIMIT_S = 300  # after a fault, every tab must answer again within this
 ORPHAN_LIMIT_S = 60  # a killed parent's children must be gone by then (graceful stops included)
@@ -259,7 +260,8 @@ class Designer:
 
     def run(self) -> None:
         while not self.stop.is_set():
-            self.chain()
+            if not self.chain():
+                self.stop.wait(FAILURE_PAUSE_S)  # as a person would, rather than resend at once
 
     def connect(self) -> Client | None:
         """The session, opened again after the studio went away (when it is back)."""
@@ -272,13 +274,14 @@ class Designer:
                 self.stop.wait(1.0)
         return self.client
 
-    def chain(self) -> None:
+    def chain(self) -> bool:
+        """generate -> the other tabs -> restore; whether every step answered."""
         seed = 1000 * self.index + self.chains
         self.chains += 1
         values = {"prompt": PROMPT, "num_inference_steps": STEPS, "seed": seed}
         made = self.step("generate", width=SIZE, height=SIZE, **values)
         if made is None:
-            return
+            return False
         self.generated.append(made)
         current = made
         for tab in self.tabs[1:]:
@@ -288,8 +291,8 @@ class Designer:
             options = {"strength": 0.7} if tab == "restyle" else {}
             current = self.step(tab, **inputs, **values, **options)
             if current is None:
-                return
-        self.restore(made)
+                return False
+        return self.restore(made) is not None
 
     def _call(self, tab: str, api_name: str, **arguments) -> tuple[Step, object]:
         step = Step(self.index, tab, time.monotonic())
@@ -410,7 +413,10 @@ def run_load(studio: Studio, *, designers: int, seconds: float, fault: str | Non
     report: dict = {}
     try:
         if fault is not None:
+            # A third of the way in, once every designer has a result whose history can be checked.
             stop.wait(seconds / 3)
+            while not all(d.generated for d in crew) and time.monotonic() - started < RECOVERY_LIMIT_S:
+                stop.wait(0.5)
             before = {d.index: list(d.generated) for d in crew}
             report = inject(fault, studio)
             report["recovery_s"] = recovered_after(steps, lock, report["at"], tabs)
@@ -661,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.studio_url and urlparse(args.studio_url).hostname != "127.0.0.1":
         parser.error("--studio-url must be on 127.0.0.1: this script loads only a studio on this machine")
     names = list(FAULTS) if args.faults == "all" else [args.fault] if args.fault else []
+    if args.studio_url and "kill-studio" in names:
+        if args.fault:
+            parser.error("kill-studio needs a studio this script starts (it starts it again): leave out --studio-url")
+        names.remove("kill-studio")
+        print("kill-studio left out: it needs a studio this script starts (it starts it again)")
 
     if args.studio_url:
         studio = Studio(args.work_dir, args.studio_url)
@@ -681,6 +692,9 @@ def main(argv: list[str] | None = None) -> int:
             figures = run_load(studio, designers=args.designers, seconds=args.seconds, fault=name)
             print_run(figures)
             runs.append(figures)
+    except RuntimeError as error:  # a fault this studio cannot take (no local endpoint of its own)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         studio.stop()
     if args.json:

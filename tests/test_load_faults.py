@@ -73,6 +73,12 @@ def test_a_killed_endpoint_leaves_no_triton_or_stub_behind_and_comes_back(studio
     assert_handled(figures)
 
 
+def test_an_unreadable_model_store_is_named_and_forgotten_once_readable(studio):
+    figures = run_load(studio, designers=1, seconds=10, fault="unreadable-store", tabs=GENERATE_ONLY)
+    assert any("permission denied" in message for message in figures["messages"]), figures["messages"]
+    assert_handled(figures)
+
+
 def test_a_killed_studio_takes_its_endpoint_and_triton_with_it(studio):
     figures = run_load(studio, designers=1, seconds=10, fault="kill-studio", tabs=GENERATE_ONLY)
     assert figures["children"] >= 3  # the endpoint, tritonserver and at least one stub
