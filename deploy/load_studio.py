@@ -130,11 +130,10 @@ def listening_pid(port: int) -> int | None:
 
 @dataclass
 class EndpointPlaces:
-    """Where the studio's local endpoint serves and keeps its models (from its command line)."""
+    """Where the studio's local endpoint serves and finds its models (from its command line)."""
 
     url: str
     model_store: Path
-    cache_dir: Path
 
 
 class Studio:
@@ -193,8 +192,7 @@ class Studio:
                                "--endpoint-name): this fault needs one")
         command = endpoint.cmdline()
         args = endpoint_parser().parse_args(command[command.index("deploy.local_endpoint") + 1:])
-        return EndpointPlaces(f"http://127.0.0.1:{args.port}", Path(args.model_store).resolve(),
-                              Path(args.cache_dir).resolve())
+        return EndpointPlaces(f"http://127.0.0.1:{args.port}", Path(args.model_store).resolve())
 
 
 @contextmanager
