@@ -381,6 +381,10 @@ def describe_failure(error: Exception, model: str, config: EndpointConfig) -> St
             return StudioError(f"The endpoint is busy ({code}).", retryable=True)
         if code == "ValidationError":
             return StudioError(f"The endpoint refused the request: {redacted(message)}")
+        if code == "InternalFailure" and message:
+            # The endpoint's own account of what broke (say, its model server restarting): not retried,
+            # since the call may have run.
+            return StudioError(f"The endpoint failed: {redacted(message)}")
         return StudioError(f"The endpoint refused the studio's call ({code}); the details are in the studio's log.")
     if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
         return StudioError(

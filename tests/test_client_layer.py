@@ -163,6 +163,18 @@ def test_a_cancel_stops_the_retries_of_a_call():
     assert Loading.calls == 1 and time.monotonic() - started < 5  # no 30 s back-off slept through
 
 
+def test_the_endpoints_own_account_of_a_failure_reaches_the_designer_without_paths():
+    config = EndpointConfig(endpoint_name="sd-studio", endpoint_url="http://127.0.0.1:9")
+    stopped = botocore.exceptions.ClientError(
+        {"Error": {"Code": "InternalFailure", "Message": "The model server stopped while running sd_base.tar.gz "
+                   "(tritonserver exited unexpectedly with code 0). The endpoint is restarting it; its log is "
+                   "/srv/endpoint/triton.log."}}, "InvokeEndpoint")
+    message = str(describe_failure(stopped, "sd_base", config))
+    assert "The model server stopped while running sd_base.tar.gz" in message and "/srv/" not in message
+    closed = botocore.exceptions.ConnectionClosedError(endpoint_url="http://127.0.0.1:9")
+    assert "closed the connection before answering" in str(describe_failure(closed, "sd_base", config))
+
+
 def test_what_a_designer_reads_carries_no_account_arn_or_path():
     config = EndpointConfig(endpoint_name="secret-endpoint", region="eu-west-3")
     denied = botocore.exceptions.ClientError(
