@@ -9,7 +9,9 @@ the studio it kills is started again, but its models are then cold.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
+import botocore.exceptions
 import pytest
 
 from deploy.load_studio import (
@@ -21,6 +23,8 @@ from deploy.load_studio import (
     started_studio,
     warm_up,
 )
+
+from .endpoint_support import invoke, model_info, runtime_client, slow_model_archive, start_endpoint, wait_for
 
 pytestmark = pytest.mark.triton
 
@@ -84,3 +88,22 @@ def test_a_killed_studio_takes_its_endpoint_and_triton_with_it(studio):
     assert figures["children"] >= 3  # the endpoint, tritonserver and at least one stub
     assert figures["orphans"] == []
     assert_handled(figures)
+
+
+def test_a_call_cut_short_by_a_graceful_stop_is_told_why(archive_store, artifacts_dir, tmp_path):
+    """Stopping, the endpoint gives answers in progress a few seconds; one still waiting then (here
+    for a model that takes minutes to load) gets an error saying so, in SageMaker's shape."""
+    target = "stop-test-slow.tar.gz"
+    slow_model_archive(archive_store / target)
+    endpoint = start_endpoint(archive_store, tmp_path, artifacts_dir, "load-faults-graceful-stop")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            call = pool.submit(invoke, runtime_client(endpoint.url), target)
+            assert wait_for(lambda: model_info(endpoint, target).get("state") == "loading", timeout=120)
+            endpoint.stop()
+            with pytest.raises(botocore.exceptions.ClientError) as raised:
+                call.result(timeout=120)
+    finally:
+        endpoint.stop()
+    assert raised.value.response["Error"]["Code"] == "InternalFailure"
+    assert "stopped before stop-test-slow.tar.gz answered: it is shutting down" in str(raised.value)
