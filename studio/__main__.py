@@ -6,8 +6,8 @@
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
 STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR,
-STUDIO_USERS_FILE, STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY), which is how a container or a Hugging Face Space
-sets them. AWS credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
+STUDIO_USERS_FILE, STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY), which is how a container or a
+Hugging Face Space sets them. AWS credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
 sign-in (see studio/access.py) or --public-without-login.
 """
 
