@@ -262,8 +262,10 @@ class Designer:
                 self.stop.wait(FAILURE_PAUSE_S)  # as a person would, rather than resend at once
 
     def connect(self) -> Client | None:
-        """The session, opened again after the studio went away (when it is back)."""
-        while self.client is None and not self.stop.is_set():
+        """The session, opened again after the studio went away (when it is back, within
+        RECOVERY_LIMIT_S)."""
+        deadline = time.monotonic() + RECOVERY_LIMIT_S
+        while self.client is None and not self.stop.is_set() and time.monotonic() < deadline:
             try:
                 # The designers' browsers are elsewhere in real use: files are fetched only when
                 # the next step needs them, so the harness's own work stays small.
@@ -299,7 +301,7 @@ class Designer:
         answer = None
         client = self.connect()
         if client is None:
-            step.error, step.ended = "stopped before the studio was back", time.monotonic()
+            step.error, step.ended = "the studio was not back in time", time.monotonic()
             return step, None
         try:
             answer = client.submit(api_name=api_name, **arguments).result(timeout=JOB_WAIT_S)
@@ -676,8 +678,15 @@ def main(argv: list[str] | None = None) -> int:
         print("kill-studio left out: it needs a studio this script starts (it starts it again)")
 
     if args.studio_url:
+        try:
+            with urllib.request.urlopen(args.studio_url, timeout=10):
+                pass
+        except OSError as error:
+            parser.error(f"no studio answers at {args.studio_url}: {error}")
         studio = Studio(args.work_dir, args.studio_url)
         args.work_dir.mkdir(parents=True, exist_ok=True)
+        if studio.pid is None:
+            print("its process was not found (another user's?): no memory figures, and no fault can be injected")
     else:
         shutil.rmtree(args.work_dir, ignore_errors=True)
         args.work_dir.mkdir(parents=True)
