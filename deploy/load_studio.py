@@ -84,23 +84,38 @@ FAULTS = ("kill-model", "restart-triton", "restart-endpoint", "kill-endpoint", "
 
 
 def processes(studio_pid: int) -> dict[str, psutil.Process]:
-    """The studio's process tree by role: studio, endpoint, tritonserver, "stub <model>"."""
+    """The studio's live process tree by role: studio, endpoint, tritonserver, "stub <model>"."""
     found: dict[str, psutil.Process] = {}
     try:
         studio = psutil.Process(studio_pid)
-        found["studio"] = studio
-        for endpoint in studio.children():
-            if "deploy.local_endpoint" in endpoint.cmdline():
-                found["endpoint"] = endpoint
-                for triton in endpoint.children():
-                    if triton.name().startswith("tritonserver"):
-                        found["tritonserver"] = triton
-                        for stub in triton.children():
-                            match = STUB_MODEL.search(" ".join(stub.cmdline()))
-                            found[f"stub {match.group(1).removesuffix('.tar.gz') if match else stub.pid}"] = stub
     except psutil.Error:
-        pass  # a process ended while we looked: the next look sees the new tree
+        return found
+    found["studio"] = studio
+    for endpoint in _live_children(studio):
+        if "deploy.local_endpoint" in _cmdline(endpoint):
+            found["endpoint"] = endpoint
+            for triton in _live_children(endpoint):
+                if Path(next(iter(_cmdline(triton)), "")).name == "tritonserver":
+                    found["tritonserver"] = triton
+                    for stub in _live_children(triton):
+                        match = STUB_MODEL.search(" ".join(_cmdline(stub)))
+                        found[f"stub {match.group(1).removesuffix('.tar.gz') if match else stub.pid}"] = stub
     return found
+
+
+def _live_children(process: psutil.Process) -> list[psutil.Process]:
+    # A killed stub stays a zombie until tritonserver reaps it: not one of the tree's processes.
+    try:
+        return [child for child in process.children() if alive(child)]
+    except psutil.Error:
+        return []
+
+
+def _cmdline(process: psutil.Process) -> list[str]:
+    try:
+        return process.cmdline()
+    except psutil.Error:  # ended while we looked: the next look sees the new tree
+        return []
 
 
 def alive(process: psutil.Process) -> bool:
