@@ -12,7 +12,7 @@ PORT ?= 8080
 SDK_VENV := build/sagemaker-sdk
 SDK_INSTALLED := $(SDK_VENV)/.installed
 
-.PHONY: venv sdk-venv compiler chromium tiny-models real-weights test demo triton endpoint bench deploy-plan clean
+.PHONY: venv sdk-venv compiler chromium tiny-models real-weights test demo triton endpoint bench load deploy-plan clean
 
 venv: $(INSTALLED)
 
@@ -70,6 +70,13 @@ bench: $(INSTALLED) compiler tiny-models
 	$(PY) -m serving.bench
 	$(PY) -m deploy.bench_endpoint --json build/bench-endpoint.json
 	$(PY) -m deploy.bench_studio --json build/bench-studio.json
+
+# Simulated designers on the studio and its local endpoint, optionally with faults:
+# make load LOAD_ARGS="--designers 4 --seconds 60 --faults all"
+LOAD_ARGS ?=
+
+load: $(INSTALLED) compiler tiny-models
+	$(PY) -m deploy.load_studio $(LOAD_ARGS)
 
 deploy-plan: $(INSTALLED)
 	$(PY) -m deploy plan

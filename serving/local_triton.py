@@ -229,6 +229,11 @@ def exit_with_parent() -> None:
 
     The signal follows the *thread*: start long-lived children from a thread that lives as long
     as they should (the main thread, or a watchdog's).
+
+    tritonserver's Python-backend stubs are its children, not ours: told SIGTERM, tritonserver
+    unloads its models, which ends them, and killed outright it leaves them to notice that their
+    parent is gone, which they do within a second (tests/test_load_faults.py kills an endpoint
+    and a studio under load and finds no tritonserver or stub left).
     """
     if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)

@@ -5,9 +5,10 @@
     python -m studio --endpoint-name NAME --region REGION   # a SageMaker endpoint
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
-GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_USERS_FILE,
-STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY, STUDIO_INSTANCE_TYPE, STUDIO_PRICE_PER_HOUR), which is how a container or a Hugging Face Space
-sets them. AWS credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
+STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR,
+STUDIO_USERS_FILE, STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY, STUDIO_INSTANCE_TYPE,
+STUDIO_PRICE_PER_HOUR), which is how a container or a Hugging Face Space sets them. AWS
+credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
 sign-in (see studio/access.py) or --public-without-login.
 """
 
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -45,6 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m studio", description="SD Studio, the designers' image studio.")
     parser.add_argument("--endpoint-url", default=env.get("STUDIO_ENDPOINT_URL"), help="a local endpoint already running")
     parser.add_argument("--endpoint-name", default=env.get("STUDIO_ENDPOINT_NAME"), help="a SageMaker endpoint")
+    parser.add_argument(
+        "--local-endpoint-args", type=shlex.split, default=shlex.split(env.get("STUDIO_LOCAL_ENDPOINT_ARGS", "")),
+        help="with neither endpoint given: options for the local endpoint the studio starts, e.g. "
+             "\"--model-store DIR --cache-dir DIR --max-models 3\" (see python -m deploy.local_endpoint --help)",
+    )
     parser.add_argument(
         "--region", default=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
         help="the SageMaker endpoint's AWS region",
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
             url = args.endpoint_url
             if not url:
                 print("Starting the local endpoint (the first start takes a minute)…", flush=True)
-                url = stack.enter_context(LocalEndpointProcess()).url
+                url = stack.enter_context(LocalEndpointProcess(endpoint_args=args.local_endpoint_args)).url
                 tiny_weights = checkout_has_tiny_weights()
             where = url
             listing_url = f"{url.rstrip('/')}/models"  # the local endpoint's: which models are loaded

@@ -289,6 +289,15 @@ class Handlers:
     def endpoint_panel(self) -> str:
         return describe_endpoint(self.watch)
 
+    def api_restore(self, png: bytes | None, request: gr.Request = None) -> tuple[str, dict]:
+        """The named API's way back to an earlier result: a PNG the studio made -> (its tab, the
+        values that make it again), what picking it in the history puts back into the tab."""
+        try:
+            entry = restore_from_png(self.store, png or b"", owner=self.access.designer(request))
+        except StudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        return entry["task"], restored_values(TASKS[entry["task"]], entry["parameters"])
+
     def show_history(self, history_entries: Any) -> dict:
         entries = valid_history(history_entries, self.store)
         return {
@@ -413,6 +422,16 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
                                 **UI_ONLY)
     page.png_drop.upload(handlers.open_png, inputs=page.png_drop, outputs=page.restore_outputs, **UI_ONLY)
     wire_endpoint_panel(demo, page, handlers, run_events + send_events)
+
+    restored_task = gr.Textbox(label="task", visible=False)  # the API's answer only
+    restored_controls = gr.JSON(label="values", visible=False)
+    gr.on(
+        triggers=[],  # an API endpoint only: the page restores by the history and the PNG drop above
+        fn=handlers.api_restore, inputs=page.png_drop, outputs=[restored_task, restored_controls],
+        api_name="restore",
+        api_description="A PNG made by the studio (a result's download) -> the tab it came from and the values "
+                        "of that tab's controls that make it again, as picking it in the session history does.",
+    )
     demo.load(handlers.show_history, inputs=page.history,
               outputs=[page.history, page.history_gallery, page.banner], **UI_ONLY)
 

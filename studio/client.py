@@ -426,11 +426,18 @@ def describe_failure(error: Exception, model: str, config: EndpointConfig) -> St
             return StudioError(f"The endpoint is busy ({code}).", retryable=True)
         if code == "ValidationError":
             return StudioError(f"The endpoint refused the request: {redacted(message)}")
+        if code == "InternalFailure" and message:
+            # The endpoint's own account of what broke (say, its model server restarting): not retried,
+            # since the call may have run.
+            return StudioError(f"The endpoint failed: {redacted(message)}")
         return StudioError(f"The endpoint refused the studio's call ({code}); the details are in the studio's log.")
     if isinstance(error, (botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
         return StudioError(
             f"The endpoint did not answer within {config.read_timeout_s:.0f} s. Try fewer steps or a smaller size."
         )
+    if isinstance(error, botocore.exceptions.ConnectionClosedError):
+        # The call was sent and may have run: not retried, the designer decides.
+        return StudioError("The endpoint closed the connection before answering (it may be restarting). Try again.")
     if isinstance(error, botocore.exceptions.EndpointConnectionError):
         return StudioError("Cannot reach the endpoint. Is it running? (The studio's log says where it looked.)")
     if isinstance(error, botocore.exceptions.NoCredentialsError):

@@ -5,11 +5,14 @@ own local endpoint (`python -m deploy.local_endpoint`), started for the studio a
 from __future__ import annotations
 
 import importlib.util
+import logging
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from sdserve.catalog import MODELS
@@ -18,6 +21,8 @@ from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
 LOCAL_ENDPOINT_MODULE = "deploy.local_endpoint"
+
+log = logging.getLogger(__name__)
 
 
 class EndpointStartError(RuntimeError):
@@ -47,58 +52,99 @@ def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
 
 
 class LocalEndpointProcess:
-    """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs.
+    """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs, and
+    started again on the same port whenever it exits without being asked to (killed, crashed, or
+    stopped from outside): the studio's URL for it never changes.
 
     Only in a checkout (see local_endpoint_available), where the serving tools are importable.
+    `endpoint_args` are more of its command-line options (its model store, cache, limits).
     """
 
-    def __init__(self, port: int | None = None, *, startup_timeout_s: float = 600):
+    def __init__(self, port: int | None = None, *, endpoint_args: Sequence[str] = (), startup_timeout_s: float = 600,
+                 restart_pause_s: float = 1.0):
         from serving.local_triton import find_free_port
 
         self.port = port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.command = [sys.executable, "-m", LOCAL_ENDPOINT_MODULE, "--port", str(self.port), *endpoint_args]
         self.startup_timeout_s = startup_timeout_s
+        self.restart_pause_s = restart_pause_s
         self.process: subprocess.Popen | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()  # launching vs stopping
+        self._stopping = threading.Event()
 
     def __enter__(self) -> LocalEndpointProcess:
-        from serving.local_triton import exit_with_parent
-
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", LOCAL_ENDPOINT_MODULE, "--port", str(self.port)],
-            cwd=REPO_ROOT,
-            # Killed without cleaning up (SIGKILL), the studio still takes the endpoint (and its
-            # Triton) with it.
-            preexec_fn=exit_with_parent,
-        )
         try:
-            self._wait_until_up()
+            self._start()
         except BaseException:
             self.stop()
             raise
+        # Restarts are launched from this thread, which lives as long as the studio: the kernel's
+        # "exit with your parent" signal (exit_with_parent) follows the thread that started a child.
+        threading.Thread(target=self._supervise, name="local endpoint supervisor", daemon=True).start()
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
 
-    def _wait_until_up(self) -> None:
+    def _start(self) -> None:
+        from serving.local_triton import exit_with_parent
+
+        with self._lock:
+            if self._stopping.is_set():
+                raise EndpointStartError("the studio is stopping")
+            self.process = subprocess.Popen(
+                self.command, cwd=REPO_ROOT,
+                # Killed without cleaning up (SIGKILL), the studio still takes the endpoint (and its
+                # Triton) with it.
+                preexec_fn=exit_with_parent,
+            )
+        self._wait_until_up(self.process)
+
+    def _supervise(self) -> None:
+        while not self._stopping.wait(0.5):
+            code = self.process.poll()
+            if code is None or self._stopping.is_set():
+                continue
+            log.error("the local endpoint exited with status %s; starting it again at %s", code, self.url)
+            self._stopping.wait(self.restart_pause_s)  # its port and Triton are being let go
+            try:
+                self._start()
+            except EndpointStartError as error:
+                log.error("starting the local endpoint again failed: %s; trying again", error)
+                self._terminate()
+                continue
+            self.restarts += 1
+            log.info("the local endpoint is back at %s (restart %d)", self.url, self.restarts)
+
+    def _wait_until_up(self, process: subprocess.Popen) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise EndpointStartError(f"the local endpoint exited with status {self.process.returncode} while starting")
+        while time.monotonic() < deadline and not self._stopping.is_set():
+            if process.poll() is not None:
+                raise EndpointStartError(f"the local endpoint exited with status {process.returncode} while starting")
             if _pings(f"{self.url}/ping"):
                 return
             time.sleep(0.5)
+        if self._stopping.is_set():
+            raise EndpointStartError("the studio is stopping")
         raise EndpointStartError(f"the local endpoint did not answer {self.url}/ping within {self.startup_timeout_s:.0f} s")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        with self._lock:
+            self._stopping.set()  # no restart from here on
+        self._terminate()
+
+    def _terminate(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
             return
-        self.process.terminate()  # it stops its Triton server on SIGTERM
+        process.terminate()  # it stops its Triton server on SIGTERM
         try:
-            self.process.wait(timeout=60)
+            process.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+            process.kill()
+            process.wait()
 
 
 def _pings(url: str) -> bool:

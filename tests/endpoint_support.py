@@ -183,16 +183,24 @@ class _Zeros(io.RawIOBase):
         return n
 
 
-def broken_model_archive(path: Path, name: str = "broken") -> Path:
-    """A well-formed archive whose model fails in initialize() (quick: no torch import)."""
+def _python_model_archive(path: Path, name: str, initialize: str) -> Path:
+    """A well-formed archive of a Python-backend model whose initialize() body is ``initialize``."""
     config = (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
               'input [ { name: "prompt" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
               'output [ { name: "generated_image" data_type: TYPE_STRING dims: [ 1 ] } ]\n'
               'instance_group [ { count: 1 kind: KIND_CPU } ]\n').encode()
-    model = (b"class TritonPythonModel:\n"
-             b"    def initialize(self, args):\n"
-             b"        raise RuntimeError('the weights are missing: no checkpoint folder')\n")
+    model = f"class TritonPythonModel:\n    def initialize(self, args):\n        {initialize}\n".encode()
     return _tar_gz(path, [_file(f"{name}/config.pbtxt", config), _file(f"{name}/1/model.py", model)])
+
+
+def broken_model_archive(path: Path, name: str = "broken") -> Path:
+    """A well-formed archive whose model fails in initialize() (quick: no torch import)."""
+    return _python_model_archive(path, name, "raise RuntimeError('the weights are missing: no checkpoint folder')")
+
+
+def slow_model_archive(path: Path, name: str = "slow", seconds: int = 120) -> Path:
+    """A well-formed archive whose model takes ``seconds`` to load."""
+    return _python_model_archive(path, name, f"__import__('time').sleep({seconds})")
 
 
 def files_below(folder: Path) -> set[str]:

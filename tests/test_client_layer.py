@@ -163,6 +163,12 @@ def test_a_cancel_stops_the_retries_of_a_call():
     assert Loading.calls == 1 and time.monotonic() - started < 5  # no 30 s back-off slept through
 
 
+def test_a_connection_closed_mid_call_is_named():
+    closed = botocore.exceptions.ConnectionClosedError(endpoint_url="http://127.0.0.1:9")
+    config = EndpointConfig(endpoint_name="sd-studio", endpoint_url="http://127.0.0.1:9")
+    assert "closed the connection before answering" in str(describe_failure(closed, "sd_base", config))
+
+
 def test_what_a_designer_reads_carries_no_account_arn_or_path():
     config = EndpointConfig(endpoint_name="secret-endpoint", region="eu-west-3")
     denied = botocore.exceptions.ClientError(
@@ -174,9 +180,13 @@ def test_what_a_designer_reads_carries_no_account_arn_or_path():
          "OriginalMessage": '{"error": "failed to load /opt/ml/models/abc/model/1/model.py for account 123456789012"}'},
         "InvokeEndpoint")
     timeout = botocore.exceptions.ReadTimeoutError(endpoint_url="https://runtime.sagemaker.eu-west-3.amazonaws.com")
-    for error in (denied, model_failure, timeout):
+    stopped = botocore.exceptions.ClientError(
+        {"Error": {"Code": "InternalFailure", "Message": "The model server stopped while running sd_base.tar.gz; "
+                   "its log is /opt/ml/logs/triton.log"}}, "InvokeEndpoint")
+    for error in (denied, model_failure, timeout, stopped):
         message = str(describe_failure(error, "sd_base", config))
         for secret in ("123456789012", "arn:aws", "/opt/ml", "secret-endpoint", "eu-west-3"):
             assert secret not in message, message
     assert "AccessDeniedException" in str(describe_failure(denied, "sd_base", config))
     assert "<path>" in str(describe_failure(model_failure, "sd_base", config))
+    assert "The model server stopped while running sd_base.tar.gz" in str(describe_failure(stopped, "sd_base", config))

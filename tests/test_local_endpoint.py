@@ -406,8 +406,13 @@ def test_model_process_killed_during_a_call(endpoint, runtime, archive_store):
     assert answer_image(answer).size == (SIZE, SIZE)
 
 
-def test_tritonserver_killed_then_restarted(endpoint, runtime, studio):
+def test_tritonserver_killed_then_restarted(endpoint, runtime, studio, archive_store):
     invoke(runtime, "sd_base.tar.gz")
+    broken = "broken-before-a-restart.tar.gz"
+    broken_model_archive(archive_store / broken)
+    with pytest.raises(runtime.exceptions.ModelError):
+        invoke(runtime, broken)
+    assert endpoint.registry.entry(broken).state is State.FAILED  # remembered
     old_pid = endpoint.triton.pid
     starts = listing(endpoint)["triton"]["starts"]
     os.kill(old_pid, signal.SIGKILL)
@@ -423,6 +428,11 @@ def test_tritonserver_killed_then_restarted(endpoint, runtime, studio):
     assert info["triton"]["starts"] == starts + 1 and info["triton"]["pid"] != old_pid
     assert wait_for(lambda: group_members(old_pid) == [], timeout=15)
     assert requests.get(endpoint.url + "/ping", timeout=5).status_code == 200
+    # A new model server: the load that failed on the old one is tried again, not answered from memory.
+    assert endpoint.registry.entry(broken).state is State.ABSENT
+    with pytest.raises(runtime.exceptions.ModelError, match="the weights are missing"):
+        invoke(runtime, broken)
+    assert endpoint.registry.entry(broken).attempt == 2
 
 
 def test_client_timeout_sends_the_request_once(endpoint, runtime):

@@ -15,6 +15,8 @@ from studio.endpoint import (
     checkout_has_tiny_weights,
 )
 
+from .endpoint_support import wait_for
+
 
 def test_the_local_endpoint_is_started_and_stopped():
     with LocalEndpointProcess(startup_timeout_s=120) as endpoint:
@@ -22,6 +24,18 @@ def test_the_local_endpoint_is_started_and_stopped():
             assert response.status == 200
         process = endpoint.process
     assert process.poll() is not None
+
+
+def test_an_endpoint_that_exits_unasked_is_started_again_on_its_port():
+    with LocalEndpointProcess(startup_timeout_s=120) as endpoint:
+        killed = endpoint.process
+        killed.kill()
+        assert wait_for(lambda: endpoint.restarts == 1, timeout=180), "not started again"
+        with urllib.request.urlopen(f"{endpoint.url}/ping", timeout=5) as response:
+            assert response.status == 200
+        assert endpoint.process.pid != killed.pid
+        again = endpoint.process
+    assert again.poll() is not None  # and stopped for good with the studio
 
 
 def test_an_endpoint_that_dies_while_starting_is_reported():

@@ -174,7 +174,8 @@ def test_the_studio_builds_without_the_serving_stack(tmp_path):
         """
     )
     assert done.returncode == 0, done.stderr
-    assert "['/endpoint_status', '/erase', '/generate', '/restyle', '/upscale', '/warm_up']" in done.stdout
+    assert ("['/endpoint_status', '/erase', '/extend', '/generate', '/restore', '/restyle', '/upscale', '/warm_up']"
+            in done.stdout)
 
 
 def test_without_an_endpoint_setting_the_image_says_what_to_set():

@@ -155,6 +155,14 @@ async def _answer(endpoint: LocalEndpoint, request: Request,
     except Exception as error:  # noqa: BLE001 - answered, logged without the body
         log.exception("request failed")
         response = _error(InternalFailure(f"The local endpoint failed: {type(error).__name__}: {error}"))
+    except asyncio.CancelledError:
+        if not endpoint.stopping:
+            raise
+        # Stopping, uvicorn cuts the answers still in progress after SHUTDOWN_GRACE_S: the caller is
+        # told why in SageMaker's shape rather than with a bare 500.
+        response = _error(InternalFailure(
+            f"The endpoint stopped before {request.state.target} answered: it is shutting down "
+            f"(answers in progress get {SHUTDOWN_GRACE_S} s). Try again once it is back."))
     response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
     if not request.state.body_read and _has_body(request):
         # Not read: close rather than let uvicorn read (and drop) the rest of it.

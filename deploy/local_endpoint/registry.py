@@ -15,7 +15,7 @@ Per TargetModel one ``ModelEntry`` with a state::
   requests in flight is never unloaded: the load waits for one to become idle. Loads (with the
   evictions they need) run one at a time, so the budget is never overshot by racing loads.
 * A failed load is remembered with its error, which every request gets at once, and is
-  retried only when the archive changes or after ``retry_failed_after_s``.
+  retried only when the archive changes, after ``retry_failed_after_s``, or on a new tritonserver.
 * A model whose stub process crashed is dropped (its unload runs in the background) and the
   next request loads it again under a new generation (see ModelCache.generation).
 """
@@ -273,9 +273,12 @@ class ModelRegistry:
                 return False
             self._triton_down = reason
             for entry in self._entries.values():
-                if entry.state in (State.LOADED, State.UNLOADING):
+                # A load that failed on the dying server (say, "Server not ready" while it stopped)
+                # says nothing of the new one: it is tried again, not answered from memory.
+                if entry.state in (State.LOADED, State.UNLOADING, State.FAILED):
                     entry.state = State.ABSENT
                     entry.loaded_at = None
+                    entry.error = None
                 entry.generation = 0  # a new server: every name and folder is free again
             self._cond.notify_all()
             return True

@@ -155,6 +155,10 @@ class LocalEndpoint:
         thread.start()
 
     @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    @property
     def ready(self) -> bool:
         return self.registry is not None and not self._stopping.is_set()
 

@@ -94,6 +94,12 @@ class LocalStore(ModelStore):
             if not resolved.is_relative_to(self.root):  # a link in the store pointing out of it
                 return None
             status = resolved.stat()
+        except PermissionError:
+            # The archive may well be there: say that the store cannot be read, as the S3 store
+            # does for AccessDenied, rather than that the object is missing.
+            raise ValidationError(
+                f"Failed to download model data (TargetModel: {target}, model store: {self.url}): "
+                f"permission denied. Please ensure that the endpoint may read the model store.") from None
         except OSError:
             return None
         if not resolved.is_file():
