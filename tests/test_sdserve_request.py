@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sdserve.batch import split_rows
-from sdserve.budget import WorkBudget
+from sdserve.budget import WorkBudget, megapixels
 from sdserve.catalog import MAX_PROMPT_CHARS, MODELS
 from sdserve.errors import RequestError
 from sdserve.images import MAX_SIDE, decode_image, encode_png
@@ -219,11 +219,15 @@ def test_the_budget_learns_the_step_time_and_the_rest_of_a_call():
     # 4 steps of 0.5 s on a quarter megapixel, 1 s of prompt encoding and decoding around them.
     budget.record(0.25, step_ends=[1.0, 1.5, 2.0, 2.5], started=0.0, ended=3.0)
     assert budget.predict(0.25, 10) == pytest.approx(1 + 0.5 * 10)
-    assert budget.predict(1.0, 10) == pytest.approx(1 + 0.5 * 10)  # one size known: no slope yet
+    # One size known, no slope yet: larger sizes are guessed long (all of a step and of the rest
+    # scales with size), smaller ones at the times seen.
+    assert budget.predict(1.0, 10) == pytest.approx(4 * 1 + 4 * 0.5 * 10)
+    assert budget.predict(0.0625, 10) == pytest.approx(1 + 0.5 * 10)
     # Steps of 1.1 s on a full megapixel: a step costs 0.3 s + 0.8 s a megapixel.
     budget.record(1.0, step_ends=[1.0, 2.1, 3.2], started=0.0, ended=4.3)
-    assert budget.predict(0.5, 10) == pytest.approx(budget.call_overhead_s + (0.3 + 0.8 * 0.5) * 10)
-    assert budget.call_overhead_s == pytest.approx(1.0)
+    # The rest of both calls took 1 s.
+    assert budget.predict(0.5, 10) == pytest.approx(1.0 + (0.3 + 0.8 * 0.5) * 10)
+    assert budget.rest_seconds(0.5) == pytest.approx(1.0)
     before = budget.predict(0.25, 10)
     budget.record(0.25, step_ends=[0.0], started=0.0, ended=9.0)  # one step tells nothing
     assert budget.predict(0.25, 10) == pytest.approx(before)
@@ -243,3 +247,19 @@ def test_a_refusal_names_what_to_lower_and_the_limit():
     assert budget.rows_that_fit(0.25, 10, remaining_s=5.0, most=8) == 0
     assert budget.rows_that_fit(0.25, 10, remaining_s=1000.0, most=8) == 8
     assert WorkBudget(25).rows_that_fit(0.25, 10, remaining_s=25.0, most=8) == 1  # unmeasured: one first
+
+
+def test_one_size_measured_refuses_only_what_is_surely_too_long():
+    """Eight 256 px tiles in one call measured 30 s: one tile alone is not refused for it (the
+    fixed part may be small), while more rows than that are not risked in one call."""
+    budget = WorkBudget(25)
+    eight_tiles = 8 * megapixels((256, 256))
+    budget.record(eight_tiles, step_ends=[0.0, 10.0, 20.0], started=0.0, ended=40.0)  # the warm-up
+    args = MODELS["sd_upscale"].parse_gen_args('{"num_inference_steps": 2}')
+    assert budget.refusal("sd_upscale", args, eight_tiles / 8) is None  # known from the warm-up only
+    budget.record(eight_tiles, step_ends=[0.0, 10.0, 20.0], started=0.0, ended=30.0)  # 10 s a step, 0 s rest
+    assert budget.refusal("sd_upscale", args, eight_tiles / 8) is None  # at least 2.5 s, not surely over
+    longer = MODELS["sd_upscale"].parse_gen_args('{"num_inference_steps": 3}')
+    assert budget.refusal("sd_upscale", longer, eight_tiles) is not None  # 30 s at least
+    assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=25.0, most=8) == 8  # 20 s: flat above, all fit
+    assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=15.0, most=8) == 0

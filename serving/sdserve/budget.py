@@ -21,10 +21,7 @@ from typing import Any
 
 from .errors import RequestError
 
-# Weight of the newest call in the running overhead estimate: recent calls count most (a model
-# warms up, the machine's load changes), one odd call does not swing it.
-NEWEST_CALL_WEIGHT = 0.5
-RECENT_CALLS = 16  # the step times the fit is made from
+RECENT_CALLS = 16  # the calls the fits are made from
 
 
 def denoising_steps(args: dict[str, Any]) -> int:
@@ -37,8 +34,30 @@ def megapixels(size: tuple[int, int], images: int = 1) -> float:
     return images * size[0] * size[1] / 1e6
 
 
-def _blend(previous: float | None, newest: float) -> float:
-    return newest if previous is None else NEWEST_CALL_WEIGHT * newest + (1 - NEWEST_CALL_WEIGHT) * previous
+def _fitted(seen: list[tuple[float, float]], image_megapixels: float, *, short: bool = False) -> float:
+    """Seconds at `image_megapixels`, from (megapixels, seconds) seen: `a + b x megapixels` fitted
+    to the median of each size, so one slow call does not move the fit.
+
+    With one size seen there is no slope, only bounds (a and b are not negative): the guess errs
+    long by default (what that size took, times the size ratio above it), or with `short` errs
+    short (what that size took, times the size ratio below it)."""
+    by_size: dict[float, list[float]] = {}
+    for size, seconds in seen:
+        by_size.setdefault(round(size, 4), []).append(seconds)
+    points = [(size, statistics.median(times)) for size, times in by_size.items()]
+    sizes = [size for size, _ in points]
+    if len(points) < 2 or max(sizes) < 1.1 * min(sizes):  # one size seen: no slope to fit
+        size, seconds = (min if short else max)(points, key=lambda point: point[1])
+        ratio = image_megapixels / size
+        return seconds * (min(1.0, ratio) if short else max(1.0, ratio))
+    mean_size = sum(sizes) / len(sizes)
+    mean_time = sum(seconds for _, seconds in points) / len(points)
+    spread = sum((size - mean_size) ** 2 for size in sizes)
+    slope = max(0.0, sum((size - mean_size) * (seconds - mean_time) for size, seconds in points) / spread)
+    intercept = mean_time - slope * mean_size
+    if intercept < 0:  # all of it scales with size
+        intercept, slope = 0.0, mean_time / mean_size
+    return intercept + slope * image_megapixels
 
 
 @dataclass
@@ -48,50 +67,47 @@ class WorkBudget:
     A denoising step of a call costs `a + b x megapixels` (all its images together): `a` is what
     a step costs whatever the size (kernel launches, the scheduler; it dominates small images),
     `b` what each megapixel adds. Both are fitted to the median step time of each size among the
-    recent calls; until calls of two sizes are known, a step is taken to cost what it does at the
-    size seen, at any size, and a call that turns out longer is stopped at the deadline, which
-    teaches the fit.
+    recent calls. Until calls of two sizes are known, the guess errs long: a step costs at least
+    what it does at the size seen, and at larger sizes (more rows in one call) that times the size
+    ratio, as if all of it scaled with size. A guess too short would let a batch of tiles run past
+    the deadline and be stopped, all of it lost; one too long only sends fewer rows per call,
+    whose times then teach the fit. The rest of a call (prompt encoding, the VAE) is fitted the
+    same way: the VAE's part grows with the images a call makes.
     """
 
     seconds: float
-    call_overhead_s: float | None = None  # what a call takes besides its steps; None: nothing measured
+    # The rest of a call (besides its steps) until calls have been measured; given, it is held still.
+    call_overhead_s: float | None = None
     # The model's first call, kept apart: it pays for warming up (kernels chosen and compiled,
     # memory allocated), several times what later calls take, so it is used only until they come.
     warm_up: tuple[float, float, float] | None = None  # (megapixels, step seconds, rest of the call)
     steps_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
+    rest_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def step_seconds(self, image_megapixels: float) -> float | None:
+    def step_seconds(self, image_megapixels: float, *, short: bool = False) -> float | None:
         with self._lock:
             seen = list(self.steps_seen)
         if not seen and self.warm_up is not None:
             seen = [self.warm_up[:2]]  # a cautious guess: warming up made it slow
-        if not seen:
-            return None
-        # One point per size: the median of its steps, so one slow call does not move the fit.
-        by_size: dict[float, list[float]] = {}
-        for size, step in seen:
-            by_size.setdefault(round(size, 4), []).append(step)
-        points = [(size, statistics.median(steps)) for size, steps in by_size.items()]
-        sizes = [size for size, _ in points]
-        mean_size = sum(sizes) / len(sizes)
-        if len(points) < 2 or max(sizes) < 1.1 * min(sizes):  # one size seen: no slope to fit
-            return max(step for _, step in points)
-        mean_time = sum(step for _, step in points) / len(points)
-        spread = sum((size - mean_size) ** 2 for size in sizes)
-        slope = max(0.0, sum((size - mean_size) * (step - mean_time) for size, step in points) / spread)
-        intercept = mean_time - slope * mean_size
-        if intercept < 0:  # all of it scales with size
-            intercept, slope = 0.0, mean_time / mean_size
-        return intercept + slope * image_megapixels
+        return _fitted(seen, image_megapixels, short=short) if seen else None
 
-    def predict(self, image_megapixels: float, steps: int) -> float | None:
-        """Seconds a call will take, or None before the first measurement."""
-        step = self.step_seconds(image_megapixels)
+    def rest_seconds(self, image_megapixels: float, *, short: bool = False) -> float:
+        """The rest of a call: prompt encoding (fixed) and the VAE (per image: a call of eight
+        tiles decodes eight), fitted like the steps once calls have been seen."""
+        with self._lock:
+            seen = list(self.rest_seen)
+        if seen:
+            return _fitted(seen, image_megapixels, short=short)
+        return self.call_overhead_s if self.call_overhead_s is not None else self.warm_up[2]
+
+    def predict(self, image_megapixels: float, steps: int, *, short: bool = False) -> float | None:
+        """Seconds a call will take, or None before the first measurement; erring long (how many
+        rows to risk in one call) or, with `short`, erring short (whether to refuse a call)."""
+        step = self.step_seconds(image_megapixels, short=short)
         if step is None:
             return None
-        overhead = self.call_overhead_s if self.call_overhead_s is not None else self.warm_up[2]
-        return overhead + step * steps
+        return self.rest_seconds(image_megapixels, short=short) + step * steps
 
     def record(self, image_megapixels: float, step_ends: list[float], started: float, ended: float) -> None:
         """Learn from one call: its start and end, and when each denoising step ended."""
@@ -104,7 +120,7 @@ class WorkBudget:
                 self.warm_up = (image_megapixels, step_s, overhead_s)
                 return
             self.steps_seen.append((image_megapixels, step_s))
-            self.call_overhead_s = _blend(self.call_overhead_s, overhead_s)
+            self.rest_seen.append((image_megapixels, overhead_s))
 
     def rows_that_fit(self, row_megapixels: float, steps: int, remaining_s: float, most: int) -> int:
         """How many rows of this size one call can make in `remaining_s` (at most `most`).
@@ -117,12 +133,20 @@ class WorkBudget:
         fitting = 0
         while fitting < most and self.predict(row_megapixels * (fitting + 1), steps) <= remaining_s:
             fitting += 1
-        return fitting
+        # Known from the warm-up alone, a row may look too long when it is not: one still goes,
+        # and measures the model's real speed (the deadline stops it if it really is too long).
+        return fitting if self.measured else max(1, fitting)
+
+    @property
+    def measured(self) -> bool:
+        """Whether calls after the warm-up have been measured (only their speed is trusted to refuse)."""
+        with self._lock:
+            return bool(self.steps_seen)
 
     def refusal(self, model: str, args: dict[str, Any], image_megapixels: float) -> RequestError | None:
         """A RequestError naming what to lower when a call alone cannot fit the budget, else None."""
-        predicted = self.predict(image_megapixels, denoising_steps(args))
-        if predicted is None or predicted <= self.seconds:
+        predicted = self.predict(image_megapixels, denoising_steps(args), short=True)
+        if predicted is None or predicted <= self.seconds or not self.measured:
             return None
         return CallOverBudget(
             "gen_args",
