@@ -85,7 +85,7 @@ CALLS = {
     "sd_base": (lambda c: c.generate("a lighthouse at dusk", num_inference_steps=STEPS, width=SIZE, height=SIZE, seed=7),
                 (SIZE, SIZE)),
     "sd_depth": (lambda c: c.restyle(scene(), "an oil painting", num_inference_steps=STEPS, strength=0.7, seed=7), (SIZE, SIZE)),
-    "sd_inpaint": (lambda c: c.erase(scene(), mask(), "a green plant", num_inference_steps=STEPS, seed=7), (SIZE, SIZE)),
+    "sd_inpaint": (lambda c: c.erase(scene(), mask(), "a green plant", num_inference_steps=STEPS, seed=7, work_side=SIZE), (SIZE, SIZE)),
     "sd_upscale": (lambda c: c.upscale(scene(32), "a house", num_inference_steps=STEPS, noise_level=30, seed=7), (128, 128)),
 }
 

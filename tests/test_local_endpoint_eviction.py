@@ -41,7 +41,7 @@ def call(client: StudioClient, model: str):
     if model == "sd_depth":
         return client.restyle(scene(), "a watercolour", **common)
     if model == "sd_inpaint":
-        return client.erase(scene(), mask(), "a cat", **common)
+        return client.erase(scene(), mask(), "a cat", work_side=SIZE, **common)  # the tiny model at its own size
     return client.upscale(scene(32), "a house", **common)
 
 

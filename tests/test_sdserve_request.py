@@ -262,4 +262,7 @@ def test_one_size_measured_refuses_only_what_is_surely_too_long():
     longer = MODELS["sd_upscale"].parse_gen_args('{"num_inference_steps": 3}')
     assert budget.refusal("sd_upscale", longer, eight_tiles) is not None  # 30 s at least
     assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=25.0, most=8) == 8  # 20 s: flat above, all fit
-    assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=15.0, most=8) == 0
+    # 15 s left: a row is not surely too long (at least 2.5 s), so one goes and measures;
+    # 2 s left: surely too long.
+    assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=15.0, most=8) == 1
+    assert budget.rows_that_fit(eight_tiles / 8, 2, remaining_s=2.0, most=8) == 0

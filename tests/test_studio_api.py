@@ -69,7 +69,9 @@ def _answers(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def studio_url(model_repository, tmp_path_factory) -> Iterator[str]:
-    with launched_studio(tmp_path_factory.mktemp("studio-results")) as url:
+    # This module's tests send more jobs a minute than a designer's default quota (quotas have
+    # their own tests in test_studio_access).
+    with launched_studio(tmp_path_factory.mktemp("studio-results"), "--jobs-per-minute", "1000") as url:
         yield url
 
 
@@ -136,7 +138,7 @@ def test_each_task_takes_the_previous_result(client, tmp_path):
     """Generate -> Erase -> Restyle -> Upscale, each result (a history entry's PNG) feeding the next."""
     made, _ = only_image(client.predict(prompt="a house on a hill", width=64, height=64, api_name="/generate", **TINY))
     erased, parameters = only_image(
-        client.predict(image=handle_file(made), mask=handle_file(mask(tmp_path / "mask.png")), prompt="a tree", api_name="/erase", **TINY)
+        client.predict(image=handle_file(made), mask=handle_file(mask(tmp_path / "mask.png")), prompt="a tree", api_name="/erase", work_side=64, **TINY)
     )
     assert parameters["model"] == "sd_inpaint" and Image.open(erased).size == (64, 64)
     restyled, parameters = only_image(

@@ -16,7 +16,7 @@ from gradio_client.exceptions import AppError
 from playwright.sync_api import Page, expect
 
 from tests.endpoint_support import listing, start_endpoint, wait_for
-from tests.test_browser_studio import CALL_TIMEOUT_MS, generate_small, paint_a_mask, run_and_wait
+from tests.test_browser_studio import CALL_TIMEOUT_MS, generate_small, paint_a_mask, run_and_wait, set_number
 from tests.test_studio_api import launched_studio, picture
 
 pytestmark = pytest.mark.triton
@@ -77,14 +77,14 @@ def test_warm_up_loads_the_model_in_the_background_outside_the_quotas(studio_url
     assert client.predict(task="erase", api_name="/warm_up") == "sd_inpaint is loaded already."
 
     erased, _ = client.predict(image=handle_file(images[0]["image"]), mask=handle_file(picture(tmp_path / "m.png")),
-                               prompt="a tree", num_inference_steps=2, api_name="/erase")
+                               prompt="a tree", num_inference_steps=2, work_side=64, api_name="/erase")
     assert len(erased) == 1
     assert listing(endpoint)["models"][0]["loads"] == 1, "the erase found its model loaded"
 
 
 def test_warm_up_of_an_unknown_tab_is_refused_in_words(studio_url):
     client = Client(studio_url, verbose=False)
-    with pytest.raises(AppError, match="No tab 'paint'; the tabs are generate, restyle, erase, upscale"):
+    with pytest.raises(AppError, match="No tab 'paint'; the tabs are generate, restyle, erase, extend, upscale"):
         client.predict(task="paint", api_name="/warm_up")
 
 
@@ -134,6 +134,7 @@ def test_before_and_after_in_the_tab_and_from_the_history(studio_url, page, arti
     page.locator("#generate-send-erase").click()
     expect(page.locator("#status")).to_contain_text("Sent to Erase")
     paint_a_mask(page)
+    set_number(page, "erase-work_side", 64)  # the tiny model at its own size, not the 512 px of real weights
     run_and_wait(page, "erase", "Erase")
     slider = page.locator("#erase-before-after img")
     expect(slider).to_have_count(2, timeout=30_000)

@@ -133,9 +133,11 @@ class WorkBudget:
         fitting = 0
         while fitting < most and self.predict(row_megapixels * (fitting + 1), steps) <= remaining_s:
             fitting += 1
-        # Known from the warm-up alone, a row may look too long when it is not: one still goes,
-        # and measures the model's real speed (the deadline stops it if it really is too long).
-        return fitting if self.measured else max(1, fitting)
+        if fitting == 0 and (not self.measured or self.predict(row_megapixels, steps, short=True) <= remaining_s):
+            # Not surely too long (known from the warm-up alone, or a size not seen yet): one row
+            # goes and measures the model's real speed; the deadline stops it if it is too long.
+            return 1
+        return fitting
 
     @property
     def measured(self) -> bool:
