@@ -159,6 +159,7 @@ EVIL_TRICKS = ["absolute path", "dot-dot", "symlink out", "relative symlink out"
 
 def bomb_archive(path: Path, size: int) -> Path:
     """A small .tar.gz whose one file expands to ``size`` bytes of zeros (streamed, not in memory)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as gz, \
             tarfile.open(fileobj=gz, mode="w|") as tar:
         for info, data in MODEL_FILES:

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from deploy.archive import archive_name
-from deploy.local_endpoint import EndpointSettings, State
+from deploy.local_endpoint import EndpointSettings, LocalEndpoint, State
 from serving.local_triton import group_members
 from studio.client import EndpointConfig, StudioClient, StudioError
 
@@ -455,10 +455,10 @@ def test_the_defaults_are_sagemakers_limits():
 
 @pytest.fixture(scope="module")
 def strict_endpoint(archive_store, tmp_path_factory, artifacts_dir):
-    """An endpoint whose answer limit holds one 64 px image but not four, and whose invocation
-    limit is 8 s (a 150-step call at 128 px runs longer)."""
+    """An endpoint whose answer limit holds one 64 px image but not four, whose invocation limit
+    is 8 s (a 150-step call at 128 px runs longer), and whose models compute with one thread."""
     endpoint = start_endpoint(archive_store, tmp_path_factory.mktemp("strict"), artifacts_dir, "strict-endpoint",
-                              max_answer_bytes=40_000, invoke_timeout_s=8)
+                              max_answer_bytes=40_000, invoke_timeout_s=8, compute_threads=1)
     yield endpoint
     endpoint.stop()
 
@@ -492,6 +492,19 @@ def test_an_invocation_over_the_time_limit_is_a_model_error_and_the_endpoint_goe
     assert "the 8 s an invocation may take" in error["Error"]["Message"]
     _, answer = invoke(runtime, "sd_depth.tar.gz", image_body())  # another model answers at once
     assert answer_image(answer).size == (SIZE, SIZE)
+
+
+def test_compute_threads_reach_the_model_processes(strict_endpoint):
+    runtime = runtime_client(strict_endpoint.url)
+    invoke(runtime, "sd_base.tar.gz", kserve_body())
+    (stub,) = strict_endpoint.triton.stub_pids(strict_endpoint.registry.entry("sd_base.tar.gz").folder)
+    # torch sizes its thread pool from this variable when the stub imports it.
+    assert b"OMP_NUM_THREADS=1" in Path(f"/proc/{stub}/environ").read_bytes().split(b"\0")
+
+
+def test_compute_threads_below_one_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="compute_threads must be at least 1"):
+        LocalEndpoint(EndpointSettings(compute_threads=0, log_dir=tmp_path))
 
 
 def image_body() -> bytes:

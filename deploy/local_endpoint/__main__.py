@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tritonserver's log goes here (default build/local-endpoint)")
     parser.add_argument("--model-config-name", default="auto",
                         help="configs/<NAME>.pbtxt Triton uses; auto = cpu without a GPU (default)")
+    parser.add_argument("--compute-threads", type=int, metavar="N",
+                        help="CPU threads each model computes with (default: torch's, every core); fewer "
+                             "leave cores to a studio or clients on the same machine")
     parser.add_argument("-v", "--verbose", action="store_true", help="also log /ping requests")
     return parser
 
@@ -92,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         build_from = DEFAULT_REPOSITORY
     if args.no_build:
         build_from = None
-    if args.max_models < 0 or (args.max_gb is not None and args.max_gb <= 0):
-        print("error: --max-models must be >= 0 and --max-gb > 0", file=sys.stderr)
+    if args.max_models < 0 or (args.max_gb is not None and args.max_gb <= 0) or \
+            (args.compute_threads is not None and args.compute_threads < 1):
+        print("error: --max-models must be >= 0, --max-gb > 0 and --compute-threads >= 1", file=sys.stderr)
         return 2
     settings = EndpointSettings(
         host=args.host, port=args.port, endpoint_name=args.endpoint_name, model_store=args.model_store,
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         load_wait_s=args.load_wait, load_timeout_s=args.load_timeout, invoke_timeout_s=args.invoke_timeout,
         max_answer_bytes=args.max_answer_bytes,
         retry_failed_after_s=args.retry_failed_after, max_archive_gb=args.max_archive_gb,
-        log_dir=args.log_dir,
+        log_dir=args.log_dir, compute_threads=args.compute_threads,
         model_config_name=None if args.model_config_name.lower() == "none" else args.model_config_name)
     try:
         return serve_until_signalled(LocalEndpoint(settings))

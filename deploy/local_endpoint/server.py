@@ -62,6 +62,9 @@ class EndpointSettings:
     log_dir: Path = DEFAULT_LOG_DIR
     triton_startup_timeout_s: float = 300.0
     model_config_name: str | None = "auto"  # "cpu" without a GPU, config.pbtxt with one
+    # CPU threads each model's pipeline computes with (OMP_NUM_THREADS of its Triton stub); None:
+    # torch's default, every core. Fewer leave cores to what shares the machine (a studio, clients).
+    compute_threads: int | None = None
     variant_name: str = "AllTraffic"
     request_timeout_s: float = REQUEST_TIMEOUT_S  # to receive a whole request; then 408 and closed
     extra: dict[str, Any] = field(default_factory=dict)
@@ -79,7 +82,8 @@ class LocalEndpoint:
     def __init__(self, settings: EndpointSettings | None = None) -> None:
         self.settings = settings or EndpointSettings()
         self.triton = TritonBackend(log_path=Path(self.settings.log_dir) / "triton.log",
-                                    model_config_name=self.settings.model_config_name)
+                                    model_config_name=self.settings.model_config_name,
+                                    compute_threads=self.settings.compute_threads)
         self.store: ModelStore | None = None
         self.cache: ModelCache | None = None
         self.registry: ModelRegistry | None = None

@@ -160,8 +160,12 @@ class TritonBackend:
     """One tritonserver in SageMaker MME mode; ``restart()`` replaces it after a death."""
 
     def __init__(self, *, log_path: Path, exit_timeout_secs: int = 10,
-                 model_config_name: str | None = "auto") -> None:
+                 model_config_name: str | None = "auto", compute_threads: int | None = None) -> None:
+        if compute_threads is not None and compute_threads < 1:
+            raise ValueError(f"compute_threads must be at least 1, not {compute_threads}")
         self.log_path = Path(log_path)
+        # torch sizes its CPU thread pool from OMP_NUM_THREADS; the stubs inherit tritonserver's env.
+        self.extra_env = {} if compute_threads is None else {"OMP_NUM_THREADS": str(compute_threads)}
         self.exit_timeout_secs = exit_timeout_secs
         self.model_config_name = model_config_name
         self.server: LocalTriton | None = None
@@ -178,7 +182,7 @@ class TritonBackend:
             server = LocalTriton(sagemaker=True, sagemaker_port=0, http_port=0, log_path=self.log_path,
                                  exit_timeout_secs=self.exit_timeout_secs,
                                  model_config_name=self.model_config_name,
-                                 extra_args=["--sagemaker-thread-count=16"])
+                                 extra_args=["--sagemaker-thread-count=16"], extra_env=self.extra_env)
             server.start(timeout=timeout)
             self.server = server
             self.pool = ConnectionPool(LocalTriton.HOST, server.ports["sagemaker"])
