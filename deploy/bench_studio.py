@@ -9,7 +9,7 @@ per designer (each its own session). Each line is a ratio of two things measured
    median over the pairs of studio throughput / direct.
 2. Head of line: designer B's 1-image job while designer A's 4-image job runs, vs B alone.
 3. Over the limit: a call predicted over the call budget is refused (time to the refusal), and a
-   call that cannot be predicted yet is stopped at the budget (time past the budget).
+   call that cannot be predicted yet is stopped by the budget (when, against the budget).
 4. The 512x512 upscale: the largest answer of the tiled job vs the 6 MB cap, and its time vs the
    same upscale sent as one call (whose answer the server must squeeze into the cap as WebP).
 5. Sending on warms up: a designer's generate -> Send to Erase -> (think time) -> erase, on an
@@ -268,10 +268,13 @@ def over_the_limit(direct: StudioClient) -> dict:
     stopped_s, stop = failure_after(
         lambda: direct.restyle(sample_image(256), PROMPT, num_inference_steps=150, strength=1.0))
     print(f"\n3. Over the limit ({CALL_BUDGET_S} s a call):")
+    if refused_s is not None and "would take about" not in refusal:  # it ran, and failed otherwise
+        refusal = f"failed after {refused_s:.1f} s without a refusal: {refusal}"
+        refused_s = None
     print(f"   1024 px x 150 steps refused after {refused_s * 1000:.0f} ms (goal: under 1 s): {refusal}"
           if refused_s is not None else f"   1024 px x 150 steps NOT refused ({refusal})")
     print(f"   {restyle.name}'s first call (256 px x 150 steps, speed unknown) stopped after {stopped_s:.1f} s, "
-          f"{stopped_s - CALL_BUDGET_S:+.1f} s past the budget (goal: within 2 s): {stop}"
+          f"{stopped_s - CALL_BUDGET_S:+.1f} s against the budget (goal: at most +2 s): {stop}"
           if stopped_s is not None else f"   {restyle.name}'s first call NOT stopped ({stop})")
     return {"refused_after_s": refused_s, "refusal": refusal, "stopped_after_s": stopped_s, "stop": stop,
             "budget_s": CALL_BUDGET_S}

@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from sdserve.budget import BUSY_WORDS, CallOverBudget, ModelBusy, WorkBudget, me
 from sdserve.catalog import CHECKPOINT_DIR, MODELS
 from sdserve.errors import RequestError
 from sdserve.params import SCHEDULERS
-from sdserve.pipelines import load_pipeline
+from sdserve.pipelines import CallStopped, _step_callback, load_pipeline
 
 from .samples import (
     SAME_IMAGE_TOLERANCE,
@@ -271,6 +272,23 @@ def test_a_call_that_runs_over_is_stopped_at_a_step_and_the_next_is_served(model
     loaded.budget.seconds = 60
     [served] = serve_batch(loaded, [request()])
     assert image_of(served).size == (64, 64)
+
+
+def test_a_call_stops_when_another_step_as_long_would_end_past_the_deadline():
+    """Steps of 1.2 s with 2 s left: stopped after the second step, before the deadline, rather
+    than a whole step past it; the last step asked for is not stopped for the next."""
+    step_ends: list[float] = []
+    deadline = time.monotonic() + 2.0
+    check = _step_callback(False, step_ends, deadline, total=10)["callback"]
+    check(0, None, None)
+    time.sleep(1.2)
+    with pytest.raises(CallStopped) as stopped:
+        check(1, None, None)
+    assert time.monotonic() < deadline and (stopped.value.steps_done, stopped.value.steps_total) == (2, 10)
+    last = _step_callback(False, [], time.monotonic() + 2.0, total=2)["callback"]
+    last(0, None, None)
+    time.sleep(1.2)
+    last(1, None, None)  # no step is due after this one: the call decodes and answers
 
 
 @pytest.mark.parametrize("model", ["sd_depth", "sd_inpaint"])

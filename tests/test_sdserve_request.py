@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from sdserve.batch import split_rows
-from sdserve.budget import WorkBudget, megapixels
+from sdserve.budget import RECENT_CALLS, SIZES_KEPT, WorkBudget, megapixels
 from sdserve.catalog import MAX_PROMPT_CHARS, MODELS
 from sdserve.errors import RequestError
 from sdserve.images import MAX_SIDE, decode_image, encode_png
@@ -247,6 +247,23 @@ def test_a_refusal_names_what_to_lower_and_the_limit():
     assert budget.rows_that_fit(0.25, 10, remaining_s=5.0, most=8) == 0
     assert budget.rows_that_fit(0.25, 10, remaining_s=1000.0, most=8) == 8
     assert WorkBudget(25).rows_that_fit(0.25, 10, remaining_s=25.0, most=8) == 1  # unmeasured: one first
+
+
+def test_a_crowd_of_one_size_keeps_what_other_sizes_taught():
+    """Many small calls in a row leave the slope that a larger call taught: a 1024 px call that
+    the two sizes say is far too long is still refused after them."""
+    budget = WorkBudget(25)
+    small, larger = megapixels((64, 64)), megapixels((128, 128))
+    budget.record(small, step_ends=[0.0, 1.0, 2.0], started=0.0, ended=2.5)  # the warm-up
+    budget.record(larger, step_ends=[0.0, 0.3, 0.6], started=0.0, ended=0.7)  # 0.3 s a step
+    for _ in range(3 * RECENT_CALLS):
+        budget.record(small, step_ends=[0.0, 0.08, 0.16], started=0.0, ended=0.2)  # 0.08 s a step
+    args = MODELS["sd_base"].parse_gen_args('{"num_inference_steps": 150, "width": 1024, "height": 1024}')
+    refused = budget.refusal("sd_base", args, megapixels((1024, 1024)))
+    assert refused is not None and "over the 25 s" in str(refused)
+    for size in range(SIZES_KEPT + 1):  # sizes beyond those kept push out the least recently seen
+        budget.record(small * (5 + size), step_ends=[0.0, 0.1, 0.2], started=0.0, ended=0.3)
+    assert round(larger, 4) not in {size for size, _ in budget.steps_seen.pairs()}
 
 
 def test_one_size_measured_refuses_only_what_is_surely_too_long():

@@ -6,7 +6,7 @@ model measures its own speed on its recent calls, so the same code knows a GPU f
 without a table of hardware: the time of one denoising step per megapixel of images (from the
 step callbacks), and the rest of a call (prompt encoding, VAE, ...). It predicts a call's time
 from images x megapixels x steps before making it. A call predicted to run over is refused at
-once, with what to lower; a call that runs over anyway is stopped at the next denoising step.
+once, with what to lower; a call that runs over anyway is stopped at the step after which another would end past the deadline.
 
 Standard library only.
 """
@@ -15,13 +15,43 @@ from __future__ import annotations
 
 import statistics
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import RequestError
 
-RECENT_CALLS = 16  # the calls the fits are made from
+RECENT_CALLS = 8  # the calls of one size the fits are made from
+SIZES_KEPT = 8  # sizes remembered, the most recently seen
+
+
+class RecentBySize:
+    """The latest seconds seen at each size (megapixels), for the most recently seen sizes.
+
+    Kept per size so that a run of calls of one size (a crowd of small jobs) does not wash out
+    what calls of other sizes taught: with one size left, there is no slope to fit.
+    """
+
+    def __init__(self) -> None:
+        self._by_size: OrderedDict[float, deque[float]] = OrderedDict()
+
+    def add(self, size: float, seconds: float) -> None:
+        key = round(size, 4)
+        self._by_size.setdefault(key, deque(maxlen=RECENT_CALLS)).append(seconds)
+        self._by_size.move_to_end(key)
+        if len(self._by_size) > SIZES_KEPT:
+            self._by_size.popitem(last=False)
+
+    def extend(self, seen: Iterable[tuple[float, float]]) -> None:
+        for size, seconds in seen:
+            self.add(size, seconds)
+
+    def pairs(self) -> list[tuple[float, float]]:
+        return [(size, seconds) for size, times in self._by_size.items() for seconds in times]
+
+    def __bool__(self) -> bool:
+        return bool(self._by_size)
 
 
 def denoising_steps(args: dict[str, Any]) -> int:
@@ -81,13 +111,13 @@ class WorkBudget:
     # The model's first call, kept apart: it pays for warming up (kernels chosen and compiled,
     # memory allocated), several times what later calls take, so it is used only until they come.
     warm_up: tuple[float, float, float] | None = None  # (megapixels, step seconds, rest of the call)
-    steps_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
-    rest_seen: deque = field(default_factory=lambda: deque(maxlen=RECENT_CALLS), repr=False)
+    steps_seen: RecentBySize = field(default_factory=RecentBySize, repr=False)
+    rest_seen: RecentBySize = field(default_factory=RecentBySize, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def step_seconds(self, image_megapixels: float, *, short: bool = False) -> float | None:
         with self._lock:
-            seen = list(self.steps_seen)
+            seen = self.steps_seen.pairs()
         if not seen and self.warm_up is not None:
             seen = [self.warm_up[:2]]  # a cautious guess: warming up made it slow
         return _fitted(seen, image_megapixels, short=short) if seen else None
@@ -96,7 +126,7 @@ class WorkBudget:
         """The rest of a call: prompt encoding (fixed) and the VAE (per image: a call of eight
         tiles decodes eight), fitted like the steps once calls have been seen."""
         with self._lock:
-            seen = list(self.rest_seen)
+            seen = self.rest_seen.pairs()
         if seen:
             return _fitted(seen, image_megapixels, short=short)
         return self.call_overhead_s if self.call_overhead_s is not None else self.warm_up[2]
@@ -119,8 +149,8 @@ class WorkBudget:
             if self.warm_up is None:
                 self.warm_up = (image_megapixels, step_s, overhead_s)
                 return
-            self.steps_seen.append((image_megapixels, step_s))
-            self.rest_seen.append((image_megapixels, overhead_s))
+            self.steps_seen.add(image_megapixels, step_s)
+            self.rest_seen.add(image_megapixels, overhead_s)
 
     def rows_that_fit(self, row_megapixels: float, steps: int, remaining_s: float, most: int) -> int:
         """How many rows of this size one call can make in `remaining_s` (at most `most`).

@@ -106,9 +106,9 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
     """One pipeline call for rows that share a batch key; one image back per row.
 
     Every row has its own CPU generator, so a seed gives the same latents whether the
-    row runs alone or beside others, on the CPU or on a GPU. Past `deadline` (a
-    time.monotonic() value) the call stops at the next step with CallStopped: nobody waits
-    for its answer any more. Its step times are recorded in the model's speed estimate.
+    row runs alone or beside others, on the CPU or on a GPU. When it cannot end by
+    `deadline` (a time.monotonic() value) it stops at a step with CallStopped: nobody would
+    wait for its answer. Its step times are recorded in the model's speed estimate.
     """
     first = rows[0].request
     args = first.args
@@ -185,14 +185,21 @@ def slerp(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
 def _step_callback(step_end_callbacks: bool, step_ends: list[float], deadline: float | None,
                    total: int) -> dict[str, Any]:
     """Step-callback arguments that note when each step ends (the model's speed) and raise
-    CallStopped once `deadline` has passed.
+    CallStopped once the call cannot end by `deadline`: the deadline has passed, or another step
+    as long as the last one would end past it. Stopping then, not a step later, keeps a call of
+    long steps (large images on a slow device) from running a whole step past the deadline.
 
     Raising (rather than diffusers' `interrupt`) also skips the VAE decode of an unwanted result.
     The upscaler has only the older `callback(step, timestep, latents)` form.
     """
     def check(step: int) -> None:
-        step_ends.append(time.monotonic())
-        if deadline is not None and step_ends[-1] > deadline:
+        now = time.monotonic()
+        last_step_s = now - step_ends[-1] if step_ends else 0.0
+        step_ends.append(now)
+        if deadline is None:
+            return
+        another_step_is_due = step + 1 < total
+        if now > deadline or (another_step_is_due and now + last_step_s > deadline):
             # PNDM runs one step more than asked for: the count shown stays within what was asked.
             raise CallStopped(min(step + 1, total), total)
 
