@@ -141,11 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parts", default="12345", help="which of the five to run (default 12345)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    args.compute_threads = args.compute_threads or None  # 0: torch's default, every core
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     generate = {"prompt": PROMPT, "width": args.size, "height": args.size, "num_inference_steps": args.steps}
     figures: dict = {"designers": DESIGNERS, "size": args.size, "steps": args.steps, "rounds": args.rounds,
                      "pairs": args.pairs,
-                     "compute_threads": args.compute_threads or None, "cores": os.cpu_count()}
+                     "compute_threads": args.compute_threads, "cores": os.cpu_count()}
 
     with tempfile.TemporaryDirectory(prefix="bench-studio-") as work:
         work = Path(work)
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 def shared(args, work: Path, generate: dict, figures: dict) -> None:
     """Parts 1 to 4: one endpoint with room for every model, the studio in front of it."""
     settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache",
-                                log_dir=work / "logs", compute_threads=args.compute_threads or None)
+                                log_dir=work / "logs", compute_threads=args.compute_threads)
     with LocalEndpoint(settings) as endpoint, running_studio(endpoint.url, work / "results") as url:
         config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
         direct = StudioClient(config)
@@ -176,8 +177,8 @@ def shared(args, work: Path, generate: dict, figures: dict) -> None:
         designers = [designer_client(url) for _ in range(DESIGNERS)]
         threads = f"{args.compute_threads} of {os.cpu_count()} cores" if args.compute_threads else "every core"
         print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU, the models "
-              f"computing with {threads}), {args.size} px, {args.steps} steps; medians of {args.pairs} pairs of rounds (part 1), "
-              f"{args.rounds} rounds (the others)")
+              f"computing with {threads}), {args.size} px, {args.steps} steps; medians of {args.pairs} pairs "
+              f"of rounds (part 1), {args.rounds} rounds (the others)")
 
         def through_studio(client: Client, **values) -> None:
             client.predict(api_name="/generate", **{**generate, **values})
@@ -315,7 +316,7 @@ def warm_up_on_send(args, work: Path) -> dict:
     with the warm-up that Send to fires and without it (alternating rounds, one designer)."""
     settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache-one-model",
                                 log_dir=work / "logs-one-model", max_models=1,
-                                compute_threads=args.compute_threads or None)
+                                compute_threads=args.compute_threads)
     mask = work / "mask.png"
     sample_mask(args.size).save(mask)
     waits: dict[bool, list[float]] = {False: [], True: []}

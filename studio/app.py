@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import json
 import logging
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 from sdserve.catalog import MAX_BATCH_SIZE
-from sdserve.params import SEED_MAX
+from sdserve.params import random_seed
 
 from studio.access import Access, QuotaBook, Quotas
 from studio.client import StudioClient, StudioError
@@ -203,7 +202,7 @@ class Handlers:
         def vary(history_entries: list, entry: Entry | None, request: gr.Request = None, **values: Any):
             if not entry:
                 raise gr.Error("Nothing to vary yet: make or pick a result first.", print_exception=False)
-            varied = vary_values(panel.task, entry["parameters"], lambda: secrets.randbelow(SEED_MAX + 1))
+            varied = vary_values(panel.task, entry["parameters"], random_seed)
             yield {panel.controls[name]: value for name, value in varied.items()}
             yield from run(history_entries, request=request, **{**values, **varied})
 

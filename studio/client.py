@@ -65,6 +65,13 @@ class StudioError(Exception):
         self.retryable = retryable
 
 
+class ModelLoading(StudioError):
+    """The endpoint is still loading the model (ModelNotReadyException): try again shortly."""
+
+    def __init__(self, model: str):
+        super().__init__(f"The {model} model is still loading on the endpoint.", retryable=True)
+
+
 class JobCancelled(StudioError):
     """The job was cancelled before this call was sent (or before a retry of it was)."""
 
@@ -277,7 +284,7 @@ class StudioClient:
                 break
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 failure = describe_failure(error, model, self.config)
-                if call is not None and _still_loading(error):
+                if call is not None and isinstance(failure, ModelLoading):
                     call.loading()
                 if not failure.retryable or attempt == attempts:
                     raise failure from None
@@ -292,11 +299,6 @@ class StudioClient:
         if progress:
             notify(f"{model} answered in {result.seconds:.1f} s.")
         return result
-
-
-def _still_loading(error: Exception) -> bool:
-    return isinstance(error, botocore.exceptions.ClientError) and \
-        error.response.get("Error", {}).get("Code") == "ModelNotReadyException"
 
 
 def _runtime_client(config: EndpointConfig) -> Any:
@@ -421,7 +423,7 @@ def describe_failure(error: Exception, model: str, config: EndpointConfig) -> St
             text = redacted(_model_message(error.response, message))
             return StudioError(text, retryable=BUSY_WORDS in text or QUEUE_TIMEOUT_WORDS in text)
         if code == "ModelNotReadyException":
-            return StudioError(f"The {model} model is still loading on the endpoint.", retryable=True)
+            return ModelLoading(model)
         if code in RETRYABLE_CODES:
             return StudioError(f"The endpoint is busy ({code}).", retryable=True)
         if code == "ValidationError":

@@ -108,12 +108,6 @@ class EditTool:
     def spec(self) -> ModelSpec:
         return MODELS[self.model]
 
-    def setting(self, name: str) -> Argument:
-        return next(argument for argument in self.settings if argument.name == name)
-
-    def defaults(self) -> dict[str, Any]:
-        return {argument.name: argument.default for argument in self.settings}
-
 
 ERASE = EditTool(
     "erase", INPAINTING.name, "Erase", INPAINTING.summary,

@@ -58,7 +58,6 @@ from __future__ import annotations
 import concurrent.futures
 import math
 import queue
-import secrets
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -80,7 +79,7 @@ from sdserve.catalog import (
     ModelSpec,
 )
 from sdserve.errors import RequestError
-from sdserve.params import SEED_MAX, image_seeds
+from sdserve.params import SEED_MAX, image_seeds, random_seed
 
 from studio.client import (
     INVOCATION_LIMIT_S,
@@ -345,7 +344,7 @@ def plan_job(
         except RequestError as error:
             raise StudioError(f"{error}.") from None
     count = gen_args.get("num_images_per_prompt", spec.argument("num_images_per_prompt").default)
-    pick_seed = (lambda: rng.randint(0, SEED_MAX)) if rng is not None else (lambda: secrets.randbelow(SEED_MAX + 1))
+    pick_seed = (lambda: rng.randint(0, SEED_MAX)) if rng is not None else random_seed
     # Each image's seeds, counted exactly as sdserve.batch does for one call (-1 resolved once, here).
     each_image = image_seeds({**gen_args, "num_images_per_prompt": count}, pick_seed)
     seeds = tuple(image["seed"] for image in each_image)

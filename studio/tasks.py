@@ -120,14 +120,14 @@ class Task:
     summary = property(lambda self: self.tool.summary if self.tool else self.spec.summary)
     takes_image = property(lambda self: self.spec.takes_image)
     takes_mask = property(lambda self: self.tool.takes_mask if self.tool else self.spec.takes_mask)
+    prompt_required = property(lambda self: self.spec.prompt_required)
+    # The largest input the studio takes: a tiled model (the upscaler) takes more than one call does.
+    max_image_side = property(lambda self: max_input_side(self.spec))
 
     @property
     def setting_names(self) -> tuple[str, ...]:
         """The studio-side settings among the controls (an edit tool's); the rest go to the endpoint."""
         return tuple(argument.name for argument in self.tool.settings) if self.tool else ()
-    prompt_required = property(lambda self: self.spec.prompt_required)
-    # The largest input the studio takes: a tiled model (the upscaler) takes more than one call does.
-    max_image_side = property(lambda self: max_input_side(self.spec))
 
     def defaults(self) -> dict[str, Any]:
         return {control.name: control.default for control in self.controls}

@@ -263,7 +263,7 @@ def test_a_crowd_of_one_size_keeps_what_other_sizes_taught():
     assert refused is not None and "over the 25 s" in str(refused)
     for size in range(SIZES_KEPT + 1):  # sizes beyond those kept push out the least recently seen
         budget.record(small * (5 + size), step_ends=[0.0, 0.1, 0.2], started=0.0, ended=0.3)
-    assert round(larger, 4) not in {size for size, _ in budget.steps_seen.pairs()}
+    assert round(larger, 4) not in {size for size, _ in budget.steps_seen.medians()}
 
 
 def test_one_size_measured_refuses_only_what_is_surely_too_long():

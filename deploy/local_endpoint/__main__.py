@@ -95,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         build_from = DEFAULT_REPOSITORY
     if args.no_build:
         build_from = None
-    if args.max_models < 0 or (args.max_gb is not None and args.max_gb <= 0) or \
-            (args.compute_threads is not None and args.compute_threads < 1):
-        print("error: --max-models must be >= 0, --max-gb > 0 and --compute-threads >= 1", file=sys.stderr)
+    if args.max_models < 0 or (args.max_gb is not None and args.max_gb <= 0):
+        print("error: --max-models must be >= 0 and --max-gb > 0", file=sys.stderr)
         return 2
     settings = EndpointSettings(
         host=args.host, port=args.port, endpoint_name=args.endpoint_name, model_store=args.model_store,

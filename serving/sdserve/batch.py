@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from .budget import CallOverBudget, ModelBusy, denoising_steps, megapixels, what
 from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
 from .errors import RequestError
 from .images import encode_within
-from .params import SEED_MAX, image_seeds
+from .params import image_seeds, random_seed
 from .pipelines import CallStopped, ImageRow, LoadedPipeline, run_call, scheduler_class_name
 from .request import GenerationRequest, parse_request
 
@@ -104,7 +103,7 @@ def serve_batch(
         if isinstance(outcome, Exception):
             continue
         for row_index, request in enumerate(outcome):
-            row_seeds = image_seeds(request.args, _random_seed)
+            row_seeds = image_seeds(request.args, random_seed)
             seeds[index, row_index] = row_seeds
             for image in row_seeds:
                 rows_by_key[request.batch_key()].append(
@@ -187,10 +186,6 @@ def _answer(
         images=encoded,
         parameters=[json.dumps({**row, "encoding": encoding}).encode("utf-8") for row in parameters],
     )
-
-
-def _random_seed() -> int:
-    return secrets.randbelow(SEED_MAX + 1)
 
 
 def effective_parameters(

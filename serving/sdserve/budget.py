@@ -6,7 +6,8 @@ model measures its own speed on its recent calls, so the same code knows a GPU f
 without a table of hardware: the time of one denoising step per megapixel of images (from the
 step callbacks), and the rest of a call (prompt encoding, VAE, ...). It predicts a call's time
 from images x megapixels x steps before making it. A call predicted to run over is refused at
-once, with what to lower; a call that runs over anyway is stopped at the step after which another would end past the deadline.
+once, with what to lower; a call that runs over anyway is stopped at the step after which
+another would end past the deadline.
 
 Standard library only.
 """
@@ -47,8 +48,9 @@ class RecentBySize:
         for size, seconds in seen:
             self.add(size, seconds)
 
-    def pairs(self) -> list[tuple[float, float]]:
-        return [(size, seconds) for size, times in self._by_size.items() for seconds in times]
+    def medians(self) -> list[tuple[float, float]]:
+        """(size, the median of its seconds) for each size kept: one slow call does not move a fit."""
+        return [(size, statistics.median(times)) for size, times in self._by_size.items()]
 
     def __bool__(self) -> bool:
         return bool(self._by_size)
@@ -64,17 +66,13 @@ def megapixels(size: tuple[int, int], images: int = 1) -> float:
     return images * size[0] * size[1] / 1e6
 
 
-def _fitted(seen: list[tuple[float, float]], image_megapixels: float, *, short: bool = False) -> float:
-    """Seconds at `image_megapixels`, from (megapixels, seconds) seen: `a + b x megapixels` fitted
-    to the median of each size, so one slow call does not move the fit.
+def _fitted(points: list[tuple[float, float]], image_megapixels: float, *, short: bool = False) -> float:
+    """Seconds at `image_megapixels`, from one (megapixels, seconds) point per size seen:
+    `a + b x megapixels` fitted to them.
 
     With one size seen there is no slope, only bounds (a and b are not negative): the guess errs
     long by default (what that size took, times the size ratio above it), or with `short` errs
     short (what that size took, times the size ratio below it)."""
-    by_size: dict[float, list[float]] = {}
-    for size, seconds in seen:
-        by_size.setdefault(round(size, 4), []).append(seconds)
-    points = [(size, statistics.median(times)) for size, times in by_size.items()]
     sizes = [size for size, _ in points]
     if len(points) < 2 or max(sizes) < 1.1 * min(sizes):  # one size seen: no slope to fit
         size, seconds = (min if short else max)(points, key=lambda point: point[1])
@@ -117,18 +115,18 @@ class WorkBudget:
 
     def step_seconds(self, image_megapixels: float, *, short: bool = False) -> float | None:
         with self._lock:
-            seen = self.steps_seen.pairs()
-        if not seen and self.warm_up is not None:
-            seen = [self.warm_up[:2]]  # a cautious guess: warming up made it slow
-        return _fitted(seen, image_megapixels, short=short) if seen else None
+            points = self.steps_seen.medians()
+        if not points and self.warm_up is not None:
+            points = [self.warm_up[:2]]  # a cautious guess: warming up made it slow
+        return _fitted(points, image_megapixels, short=short) if points else None
 
     def rest_seconds(self, image_megapixels: float, *, short: bool = False) -> float:
         """The rest of a call: prompt encoding (fixed) and the VAE (per image: a call of eight
         tiles decodes eight), fitted like the steps once calls have been seen."""
         with self._lock:
-            seen = self.rest_seen.pairs()
-        if seen:
-            return _fitted(seen, image_megapixels, short=short)
+            points = self.rest_seen.medians()
+        if points:
+            return _fitted(points, image_megapixels, short=short)
         return self.call_overhead_s if self.call_overhead_s is not None else self.warm_up[2]
 
     def predict(self, image_megapixels: float, steps: int, *, short: bool = False) -> float | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,11 @@ def variation_arguments() -> tuple[Argument, ...]:
             minimum=0.0, maximum=1.0, step=0.05, pipeline=False, shared_by_batch=False,
         ),
     )
+
+
+def random_seed() -> int:
+    """What -1 resolves to: a seed from the whole range, unpredictable (the secrets module)."""
+    return secrets.randbelow(SEED_MAX + 1)
 
 
 def image_seeds(args: Mapping[str, Any], pick_seed: Callable[[], int]) -> list[dict[str, int]]:
