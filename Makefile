@@ -61,22 +61,22 @@ triton: $(INSTALLED) tiny-models
 ENDPOINT_ARGS ?=
 
 endpoint: $(INSTALLED) compiler tiny-models
-	$(PY) -m deploy.local_endpoint --port $(PORT) $(ENDPOINT_ARGS)
+	$(PY) -m serving.local_endpoint --port $(PORT) $(ENDPOINT_ARGS)
 
 demo: $(INSTALLED) compiler tiny-models
 	$(PY) -m studio
 
 bench: $(INSTALLED) compiler tiny-models
-	$(PY) -m serving.bench
-	$(PY) -m deploy.bench_endpoint --json build/bench-endpoint.json
-	$(PY) -m deploy.bench_studio --json build/bench-studio.json
+	$(PY) -m bench.pipelines
+	$(PY) -m bench.local_endpoint --json build/bench-endpoint.json
+	$(PY) -m bench.studio --json build/bench-studio.json
 
 # Simulated designers on the studio and its local endpoint, optionally with faults:
 # make load LOAD_ARGS="--designers 4 --seconds 60 --faults all"
 LOAD_ARGS ?=
 
 load: $(INSTALLED) compiler tiny-models
-	$(PY) -m deploy.load_studio $(LOAD_ARGS)
+	$(PY) -m bench.load $(LOAD_ARGS)
 
 deploy-plan: $(INSTALLED)
 	$(PY) -m deploy plan

@@ -25,8 +25,8 @@ from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from deploy import endpoint, image, upload
-from deploy.archive import REPO_ROOT, archive_name
+from deploy import image, sagemaker_endpoint, upload
+from serving.archive import REPO_ROOT, archive_name
 from deploy.aws import Aws, DeployError, redact
 from deploy.config import (
     ConfigError,
@@ -172,7 +172,7 @@ def run_up(cfg: DeployConfig, args: argparse.Namespace) -> int:
     aws = connect(cfg)
     upload.ensure_bucket(cfg, aws)
     serving_image = cfg.image_uri or image.extended_image_uri(cfg, aws)
-    endpoint.up(cfg, aws, serving_image)
+    sagemaker_endpoint.up(cfg, aws, serving_image)
     return 0
 
 
@@ -183,7 +183,7 @@ def run_add_model(cfg: DeployConfig, args: argparse.Namespace) -> int:
         raise ConfigError(f"no Triton model folder {cfg.repository / args.name} (with a config.pbtxt)")
     check_weights(cfg, (args.name,))
     aws = connect(cfg)
-    bucket, prefix = _split_s3_url(endpoint.live_model_data_url(cfg, aws))
+    bucket, prefix = _split_s3_url(sagemaker_endpoint.live_model_data_url(cfg, aws))
     (archive,) = upload.build_archives(cfg, (args.name,))
     upload.upload(aws, bucket, f"{prefix}{archive_name(args.name)}", archive)
     print(f"{args.name}: invokable on {cfg.endpoint_name} with TargetModel='{archive_name(args.name)}' (no redeploy)")
@@ -214,7 +214,7 @@ def run_down(cfg: DeployConfig, args: argparse.Namespace) -> int:
         check_bucket(cfg)
         check_prefix(cfg)
     aws = connect(cfg)
-    endpoint.down(cfg, aws)
+    sagemaker_endpoint.down(cfg, aws)
     if args.delete_artifacts:
         upload.delete_archives(cfg, aws)
     else:

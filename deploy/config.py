@@ -23,7 +23,7 @@ from typing import Any
 
 import boto3
 
-from deploy.archive import REPO_ROOT, archive_name
+from serving.archive import REPO_ROOT, archive_name
 from sdserve.checkpoint import has_checkpoint
 from sdserve.catalog import MODELS
 from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES

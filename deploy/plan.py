@@ -11,8 +11,8 @@ import dataclasses
 import textwrap
 from collections.abc import Callable
 
-from deploy import endpoint, image, upload
-from deploy.archive import archive_name
+from deploy import image, sagemaker_endpoint, upload
+from serving.archive import archive_name
 from deploy.aws import Call, DeployError
 from deploy.config import (
     ConfigError,
@@ -59,10 +59,10 @@ def print_plan(cfg: DeployConfig) -> None:
          f"serve {store} with {serving_image} on {cfg.instance_count} x {cfg.instance_type}",
          [upload.head_bucket(shown), upload.list_archives_call(shown.bucket, cfg.s3_prefix)]
          + ([] if cfg.image_uri else image.planned_lookup(shown))
-         + endpoint.planned_up(shown, serving_image)),
+         + sagemaker_endpoint.planned_up(shown, serving_image)),
         ("add-model NAME",
          "upload one more archive under the live endpoint's ModelDataUrl (no redeploy)",
-         endpoint.planned_live_store(shown)
+         sagemaker_endpoint.planned_live_store(shown)
          + [upload.head_archive("<bucket>", "<prefix>/NAME.tar.gz"),
             upload.upload_archive("<bucket>", "<prefix>/NAME.tar.gz",
                                   upload.Archive("NAME", cfg.archive_dir / "NAME.tar.gz", "<sha256>"))]),
@@ -76,7 +76,7 @@ def print_plan(cfg: DeployConfig) -> None:
         ("down [--delete-artifacts]",
          "delete the scaling registration, the endpoint, our configs and models; with the flag, the archives "
          f"of {' '.join(cfg.models)} (other objects under {store} are kept)",
-         endpoint.planned_down(shown)
+         sagemaker_endpoint.planned_down(shown)
          + [upload.list_archives_call(shown.bucket, cfg.s3_prefix),
             upload.delete_archives_call(shown.bucket, list(cfg.archive_keys))]),
     ]

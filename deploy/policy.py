@@ -22,9 +22,9 @@ from typing import Any
 
 import boto3
 
-from deploy.archive import archive_name
+from serving.archive import archive_name
 from deploy.config import DeployConfig
-from deploy.endpoint import SCALABLE_DIMENSION
+from deploy.sagemaker_endpoint import SCALABLE_DIMENSION
 
 VERSION = "2012-10-17"
 # The SageMaker Triton image's registry in most regions (the base image `package --image` pulls;

@@ -2,7 +2,7 @@
 
 Each object carries the sha256 of its archive as user metadata (`x-amz-meta-sha256`); an
 archive whose hash matches the object's is not uploaded again. Archives are deterministic
-(deploy/archive.py), so an unchanged model folder always gives the same hash.
+(serving/archive.py), so an unchanged model folder always gives the same hash.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 from botocore.exceptions import ClientError
 
-from deploy.archive import build_model_archive, format_size, sha256_file
+from serving.archive import build_model_archive, format_size, sha256_file
 from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 from deploy.aws import Aws, Call, DeployError
 from deploy.config import DeployConfig

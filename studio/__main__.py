@@ -30,10 +30,10 @@ from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 from studio.access import Quotas, choose_access
 from studio.app import build_app
 from studio.client import StudioClient
-from studio.endpoint import (
+from studio.endpoint_launcher import (
     LocalEndpointProcess,
     checkout_has_tiny_weights,
-    local_endpoint_available,
+    own_endpoint_available,
 )
 from studio.endpoint_watch import EndpointWatch, Pricing
 from studio.session import MAX_UPLOAD_BYTES
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--local-endpoint-args", type=shlex.split, default=shlex.split(env.get("STUDIO_LOCAL_ENDPOINT_ARGS", "")),
         help="with neither endpoint given: options for the local endpoint the studio starts, e.g. "
-             "\"--model-store DIR --cache-dir DIR --max-models 3\" (see python -m deploy.local_endpoint --help)",
+             "\"--model-store DIR --cache-dir DIR --max-models 3\" (see python -m serving.local_endpoint --help)",
     )
     parser.add_argument(
         "--region", default=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(error))
     if args.endpoint_url and args.endpoint_name:
         parser.error("give either --endpoint-url (local) or --endpoint-name (SageMaker), not both")
-    if not (args.endpoint_url or args.endpoint_name or local_endpoint_available()):
+    if not (args.endpoint_url or args.endpoint_name or own_endpoint_available()):
         parser.error(
             "no endpoint configured: set STUDIO_ENDPOINT_NAME and AWS_REGION for a SageMaker endpoint, "
             "or STUDIO_ENDPOINT_URL for a local one"

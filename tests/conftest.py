@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, settings
 from playwright.sync_api import Page, sync_playwright
 from sdserve.catalog import MODELS
 
-from deploy.archive import build_model_archive
+from serving.archive import build_model_archive
 
 # The deploy tests' fixtures, offered to every test from here so that no test imports a fixture.
 from tests.deploy_support import clean_env, deploy, moto, moto_url, repository, tripwire  # noqa: F401

@@ -18,8 +18,8 @@ import botocore.config
 import requests
 from PIL import Image, ImageDraw
 
-from deploy.archive import archive_name
-from deploy.local_endpoint import EndpointSettings, LocalEndpoint
+from serving.archive import archive_name
+from serving.local_endpoint import EndpointSettings, LocalEndpoint
 
 ENDPOINT_NAME = "sd-studio"
 SIZE = 64

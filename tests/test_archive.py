@@ -1,4 +1,4 @@
-"""deploy/archive.py: deterministic model archives and their refusing extraction."""
+"""serving/archive.py: deterministic model archives and their refusing extraction."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import (
+from serving.archive import (
+    DEFAULT_SDSERVE_DIR,
     CorruptArchiveError,
     MissingCheckpointError,
     UnsafeArchiveError,
     build_model_archive,
     main,
+    model_modules,
     safe_extract,
     sha256_file,
 )
@@ -46,6 +48,8 @@ def make_sdserve(root: Path) -> Path:
     (package / "__pycache__").mkdir(parents=True)
     (package / "__init__.py").write_text("")
     (package / "catalog.py").write_text("MODELS = {}\n")
+    (package / "triton_model.py").write_text("from .catalog import MODELS\n")
+    (package / "instances.py").write_text("PRICES = {}  # imported by no model: not vendored\n")
     (package / "__pycache__/catalog.cpython-311.pyc").write_text("bytecode")
     (package / "README.txt").write_text("not python, not vendored")
     return package
@@ -76,6 +80,7 @@ def test_archive_holds_the_triton_folder_at_its_root(repo, tmp_path):
         "sd_base/1/model.py",
         "sd_base/1/sdserve/__init__.py",
         "sd_base/1/sdserve/catalog.py",
+        "sd_base/1/sdserve/triton_model.py",
         "sd_base/config.pbtxt",
         "sd_base/configs/cpu.pbtxt",
     ]
@@ -86,6 +91,13 @@ def test_archive_holds_the_triton_folder_at_its_root(repo, tmp_path):
         assert (member.mtime, member.uid, member.gid, member.uname, member.gname) == (0, 0, 0, "", "")
         assert member.mode == (0o755 if member.isdir() else 0o644)
     assert list(tmp_path.joinpath("out").iterdir()) == [archive], "no temp file left behind"
+
+
+def test_an_archive_carries_only_the_sdserve_modules_a_model_runs():
+    vendored = {path.name for path in model_modules(DEFAULT_SDSERVE_DIR)}
+    assert {"__init__.py", "triton_model.py", "batch.py", "pipelines.py", "catalog.py"} <= vendored
+    # The AWS price table, redaction and file helpers serve the studio and deploy only.
+    assert vendored.isdisjoint({"instances.py", "redaction.py", "files.py"})
 
 
 def test_gzip_header_has_no_time_and_no_file_name(repo, tmp_path):

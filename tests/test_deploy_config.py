@@ -8,11 +8,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from deploy import cli
-from deploy.archive import REPO_ROOT
+from serving.archive import REPO_ROOT
 from deploy.aws import DeployError
 from deploy.cli import build_parser
 from deploy.config import ConfigError, DeployConfig, check_prefix, load_config
-from deploy.endpoint import wait_for_endpoint
+from deploy.sagemaker_endpoint import wait_for_endpoint
 from tests.deploy_support import (
     # noqa: F401
     BUCKET,

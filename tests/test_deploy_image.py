@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from deploy import image
-from deploy.archive import REPO_ROOT
+from serving.archive import REPO_ROOT
 from deploy.aws import DeployError
 from deploy.config import DeployConfig
 from tests.deploy_support import (

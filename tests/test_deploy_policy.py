@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sdserve.catalog import MODELS
 
-from deploy.archive import archive_name
+from serving.archive import archive_name
 from deploy.policy import POLICIES, WHY_UNSCOPED
 from tests.deploy_support import BUCKET, REGION
 

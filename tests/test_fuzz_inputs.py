@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deploy.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
+from serving.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
 from sdserve.batch import split_rows
 from sdserve.catalog import INPUT_NAMES, MODELS
 from sdserve.errors import RequestError

@@ -1,4 +1,4 @@
-"""The studio under load and under faults (deploy/load_studio.py): the real studio, which starts its
+"""The studio under load and under faults (bench/load.py): the real studio, which starts its
 own local endpoint (real Triton, tiny weights), driven by gradio_client designers.
 
 One studio serves the whole module (its models load once); the fault tests chain only the
@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import botocore.exceptions
 import pytest
 
-from deploy.load_studio import (
+from bench.load import (
     MODEL_TABS,
     RESTORE,
     Studio,

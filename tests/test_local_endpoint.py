@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from deploy.archive import archive_name
-from deploy.local_endpoint import EndpointSettings, LocalEndpoint, State
-from serving.local_triton import group_members
+from serving.archive import archive_name
+from serving.local_endpoint import EndpointSettings, LocalEndpoint, State
+from serving.processes import group_members
 from studio.client import EndpointConfig, StudioClient, StudioError
 
 from .endpoint_support import (

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from deploy.archive import build_model_archive
-from deploy.local_endpoint import LocalStore, ValidationError, build_missing_archives
-from deploy.local_endpoint.cache import ModelCache, folder_size
-from deploy.local_endpoint.registry import triton_model_name
-from deploy.local_endpoint.store import S3Store, check_target
+from serving.archive import build_model_archive
+from serving.local_endpoint import LocalStore, ValidationError, build_missing_archives
+from serving.local_endpoint.cache import ModelCache, folder_size
+from serving.local_endpoint.registry import triton_model_name
+from serving.local_endpoint.store import S3Store, check_target
 
 from .endpoint_support import EVIL_TRICKS, evil_archive, files_below
 from .test_archive import make_model, make_sdserve

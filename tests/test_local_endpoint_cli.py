@@ -1,4 +1,4 @@
-"""`python -m deploy.local_endpoint` as `make endpoint` and the studio run it: a subprocess that
+"""`python -m serving.local_endpoint` as `make endpoint` and the studio run it: a subprocess that
 builds the archives, answers /ping, serves boto3, logs one line per request and stops its
 tritonserver on SIGTERM."""
 
@@ -17,7 +17,7 @@ import botocore.config
 import pytest
 import requests
 
-from serving.local_triton import find_free_port, group_members
+from serving.processes import find_free_port, group_members
 
 from .endpoint_support import SIZE, answer_image, kserve_body, wait_for
 
@@ -31,7 +31,7 @@ PROMPT = "a very particular prompt that must not be logged"
 
 def run_endpoint(tmp: Path, port: int, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "deploy.local_endpoint", "--port", str(port),
+        [sys.executable, "-m", "serving.local_endpoint", "--port", str(port),
          "--model-store", str(tmp / "store"), "--cache-dir", str(tmp / "cache"), "--log-dir", str(tmp / "logs"),
          *extra],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -45,7 +45,7 @@ def pings(url: str) -> bool:
 
 
 def test_help():
-    result = subprocess.run([sys.executable, "-m", "deploy.local_endpoint", "--help"], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "serving.local_endpoint", "--help"], cwd=ROOT,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     for flag in ("--port", "--model-store", "--s3-endpoint-url", "--cache-dir", "--max-models", "--max-gb",

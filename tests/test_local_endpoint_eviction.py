@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from deploy.archive import archive_name
+from serving.archive import archive_name
 from studio.client import EndpointConfig, StudioClient
 
 from .endpoint_support import (

@@ -13,8 +13,8 @@ import time
 import pytest
 import requests
 
-from deploy.local_endpoint import MAX_REQUEST_BYTES, EndpointSettings, LocalEndpoint
-from deploy.local_endpoint.front import REQUEST_TIMEOUT_S
+from serving.local_endpoint import MAX_REQUEST_BYTES, EndpointSettings, LocalEndpoint
+from serving.local_endpoint.front import REQUEST_TIMEOUT_S
 
 from .endpoint_support import invoke, runtime_client
 
@@ -126,7 +126,7 @@ def test_non_numeric_content_length_is_refused(front, length):
 @pytest.mark.parametrize("chunks", [b"zz\r\n{}\r\n0\r\n\r\n", b"2\r\n{}\r\n-1\r\n", b"2\r\n{}XX\r\n0\r\n\r\n"])
 def test_bad_chunk_framing_is_refused(front, chunks, caplog):
     endpoint = front()
-    with caplog.at_level(logging.INFO, logger="deploy.local_endpoint.access"), connect(endpoint) as sock:
+    with caplog.at_level(logging.INFO, logger="serving.local_endpoint.access"), connect(endpoint) as sock:
         sock.sendall(request_head("Transfer-Encoding: chunked") + chunks)
         status, headers, _ = parse(read_until_closed(sock))
         assert status == 400 and error_code(headers) == "ValidationError"
@@ -219,7 +219,7 @@ def test_half_a_request_line_is_cut_within_30_s_by_default(front):
 ])
 def test_a_request_that_stalls_is_answered_408_and_closed(front, sent, caplog):
     endpoint = front(request_timeout_s=1.5)
-    with caplog.at_level(logging.INFO, logger="deploy.local_endpoint.access"), connect(endpoint) as sock:
+    with caplog.at_level(logging.INFO, logger="serving.local_endpoint.access"), connect(endpoint) as sock:
         started = time.monotonic()
         sock.sendall(sent)
         status, headers, body = parse(read_until_closed(sock))
@@ -256,7 +256,7 @@ def test_keep_alive_serves_several_requests_on_one_connection(front):
 # --- the access log cannot be forged ------------------------------------------------------------------
 
 def access_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "deploy.local_endpoint.access"]
+    return [r.getMessage() for r in caplog.records if r.name == "serving.local_endpoint.access"]
 
 
 def wait_for_lines(caplog, needle: str, timeout: float = 10) -> int:
@@ -279,7 +279,7 @@ def wait_for_lines(caplog, needle: str, timeout: float = 10) -> int:
 ])
 def test_control_characters_cannot_forge_an_access_line(front, caplog, raw):
     endpoint = front()
-    with caplog.at_level(logging.INFO, logger="deploy.local_endpoint.access"), connect(endpoint) as sock:
+    with caplog.at_level(logging.INFO, logger="serving.local_endpoint.access"), connect(endpoint) as sock:
         sock.sendall(raw + b"Content-Length: 2\r\nConnection: close\r\n\r\n{}")
         status, _, _ = parse(read_until_closed(sock))
         assert status in (400, 404, 503)
@@ -292,7 +292,7 @@ def test_control_characters_cannot_forge_an_access_line(front, caplog, raw):
 
 def test_escaped_values_are_still_readable(front, caplog):
     endpoint = front()
-    with caplog.at_level(logging.INFO, logger="deploy.local_endpoint.access"):
+    with caplog.at_level(logging.INFO, logger="serving.local_endpoint.access"):
         requests.get(endpoint.url + "/models/a%0D%1Bb", timeout=TIMEOUT)
     [line] = access_lines(caplog)
     assert line.startswith("GET /models/a%0D%1Bb model=a\\r\\x1bb status=404 ")

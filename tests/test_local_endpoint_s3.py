@@ -11,7 +11,7 @@ import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from deploy.archive import archive_name
+from serving.archive import archive_name
 from studio.client import EndpointConfig, StudioClient
 
 from .endpoint_support import (

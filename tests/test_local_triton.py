@@ -17,14 +17,9 @@ import numpy as np
 import pytest
 import requests
 
-from serving.local_triton import (
-    SERVING_DIR,
-    LocalTriton,
-    TritonLaunchError,
-    gpu_available,
-    group_members,
-    port_is_free,
-)
+from serving.local_triton import LocalTriton
+from serving.processes import group_members, port_is_free
+from serving.triton_install import SERVING_DIR, TritonLaunchError, gpu_available
 
 pytestmark = pytest.mark.triton
 
@@ -355,15 +350,15 @@ def test_command_line_help():
 def test_missing_binary_is_explained(monkeypatch):
     import importlib.util
 
-    from serving import local_triton
+    from serving import triton_install
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(TritonLaunchError, match="pip install nvidia-pytriton"):
-        local_triton.find_triton()
+        triton_install.find_triton()
 
 
 def test_prepare_is_idempotent_and_replaces_a_stale_stub(tmp_path):
-    from serving.local_triton import TritonInstallation, prepare_triton
+    from serving.triton_install import TritonInstallation, prepare_triton
 
     root = tmp_path / "tritonserver"
     install = TritonInstallation(root=root, libs=tmp_path / "libs")

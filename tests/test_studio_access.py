@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from gradio_client import Client
 
-from serving.local_triton import find_free_port
+from serving.processes import find_free_port
 from studio.access import (
     Access,
     QuotaBook,

@@ -20,7 +20,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from serving.local_triton import find_free_port
+from serving.processes import find_free_port
 from studio.edits import feathered_mask
 from studio.metadata import read_parameters
 

@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 
 from studio import __main__ as cli
-from studio.endpoint import (
+from studio.endpoint_launcher import (
     EndpointStartError,
     LocalEndpointProcess,
     checkout_has_tiny_weights,
@@ -64,7 +64,7 @@ def no_endpoint_env(monkeypatch):
 
 
 def test_defaults_serve_on_localhost_7860(no_endpoint_env, monkeypatch):
-    monkeypatch.setattr(cli, "local_endpoint_available", lambda: True)
+    monkeypatch.setattr(cli, "own_endpoint_available", lambda: True)
     args = cli.parse_args([])
     assert (args.host, args.port) == ("127.0.0.1", 7860)
     assert args.endpoint_url is None and args.endpoint_name is None

@@ -4,18 +4,19 @@
 which is what SageMaker's Triton container loads after downloading `<prefix>/<name>.tar.gz`:
 
     <model>/config.pbtxt           <model>/configs/cpu.pbtxt
-    <model>/1/model.py             <model>/1/sdserve/*.py       (vendored copy of serving/sdserve)
+    <model>/1/model.py             <model>/1/sdserve/*.py       (the sdserve modules a model runs)
     <model>/1/checkpoint/**        (the diffusers pipeline folder)
 
 `safe_extract` unpacks such an archive without trusting it (the local endpoint uses it, and so
 can anyone who downloads an archive from S3).
 
-CLI: python -m deploy.archive --repository serving/models --out build/model-store [--models ...]
+CLI: python -m serving.archive --repository serving/models --out build/model-store [--models ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import gzip
 import hashlib
 import os
@@ -33,6 +34,9 @@ from sdserve.files import atomic_file
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SDSERVE_DIR = REPO_ROOT / "serving" / "sdserve"
 VENDORED_PACKAGE = "sdserve"
+# What a model.py imports; the archive carries it and what it imports, nothing else of sdserve
+# (the price table, redaction and file helpers serve the studio and deploy, not a model).
+MODEL_ENTRY_MODULE = "triton_model"
 # Never packed: bytecode is rebuilt by the container's Python and would break determinism.
 IGNORED_NAMES = frozenset({"__pycache__", ".DS_Store"})
 IGNORED_SUFFIXES = (".pyc", ".pyo")
@@ -85,11 +89,7 @@ def build_model_archive(
 
     vendored = PurePosixPath(model_name, "1", VENDORED_PACKAGE)
     entries = dict(_walk(model_dir, PurePosixPath(model_name), skip=vendored))
-    entries.update(
-        (vendored / path.relative_to(sdserve_dir).as_posix(), path)
-        for path in Path(sdserve_dir).rglob("*.py")
-        if IGNORED_NAMES.isdisjoint(path.relative_to(sdserve_dir).parts)
-    )
+    entries.update((vendored / path.name, path) for path in model_modules(Path(sdserve_dir)))
     # Folder entries for the archive root and the vendored package's folders.
     for parent in {p for name in entries for p in name.parents if p != PurePosixPath(".")}:
         entries.setdefault(parent, None)
@@ -104,6 +104,24 @@ def build_model_archive(
                 for name in sorted(entries, key=str):
                     _add(tar, name, entries[name])
     return target
+
+
+def model_modules(sdserve_dir: Path) -> list[Path]:
+    """The files of sdserve a model runs: the package's __init__, its entry module and every
+    module they import from the package, found by reading the imports (none is run)."""
+    wanted, todo = {"__init__"}, [MODEL_ENTRY_MODULE]
+    while todo:
+        name = todo.pop()
+        if name in wanted:
+            continue
+        wanted.add(name)
+        tree = ast.parse((sdserve_dir / f"{name}.py").read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(node.module.split(".")[0])
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith(f"{VENDORED_PACKAGE}."):
+                todo.append(node.module.split(".")[1])
+    return sorted(sdserve_dir / f"{name}.py" for name in wanted)
 
 
 def _walk(folder: Path, arcdir: PurePosixPath, *, skip: PurePosixPath) -> Iterator[tuple[PurePosixPath, Path | None]]:
@@ -243,7 +261,7 @@ def _checked_name(member: tarfile.TarInfo, staging: Path) -> PurePosixPath:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m deploy.archive",
+        prog="python -m serving.archive",
         description="Build deterministic <model>.tar.gz archives for a SageMaker multi-model endpoint.",
     )
     parser.add_argument("--repository", type=Path, default=REPO_ROOT / "serving" / "models",

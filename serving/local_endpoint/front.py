@@ -41,7 +41,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio
 import h11
@@ -57,11 +57,23 @@ from sdserve.catalog import MAX_PAYLOAD_BYTES
 from .errors import EndpointError, InternalFailure, RequestTimeout, UnknownOperation, ValidationError
 from .triton import TARGET_HEADER
 
-if TYPE_CHECKING:
-    from .server import LocalEndpoint
 
-log = logging.getLogger("deploy.local_endpoint")
-access_log = logging.getLogger("deploy.local_endpoint.access")
+
+class LocalEndpoint(Protocol):
+    """What the HTTP front needs of the endpoint behind it (server.LocalEndpoint is one)."""
+
+    registry: Any
+    requests_total: int
+    stopping: bool
+
+    def invoke(self, endpoint_name: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes, str]: ...
+
+    def healthy(self) -> bool: ...
+
+    def listing(self) -> dict: ...
+
+log = logging.getLogger("serving.local_endpoint")
+access_log = logging.getLogger("serving.local_endpoint.access")
 
 MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint's limit (6,291,456 bytes)
 REQUEST_TIMEOUT_S = 20.0  # to receive one whole request: request line, headers and body

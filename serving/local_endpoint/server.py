@@ -14,7 +14,7 @@ from typing import Any
 
 from sdserve.catalog import INVOCATION_SECONDS, MAX_PAYLOAD_BYTES
 
-from deploy.archive import REPO_ROOT
+from serving.archive import REPO_ROOT
 
 from .cache import ModelCache
 from .errors import (
@@ -31,7 +31,7 @@ from .registry import Limits, ModelEntry, ModelRegistry
 from .store import ModelStore, build_missing_archives, check_target, open_store
 from .triton import TARGET_HEADER, TritonBackend, TritonUnreachable
 
-log = logging.getLogger("deploy.local_endpoint")
+log = logging.getLogger("serving.local_endpoint")
 
 CUSTOM_ATTRIBUTES_HEADER = "X-Amzn-SageMaker-Custom-Attributes"
 CUSTOM_ATTRIBUTES_MAX = 1024
@@ -174,7 +174,7 @@ class LocalEndpoint:
 
     def _watch_triton(self) -> None:
         # Restarts happen on this thread, which lives as long as the endpoint: the kernel tells a
-        # tritonserver to exit when the thread that started it ends (local_triton.exit_with_parent).
+        # tritonserver to exit when the thread that started it ends (processes.exit_with_parent).
         while not self._stopping.wait(0.5):
             if not self.triton.is_running():
                 self._triton_died()

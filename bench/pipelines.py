@@ -6,7 +6,7 @@
 2. Overhead of Triton for one request: the HTTP round trip vs calling the same pipeline
    in-process, alternating.
 
-    python -m serving.bench [--steps 10] [--size 64] [--rounds 5]
+    python -m bench.pipelines [--steps 10] [--size 64] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from sdserve.pipelines import load_pipeline
 from serving.local_triton import LocalTriton
 from serving.derived import model_variant
 
-REPOSITORY = Path(__file__).resolve().parent / "models"
+REPOSITORY = Path(__file__).resolve().parent.parent / "serving" / "models"
 CONCURRENT = 8
 GENERATE = MODELS_BY_TASK["generate"]
 UNBATCHED = f"{GENERATE.name}_unbatched"

@@ -46,7 +46,7 @@ from .errors import (
 from .store import ArchiveInfo, ModelStore
 from .triton import TritonBackend, TritonUnreachable
 
-log = logging.getLogger("deploy.local_endpoint")
+log = logging.getLogger("serving.local_endpoint")
 
 
 class State(str, Enum):

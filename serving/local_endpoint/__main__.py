@@ -1,4 +1,4 @@
-"""python -m deploy.local_endpoint: see ``--help``."""
+"""python -m serving.local_endpoint: see ``--help``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sdserve.catalog import INVOCATION_SECONDS, MAX_PAYLOAD_BYTES
-from serving.local_triton import TritonLaunchError
+from serving.triton_install import TritonLaunchError
 
 from .server import (
     DEFAULT_CACHE,
@@ -36,7 +36,7 @@ within --max-models / --max-gb.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local_endpoint", description=DESCRIPTION,
+    parser = argparse.ArgumentParser(prog="python -m serving.local_endpoint", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = a free one)")

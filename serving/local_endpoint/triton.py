@@ -35,9 +35,10 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.local_triton import LocalTriton, group_members
+from serving.local_triton import LocalTriton
+from serving.processes import group_members
 
-log = logging.getLogger("deploy.local_endpoint")
+log = logging.getLogger("serving.local_endpoint")
 
 TARGET_HEADER = "X-Amzn-SageMaker-Target-Model"
 UNHEALTHY_STUB = ("Stub process", "is not healthy")

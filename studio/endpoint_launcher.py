@@ -1,5 +1,5 @@
 """The endpoint the studio talks to: a SageMaker endpoint, a local one at a URL, or the checkout's
-own local endpoint (`python -m deploy.local_endpoint`), started for the studio and stopped with it.
+own local endpoint (`python -m serving.local_endpoint`), started for the studio and stopped with it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
-LOCAL_ENDPOINT_MODULE = "deploy.local_endpoint"
+LOCAL_ENDPOINT_MODULE = "serving.local_endpoint"
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class EndpointStartError(RuntimeError):
     pass
 
 
-def local_endpoint_available() -> bool:
+def own_endpoint_available() -> bool:
     """Whether this is a checkout with the local endpoint (the studio's Docker image has none)."""
     try:
         return importlib.util.find_spec(LOCAL_ENDPOINT_MODULE) is not None
@@ -52,17 +52,17 @@ def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
 
 
 class LocalEndpointProcess:
-    """`python -m deploy.local_endpoint` on a free port, for as long as the `with` block runs, and
+    """`python -m serving.local_endpoint` on a free port, for as long as the `with` block runs, and
     started again on the same port whenever it exits without being asked to (killed, crashed, or
     stopped from outside): the studio's URL for it never changes.
 
-    Only in a checkout (see local_endpoint_available), where the serving tools are importable.
+    Only in a checkout (see own_endpoint_available), where the serving tools are importable.
     `endpoint_args` are more of its command-line options (its model store, cache, limits).
     """
 
     def __init__(self, port: int | None = None, *, endpoint_args: Sequence[str] = (), startup_timeout_s: float = 600,
                  restart_pause_s: float = 1.0):
-        from serving.local_triton import find_free_port
+        from serving.processes import find_free_port
 
         self.port = port or find_free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -89,7 +89,7 @@ class LocalEndpointProcess:
         self.stop()
 
     def _start(self) -> None:
-        from serving.local_triton import exit_with_parent
+        from serving.processes import exit_with_parent
 
         with self._lock:
             if self._stopping.is_set():

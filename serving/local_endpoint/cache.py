@@ -1,4 +1,4 @@
-"""The on-disk model cache: archives extracted once, with ``deploy.archive.safe_extract``.
+"""The on-disk model cache: archives extracted once, with ``serving.archive.safe_extract``.
 
 Layout under the cache folder::
 
@@ -32,13 +32,13 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from deploy.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
+from serving.archive import CorruptArchiveError, UnsafeArchiveError, safe_extract
 from sdserve.files import atomic_file
 
 from .errors import InternalFailure, ValidationError
 from .store import ArchiveInfo, ModelStore
 
-log = logging.getLogger("deploy.local_endpoint")
+log = logging.getLogger("serving.local_endpoint")
 
 REPO_DIR = "repo"
 SOURCE_FILE = "source.json"

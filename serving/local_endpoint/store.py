@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 
 from sdserve.catalog import MODELS
 
-from deploy.archive import (
+from serving.archive import (
     DEFAULT_SDSERVE_DIR,
     MissingCheckpointError,
     archive_name,
@@ -31,7 +31,7 @@ from deploy.archive import (
 
 from .errors import InternalFailure, ValidationError
 
-log = logging.getLogger("deploy.local_endpoint")
+log = logging.getLogger("serving.local_endpoint")
 
 TARGET_MODEL_MAX = 1024  # the TargetModelHeader shape's max length in botocore's model
 

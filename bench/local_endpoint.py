@@ -14,7 +14,7 @@ compared things alternate):
    loads its model (after evicting the least recently used one), so the time per call is a load
    plus a call. The archives are already extracted by then (cached on disk as on SageMaker).
 
-    python -m deploy.bench_endpoint [--size 64] [--steps 2 25] [--repeats 9] [--json FILE]
+    python -m bench.local_endpoint [--size 64] [--steps 2 25] [--repeats 9] [--json FILE]
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
-from deploy.archive import REPO_ROOT, build_model_archive
+from serving.archive import REPO_ROOT, build_model_archive
 from deploy.invoke import sample_job
-from deploy.local_endpoint import EndpointSettings, LocalEndpoint
+from serving.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import MODELS, MODELS_BY_TASK
 from serving.derived import model_variant
 from studio.client import EndpointConfig, StudioClient, build_payload
@@ -54,7 +54,7 @@ def ms(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.bench_endpoint", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.local_endpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs="+", default=[2, 25],

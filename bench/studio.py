@@ -21,7 +21,7 @@ accelerator, the studio and the designers' browsers are separate machines. Shari
 the studio's own work (about 0.1 s of CPU for 8 jobs) and the harness's would be taken from the
 pipelines' threads, which all wait for the slowest (0 gives the models every core, to compare).
 
-    python -m deploy.bench_studio [--pairs 9] [--rounds 3] [--size 64] [--steps 10] [--think 10] [--json FILE]
+    python -m bench.studio [--pairs 9] [--rounds 3] [--size 64] [--steps 10] [--think 10] [--json FILE]
 """
 
 from __future__ import annotations
@@ -43,11 +43,11 @@ from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from deploy.archive import REPO_ROOT, build_model_archive
+from serving.archive import REPO_ROOT, build_model_archive
 from deploy.invoke import PROMPT, sample_image, sample_mask
-from deploy.local_endpoint import EndpointSettings, LocalEndpoint
+from serving.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS, MODELS_BY_TASK
-from serving.local_triton import exit_with_parent, find_free_port
+from serving.processes import exit_with_parent, find_free_port
 from studio.client import EndpointConfig, StudioClient, StudioError
 from studio.jobs import plan_job
 
@@ -125,7 +125,7 @@ class _Body:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.bench_studio", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.studio", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of parts 2 and 5 (default 3)")
     parser.add_argument("--pairs", type=int, default=9,

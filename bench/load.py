@@ -21,7 +21,7 @@ that the history is intact, and how long until every tab answered again without 
   unreadable-store   make the model store unreadable, crash the Generate model so that it must
                      be loaded from there, then make the store readable again
 
-    python -m deploy.load_studio [--designers 4] [--seconds 60] [--fault NAME | --faults all]
+    python -m bench.load [--designers 4] [--seconds 60] [--fault NAME | --faults all]
                                  [--studio-url URL] [--json FILE]
 """
 
@@ -53,12 +53,12 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image, ImageDraw
 
-from deploy.archive import REPO_ROOT, archive_name, build_model_archive
-from deploy.bench_studio import designer_client, wait_until_up
+from serving.archive import REPO_ROOT, archive_name, build_model_archive
+from bench.studio import designer_client, wait_until_up
 from deploy.invoke import PROMPT
-from deploy.local_endpoint.__main__ import build_parser as endpoint_parser
+from serving.local_endpoint.__main__ import build_parser as endpoint_parser
 from sdserve.catalog import MODELS, MODELS_BY_TASK
-from serving.local_triton import exit_with_parent, find_free_port
+from serving.processes import exit_with_parent, find_free_port
 from studio.client import StudioClient, StudioError
 
 DEFAULT_DESIGNERS, MAX_DESIGNERS = 4, 16
@@ -92,7 +92,7 @@ def processes(studio_pid: int) -> dict[str, psutil.Process]:
         return found
     found["studio"] = studio
     for endpoint in _live_children(studio):
-        if "deploy.local_endpoint" in _cmdline(endpoint):
+        if "serving.local_endpoint" in _cmdline(endpoint):
             found["endpoint"] = endpoint
             for triton in _live_children(endpoint):
                 if Path(next(iter(_cmdline(triton)), "")).name == "tritonserver":
@@ -206,7 +206,7 @@ class Studio:
             raise RuntimeError("the studio has no local endpoint of its own (it was given --endpoint-url or "
                                "--endpoint-name): this fault needs one")
         command = endpoint.cmdline()
-        args = endpoint_parser().parse_args(command[command.index("deploy.local_endpoint") + 1:])
+        args = endpoint_parser().parse_args(command[command.index("serving.local_endpoint") + 1:])
         return EndpointPlaces(f"http://127.0.0.1:{args.port}", Path(args.model_store).resolve())
 
 
@@ -563,7 +563,7 @@ def kill_studio(studio: Studio) -> dict:
 
 
 def fill_cache(studio: Studio) -> dict:
-    places = studio.endpoint()
+    places = studio.endpoint_launcher()
     with urllib.request.urlopen(places.url + "/models", timeout=30) as response:
         limits = json.loads(response.read())["limits"]
     source = places.model_store / archive_name(MODELS_BY_TASK["generate"].name)
@@ -591,7 +591,7 @@ def fill_cache(studio: Studio) -> dict:
 
 
 def unreadable_store(studio: Studio) -> dict:
-    places = studio.endpoint()
+    places = studio.endpoint_launcher()
     mode = places.model_store.stat().st_mode & 0o7777
     at = time.monotonic()
     places.model_store.chmod(0)
@@ -667,7 +667,7 @@ def print_run(figures: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.load_studio", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--designers", type=int, default=DEFAULT_DESIGNERS, help=f"1 to {MAX_DESIGNERS}")
     parser.add_argument("--seconds", type=float, default=DEFAULT_SECONDS, help=f"each run's, up to {MAX_SECONDS}")

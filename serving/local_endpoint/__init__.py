@@ -2,7 +2,7 @@
 speaks SageMaker Runtime's InvokeEndpoint API, so an unmodified boto3 ``sagemaker-runtime``
 client with ``endpoint_url`` set works against it as against AWS.
 
-    python -m deploy.local_endpoint [--port 8080] [--model-store build/model-store | s3://b/p] ...
+    python -m serving.local_endpoint [--port 8080] [--model-store build/model-store | s3://b/p] ...
 
 Modules: ``server`` (LocalEndpoint, settings, InvokeEndpoint), ``front`` (the HTTP front:
 Starlette routes under uvicorn), ``registry`` (load once, LRU eviction, failures remembered),
