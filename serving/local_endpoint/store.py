@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -230,7 +229,3 @@ def build_missing_archives(repository: Path, store_dir: Path, *,
         log.info("built %s (%.1f MB)", path, path.stat().st_size / 1e6)
         written.append(path)
     return written
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
