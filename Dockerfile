@@ -1,5 +1,5 @@
 # The studio alone, without models or Triton: a Gradio app on port 7860 in front of a SageMaker
-# endpoint. What a Hugging Face Docker Space builds (see the README).
+# endpoint. What a Hugging Face Docker Space builds (see docs/studio.md).
 #
 #   docker build -t sd-studio .
 #   docker run -p 7860:7860 -e STUDIO_ENDPOINT_NAME=sd-studio -e AWS_REGION=us-east-1 \
@@ -7,7 +7,7 @@
 #       -v $PWD/users.txt:/run/users.txt:ro -e STUDIO_USERS_FILE=/run/users.txt sd-studio
 #
 # Listening beyond 127.0.0.1, the studio starts only with a sign-in: a users file as above, or a
-# Space with `hf_oauth: true` (see the README's Security section).
+# Space with `hf_oauth: true` (see docs/security.md).
 #
 # The base image is pinned by digest, so every build starts from the same bytes (Docker uses the
 # digest and ignores the tag, which stays for people). The digest is the one Docker Hub's

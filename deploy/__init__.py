@@ -1,1 +1,1 @@
-"""Model archives, the AWS provisioning CLI (`python -m deploy`) and the local endpoint."""
+"""AWS only: the provisioning CLI (`python -m deploy`): archives uploaded, resources, IAM policies."""

@@ -34,7 +34,7 @@ def bomb_png_b64(width: int, height: int) -> bytes:
     return base64.b64encode(png)
 
 
-# The project's determinism guarantee (README, "Determinism"): the same seed and parameters give
+# The project's determinism guarantee (docs/endpoint.md, "Determinism"): the same seed and parameters give
 # the same image within one level of 255 in every pixel, alone or at any position in a batch, on
 # any x86-64 CPU. Bit-identity is not promised: float kernels may round differently per CPU model
 # and per batch position.

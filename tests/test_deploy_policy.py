@@ -1,5 +1,5 @@
 """`python -m deploy policy`: the IAM policies, generated from the configuration, checked as JSON,
-against the calls `plan` shows, and against the README's copies."""
+against the calls `plan` shows, and against the copies in docs/deploy.md."""
 
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ from tests.deploy_support import BUCKET, REGION
 
 pytestmark = pytest.mark.aws
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+POLICY_DOC = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 ACCOUNT = "111122223333"
-# The README heading each generated policy is copied under.
-README_HEADINGS = {
-    "deployer": "#### Who runs `python -m deploy`",
-    "execution-role": "#### The SageMaker execution role",
-    "studio": "#### The studio's IAM user",
+# The heading in POLICY_DOC each generated policy is copied under.
+POLICY_HEADINGS = {
+    "deployer": "### Who runs `python -m deploy`",
+    "execution-role": "### The SageMaker execution role",
+    "studio": "### The studio's IAM user",
 }
 
 
@@ -111,9 +111,9 @@ def test_the_deployer_policy_allows_every_call_plan_shows(deploy, clean_env):
 
 
 @pytest.mark.parametrize("principal", sorted(POLICIES))
-def test_the_readme_shows_the_generated_policies(deploy, clean_env, principal):
-    text = README.read_text()
-    section = text[text.index(README_HEADINGS[principal]):]
+def test_the_deploy_doc_shows_the_generated_policies(deploy, clean_env, principal):
+    text = POLICY_DOC.read_text()
+    section = text[text.index(POLICY_HEADINGS[principal]):]
     block = section[section.index("```json\n") + len("```json\n"):]
     assert json.loads(block[:block.index("```")]) == policy(deploy, principal)
 

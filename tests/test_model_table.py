@@ -30,8 +30,8 @@ def test_the_triton_configs_are_the_ones_the_table_gives():
 
 def test_a_stale_config_is_found_and_rewritten(tmp_path):
     assert len(derived.stale_files(tmp_path, None)) == 2 * len(MODELS)
-    assert derived.main(["--repository", str(tmp_path), "--no-readme", "--check"]) == 1
-    assert derived.main(["--repository", str(tmp_path), "--no-readme"]) == 0
+    assert derived.main(["--repository", str(tmp_path), "--no-table-doc", "--check"]) == 1
+    assert derived.main(["--repository", str(tmp_path), "--no-table-doc"]) == 0
     assert derived.stale_files(tmp_path, None) == []
     config = (tmp_path / "sd_inpaint" / "configs" / "cpu.pbtxt").read_text()
     assert 'name: "sd_inpaint"' in config and "KIND_CPU" in config and '"mask_image"' in config
