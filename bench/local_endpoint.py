@@ -26,27 +26,20 @@ import logging
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-from serving.archive import REPO_ROOT, build_model_archive
+from bench.harness import build_store, local_endpoint, timed
 from deploy.invoke import sample_job
-from serving.local_endpoint import EndpointSettings, LocalEndpoint
 from sdserve.catalog import MODELS, MODELS_BY_TASK
+from serving.archive import REPO_ROOT, build_model_archive
 from serving.derived import model_variant
 from studio.client import EndpointConfig, StudioClient, build_payload
 
 PROMPT = "a lighthouse at dusk"
 GENERATE = MODELS_BY_TASK["generate"]
 UNBATCHED = "unbatched"  # a copy of the generate model without the dynamic-batching window
-
-
-def timed(function) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
 
 
 def ms(seconds: float) -> str:
@@ -76,14 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict = {"size": args.size, "repeats": args.repeats, "torch_threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory(prefix="bench-endpoint-") as work:
         work = Path(work)
-        for model in MODELS:
-            build_model_archive(model, args.repository, work / "store")
+        build_store(work / "store", args.repository)
         model_variant(args.repository, GENERATE, work / "unbatched-repo", UNBATCHED, dynamic_batching=False)
         build_model_archive(UNBATCHED, work / "unbatched-repo", work / "store")
-        settings = dict(port=0, model_store=str(work / "store"), cache_dir=work / "cache", log_dir=work / "logs")
 
         # 1 + 2: one endpoint with room for every model.
-        with LocalEndpoint(EndpointSettings(max_models=5, **settings)) as endpoint:
+        with local_endpoint(work, max_models=5) as endpoint:
             client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=endpoint.url))
             print(f"Local endpoint {endpoint.url}, tiny weights, {args.size}x{args.size}, "
                   f"torch threads {torch.get_num_threads()}, medians of {args.repeats}")
@@ -165,8 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"     overhead ratio end-to-end / in-process: {ratio:.2f} (medians), {ratio_min:.2f} (minima); "
                       f"{unbatched:.2f} without the batching window")
 
-        # 3: a budget of two, the four models in turn, twice.
-        with LocalEndpoint(EndpointSettings(max_models=2, **settings)) as endpoint:
+        # 3: a budget of two, the four models in turn, twice (the same cache: archives extracted).
+        with local_endpoint(work, max_models=2) as endpoint:
             client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url=endpoint.url))
             print(f"\n3. Eviction cycle: budget of 2 models, {' '.join(MODELS)} twice, {args.cold_steps} steps")
             times = []

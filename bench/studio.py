@@ -27,71 +27,36 @@ pipelines' threads, which all wait for the slowest (0 gives the models every cor
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gradio_client import Client, handle_file
 
-from serving.archive import REPO_ROOT, build_model_archive
+from bench.harness import build_store, designer_client, local_endpoint, timed
 from deploy.invoke import PROMPT, sample_image, sample_mask
-from serving.local_endpoint import EndpointSettings, LocalEndpoint
-from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS, MODELS_BY_TASK
-from serving.processes import exit_with_parent, find_free_port
+from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS_BY_TASK
+from serving.archive import REPO_ROOT
 from studio.client import EndpointConfig, StudioClient, StudioError
 from studio.jobs import plan_job
+from studio.process import StudioProcess
 
 DESIGNERS = 8
 
 
-def wait_until_up(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the studio did not start at {url}")
-
-
-@contextlib.contextmanager
-def running_studio(endpoint_url: str, results_dir: Path) -> Iterator[str]:
+def running_studio(endpoint_url: str, work: Path, name: str = "studio") -> StudioProcess:
     """The studio as it runs in use, in front of `endpoint_url`: its own process (`python -m
-    studio`), so that its work and the harness's do not share one interpreter; its URL."""
-    port = find_free_port()
-    studio = subprocess.Popen(
-        [sys.executable, "-m", "studio", "--endpoint-url", endpoint_url, "--port", str(port),
-         "--results-dir", str(results_dir), "--jobs-per-minute", "1000", "--images-per-day", "100000"],
-        cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=exit_with_parent)
-    try:
-        url = f"http://127.0.0.1:{port}/"
-        wait_until_up(url, studio)
-        yield url
-    finally:
-        studio.terminate()
-        studio.wait(timeout=60)
-
-
-def designer_client(url: str, download_files: bool = False) -> Client:
-    """A simulated designer's session (gradio_client) on the studio at this 127.0.0.1 URL."""
-    return Client(url, verbose=False, download_files=download_files, ssl_verify=not url.startswith("http://127.0.0.1"))
-
-
-def timed(function: Callable[[], object]) -> float:
-    started = time.perf_counter()
-    function()
-    return time.perf_counter() - started
+    studio`), so that its work and the harness's do not share one interpreter; no quota in the way.
+    Its results and log in `work` under `name`. Use it as a context manager; its URL is `.url`."""
+    return StudioProcess("--endpoint-url", endpoint_url, "--results-dir", str(work / f"{name}-results"),
+                         "--jobs-per-minute", "1000", "--images-per-day", "100000", log=work / f"{name}.log")
 
 
 def at_once(functions: list[Callable[[], object]]) -> float:
@@ -150,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-studio-") as work:
         work = Path(work)
-        for model in MODELS:
-            build_model_archive(model, args.repository, work / "store")
+        build_store(work / "store", args.repository)
         if set(args.parts) & set("1234"):
             shared(args, work, generate, figures)
         if "5" in args.parts:
@@ -164,16 +128,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def shared(args, work: Path, generate: dict, figures: dict) -> None:
     """Parts 1 to 4: one endpoint with room for every model, the studio in front of it."""
-    settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache",
-                                log_dir=work / "logs", compute_threads=args.compute_threads)
-    with LocalEndpoint(settings) as endpoint, running_studio(endpoint.url, work / "results") as url:
-        config = EndpointConfig(endpoint_name=settings.endpoint_name, endpoint_url=endpoint.url)
+    with local_endpoint(work, compute_threads=args.compute_threads) as endpoint, \
+            running_studio(endpoint.url, work) as studio:
+        url = studio.url
+        config = EndpointConfig(endpoint_name=endpoint.settings.endpoint_name, endpoint_url=endpoint.url)
         direct = StudioClient(config)
         # The designers' browsers are elsewhere in real use, so the harness keeps its own work on
         # these two cores out of the studio's figures: it does not download the images, and it
-        # does not verify TLS on this plain-HTTP 127.0.0.1 URL (gradio_client opens a new httpx
-        # client for each request; with verification on, each one loads the CA bundle: ~47 ms of
-        # CPU measured here, over 0.5 s a round for 8 designers, charged to the studio's side).
+        # does not verify TLS on this plain-HTTP 127.0.0.1 URL (designer_client: with verification
+        # on, ~47 ms of CPU a request measured here, over 0.5 s a round for 8 designers, charged
+        # to the studio's side).
         designers = [designer_client(url) for _ in range(DESIGNERS)]
         threads = f"{args.compute_threads} of {os.cpu_count()} cores" if args.compute_threads else "every core"
         print(f"Studio {url} in front of the local endpoint {endpoint.url} (tiny weights, CPU, the models "
@@ -314,13 +278,13 @@ def upscale_512(args, config: EndpointConfig, direct: StudioClient) -> dict:
 def warm_up_on_send(args, work: Path) -> dict:
     """5. generate -> Send to Erase -> think -> erase, with room for one model: the erase's wait
     with the warm-up that Send to fires and without it (alternating rounds, one designer)."""
-    settings = EndpointSettings(port=0, model_store=str(work / "store"), cache_dir=work / "cache-one-model",
-                                log_dir=work / "logs-one-model", max_models=1,
-                                compute_threads=args.compute_threads)
     mask = work / "mask.png"
     sample_mask(args.size).save(mask)
     waits: dict[bool, list[float]] = {False: [], True: []}
-    with LocalEndpoint(settings) as endpoint, running_studio(endpoint.url, work / "results-one-model") as url:
+    with local_endpoint(work, cache="cache-one-model", logs="logs-one-model", max_models=1,
+                        compute_threads=args.compute_threads) as endpoint, \
+            running_studio(endpoint.url, work, "studio-one-model") as studio:
+        url = studio.url
         # This designer downloads its results: the studio takes an image to erase as an upload
         # (it does not fetch URLs of its own host).
         designer = designer_client(url, download_files=True)

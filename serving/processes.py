@@ -7,10 +7,15 @@ Standard library only, so any room may use it (the studio starts its own local e
 from __future__ import annotations
 
 import ctypes
+import http.client
 import os
 import signal
 import socket
+import subprocess
 import sys
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 
@@ -79,3 +84,46 @@ def group_members(pgid: int) -> list[int]:
         if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
             members.append(int(entry.name))
     return members
+
+
+class ServerStartError(RuntimeError):
+    """A server process that exited, or did not answer in time, while it was starting."""
+
+
+def answers(url: str, timeout_s: float = 5) -> bool:
+    """Whether an HTTP GET of ``url`` gets a successful answer now (not an error status)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return True
+    except (OSError, http.client.HTTPException):  # refused, reset, timed out, 4xx/5xx, half an answer
+        return False
+
+
+def wait_until_answers(url: str, process: subprocess.Popen | None = None, *, timeout_s: float,
+                       what: str = "the server", interval_s: float = 0.5,
+                       stopping: threading.Event | None = None) -> None:
+    """Poll ``url`` until it answers (see ``answers``); raise ServerStartError when ``process``
+    exits first, when ``timeout_s`` pass, or when ``stopping`` is set meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if stopping is not None and stopping.is_set():
+            raise ServerStartError(f"{what} was being stopped while it started")
+        if process is not None and process.poll() is not None:
+            raise ServerStartError(f"{what} exited with status {process.returncode} while starting")
+        if answers(url):
+            return
+        if time.monotonic() >= deadline:
+            raise ServerStartError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+        time.sleep(interval_s)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    """SIGTERM (a server's cue to stop what it started), SIGKILL if it has not ended after
+    ``timeout_s``; its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return process.wait()

@@ -1,4 +1,4 @@
-"""The studio under load and under faults (bench/load.py): the real studio, which starts its
+"""The studio under load and under faults (bench/load/): the real studio, which starts its
 own local endpoint (real Triton, tiny weights), driven by gradio_client designers.
 
 One studio serves the whole module (its models load once); the fault tests chain only the
@@ -14,15 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import botocore.exceptions
 import pytest
 
-from bench.load import (
-    MODEL_TABS,
-    RESTORE,
-    Studio,
-    fault_passed,
-    run_load,
-    started_studio,
-    warm_up,
-)
+from bench.load.designers import MODEL_TABS, RESTORE
+from bench.load.faults import fault_passed
+from bench.load.run import run_load, warm_up
+from bench.load.studio_tree import Studio, started_studio
 
 from .endpoint_support import invoke, model_info, runtime_client, slow_model_archive, start_endpoint, wait_for
 

@@ -9,7 +9,6 @@ import stat
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from studio.access import (
     password_matches,
 )
 from studio.client import StudioError
+from studio.process import StudioProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
@@ -133,24 +133,9 @@ def studio_with_users(tmp_path: Path, *extra: str):
     """`python -m studio` with a users file on 127.0.0.1, in front of an endpoint nobody serves."""
     users_file = tmp_path / "users.txt"
     users_file.write_text(f"alice:{hash_password(PASSWORD)}\n")
-    port = find_free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "studio", "--port", str(port), "--endpoint-url", f"http://127.0.0.1:{find_free_port()}",
-         "--users-file", str(users_file), "--results-dir", str(tmp_path / "results"), *extra], cwd=ROOT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "the studio did not start"
-            try:
-                urllib.request.urlopen(url, timeout=5)
-                break
-            except OSError:
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    with StudioProcess("--endpoint-url", f"http://127.0.0.1:{find_free_port()}", "--users-file", str(users_file),
+                       "--results-dir", str(tmp_path / "results"), *extra, startup_timeout_s=120) as studio:
+        yield studio.url
 
 
 def test_nothing_answers_without_signing_in_and_quotas_hold_for_the_signed_in(tmp_path):

@@ -5,11 +5,6 @@ runs it: the studio starts the checkout's local endpoint (real Triton, tiny weig
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,9 +15,9 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from serving.processes import find_free_port
 from studio.edits import feathered_mask
 from studio.metadata import read_parameters
+from studio.process import StudioProcess
 
 from .samples import assert_same_image, max_pixel_difference
 
@@ -37,34 +32,8 @@ pytestmark = pytest.mark.triton
 def launched_studio(results_dir: Path, *flags: str) -> Iterator[str]:
     """`python -m studio` on a free port with no endpoint configured (unless `flags` give one);
     its URL while it runs."""
-    port = find_free_port()
-    env = {name: value for name, value in os.environ.items() if name not in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "studio", "--port", str(port), "--results-dir", str(results_dir), *flags], cwd=ROOT, env=env
-    )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while not _answers(url):
-            assert process.poll() is None, f"python -m studio exited with {process.returncode} while starting"
-            assert time.monotonic() < deadline, f"the studio did not come up within {STARTUP_TIMEOUT_S} s"
-            time.sleep(1)
-        yield url
-    finally:
-        process.terminate()  # the studio stops its local endpoint on SIGTERM
-        try:
-            process.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            raise
-
-
-def _answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    with StudioProcess("--results-dir", str(results_dir), *flags, startup_timeout_s=STARTUP_TIMEOUT_S) as studio:
+        yield studio.url
 
 
 @pytest.fixture(scope="module")
