@@ -2,13 +2,16 @@
 
     python -m serving.weights tiny [--models NAME ...] [--repository DIR] [--keep-existing]
     python -m serving.weights hub  [--models NAME ...] [--repository DIR] [--source NAME=REPO@COMMIT ...]
+    python -m serving.weights full-size [--models NAME ...] [--repository DIR] [--keep-existing]
 
 `tiny` builds small random-weight pipelines from the real diffusers and transformers classes,
 offline and deterministically, so the whole serving stack runs and is tested on a CPU in seconds
 (the images are noise). `hub` downloads the real fp16 weights of each model from the Hugging Face
 Hub repository and commit the model table names (sdserve.catalog); `--source` or the environment
 variable SD_STUDIO_WEIGHTS_<NAME> (e.g. SD_STUDIO_WEIGHTS_SD_BASE=org/repo@commit) choose another.
-Either way the folder is `<repository>/<name>/1/checkpoint/`, with a `weights.json` marker beside
+`full-size` builds the models at their real sizes with random weights, offline, in the real
+repositories' fp16 layout (serving.full_size): for measuring sizes, memory and speed without them.
+Each way the folder is `<repository>/<name>/1/checkpoint/`, with a `weights.json` marker beside
 `model_index.json` saying what it holds (read back by `sdserve.checkpoint`).
 """
 
@@ -30,6 +33,8 @@ from typing import Any
 
 from sdserve.catalog import MODELS, WEIGHTS_MARKER, WeightsSource
 from sdserve.checkpoint import HUB_KIND, TINY_KIND, checkpoint_dir, read_marker
+
+from serving import full_size
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent / "models"
 HUB_VARIANT = "fp16"
@@ -269,6 +274,12 @@ def tiny_is_current(name: str, checkpoint_dir: Path) -> bool:
     )
 
 
+def write_full_size(name: str, checkpoint_dir: Path, device: str = "cpu") -> None:
+    """The model at its real size with random weights (serving.full_size), GBs; initialised on `device`."""
+    with _replacing(checkpoint_dir) as staging:
+        _write_marker(staging, full_size.write_checkpoint(name, staging, device=device))
+
+
 # --- Real weights from the Hub -----------------------------------------------------------------
 
 
@@ -467,6 +478,19 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "environment. The table's sources: "
         + "; ".join(f"{name}: {spec.weights.repo}@{spec.weights.revision[:12]}" for name, spec in MODELS.items()),
     )
+    full = commands.add_parser(
+        "full-size",
+        parents=[common],
+        help="build the pipelines at their real sizes with random weights, offline",
+        description="Build each model at its real size from the configurations its Hub repository "
+        "publishes, with random weights, in the repository's fp16 layout (a few GB and about a minute "
+        "of CPU each; the images they make are noise).",
+    )
+    full.add_argument(
+        "--keep-existing",
+        action="store_true",
+        help="leave alone a model whose folder holds full-size weights of the current recipe",
+    )
     args = parser.parse_args(argv)
     args.sources = {}
     for item in getattr(args, "source", []):
@@ -485,12 +509,15 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     for name in args.models:
         folder = checkpoint_dir(args.repository, name)
-        if args.command == "tiny" and args.keep_existing and tiny_is_current(name, folder):
+        kept = {"tiny": tiny_is_current, "full-size": full_size.is_current}.get(args.command)
+        if getattr(args, "keep_existing", False) and kept(name, folder):
             print(f"{name}: kept the {read_marker(folder)['kind']} weights in {folder}")
             continue
         started = time.perf_counter()
         if args.command == "tiny":
             write_tiny(name, folder)
+        elif args.command == "full-size":
+            write_full_size(name, folder)
         else:
             try:
                 source = weights_source(name, args.sources)

@@ -27,5 +27,6 @@ def read_marker(checkpoint_dir: Path) -> dict:
 
 
 def checkpoint_variant(checkpoint_dir: Path) -> str | None:
-    """The weights variant to ask from_pretrained for: the Hub download keeps fp16 files only."""
-    return "fp16" if read_marker(checkpoint_dir).get("kind") == HUB_KIND else None
+    """The weights variant to ask from_pretrained for, as the marker records it: the Hub download and
+    the full-size random weights keep fp16 files only; the tiny weights have no variant."""
+    return read_marker(checkpoint_dir).get("variant")
