@@ -33,9 +33,10 @@ import numpy as np
 from bench.harness import build_store, local_endpoint, timed
 from deploy.invoke import sample_job
 from sdserve.catalog import MODELS, MODELS_BY_TASK
+from sdserve.wire import encode_request
 from serving.archive import REPO_ROOT, build_model_archive
 from serving.derived import model_variant
-from studio.client import EndpointConfig, StudioClient, build_payload
+from studio.client import EndpointConfig, StudioClient
 
 PROMPT = "a lighthouse at dusk"
 GENERATE = MODELS_BY_TASK["generate"]
@@ -97,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             figures["overhead"] = {}
             for steps in args.steps:
                 gen_args = {"num_inference_steps": steps, "width": args.size, "height": args.size, "seed": 1}
-                body = build_payload({"prompt": PROMPT, "negative_prompt": ""},
-                                     {**gen_args, "guidance_scale": 7.5, "scheduler": "default",
-                                      "num_images_per_prompt": 1})
+                body = encode_request({"prompt": PROMPT, "negative_prompt": ""},
+                                      {**gen_args, "guidance_scale": 7.5, "scheduler": "default",
+                                       "num_images_per_prompt": 1})
                 arrays = {name: np.array([[value.encode()]], dtype=np.object_) for name, value in
                           {tensor["name"]: tensor["data"][0] for tensor in json.loads(body)["inputs"]}.items()}
                 connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)

@@ -45,8 +45,10 @@ from deploy.invoke import PROMPT, sample_image, sample_mask
 from sdserve.catalog import CALL_BUDGET_S, MAX_PAYLOAD_BYTES, MODELS_BY_TASK
 from serving.archive import REPO_ROOT
 from studio.client import EndpointConfig, StudioClient, StudioError
-from studio.jobs import plan_job
+from studio.planning import plan_job
 from studio.process import StudioProcess
+from studio.runner import run_job
+from studio.tasks import TASKS
 
 DESIGNERS = 8
 
@@ -251,12 +253,12 @@ def upscale_512(args, config: EndpointConfig, direct: StudioClient) -> dict:
     measured = StudioClient(config, runtime=sizes)
     photo = sample_image(512)
     options = {"num_inference_steps": args.upscale_steps, "seed": 5}
-    plan = plan_job("upscale", PROMPT, image=photo, gen_args=options)
-    tiled_s, failure = failure_after(lambda: measured.run_job(plan).raise_for_errors())
+    plan = plan_job(TASKS["upscale"].check({"prompt": PROMPT, **options}, photo))
+    tiled_s, failure = failure_after(lambda: run_job(measured, plan).raise_for_errors())
     if tiled_s is not None:
         print(f"\n4. Upscale of a 512x512 photo: the tiled job FAILED after {tiled_s:.1f} s: {failure}")
         return {"calls": plan.call_count, "failed": failure}
-    tiled_s = timed(lambda: measured.run_job(plan).raise_for_errors())  # now warm, like the one call below
+    tiled_s = timed(lambda: run_job(measured, plan).raise_for_errors())  # now warm, like the one call below
     largest = max(sizes.sizes)
     sizes.sizes.clear()
     upscale = MODELS_BY_TASK["upscale"]

@@ -19,12 +19,14 @@ from pathlib import Path
 from sdserve.catalog import (
     CALL_BUDGET_S,
     CHECKPOINT_DIR,
+    GENERATED_IMAGE,
     INVOCATION_SECONDS,
     MAX_BATCH_SIZE,
     MAX_IMAGES_PER_CALL,
     MAX_PAYLOAD_BYTES,
     MAX_QUEUE_SIZE,
     MODELS,
+    PARAMETERS,
     PROMPT,
     QUEUE_TIMEOUT_S,
     ModelSpec,
@@ -77,13 +79,13 @@ max_batch_size: {MAX_BATCH_SIZE}
 ]
 output [
   {{
-    name: "generated_image"
+    name: "{GENERATED_IMAGE}"
     data_type: TYPE_STRING
     dims: [ -1 ]
   }},
   {{
     # JSON: the effective seed(s), steps, guidance, scheduler, size, ... of the row.
-    name: "parameters"
+    name: "{PARAMETERS}"
     data_type: TYPE_STRING
     dims: [ 1 ]
   }}

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from sdserve.files import atomic_file
 
-from studio.client import StudioError
+from studio.errors import StudioError
 
 PBKDF2_ROUNDS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")

@@ -3,10 +3,12 @@ a plain method translating between components and the tested logic in tasks, ses
 metadata), then `layout` (the components of the page), then `wire` (which event calls which
 handler), and `build_app`, which does the three in order.
 
-Where a click goes: a tab's button calls `Handlers.run`, which takes a turn for the designer's
-session in the scheduler (studio/scheduler.py, the endpoint shared fairly), runs the task
-(studio/tasks.py: checked against the model table, sent by studio/client.py) while streaming its
-status, records the result (studio/session.py) and shows it in the tab and the history.
+Where a click goes: a tab's button calls `Handlers.run`, which checks the tab's values once
+(studio/tasks.py, against the model table), plans the job (studio/planning.py), queues its calls
+in the designer's turn (studio/scheduler.py, the endpoint shared fairly), sends them through the
+client (studio/runner.py, studio/client.py) while streaming their status (studio/status.py),
+records each image once as it arrives (studio/session.py) and shows it in the tab and the history.
+The named API endpoints (`Handlers.api`) take the same path without the page.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from sdserve.catalog import MAX_BATCH_SIZE
 from sdserve.params import random_seed
 
 from studio.access import Access, QuotaBook, Quotas
-from studio.client import StudioClient, StudioError
+from studio.client import StudioClient
 from studio.endpoint_watch import EndpointWatch, WarmUps, describe_endpoint
-from studio.jobs import JobPlan, PartialJobError
+from studio.errors import PartialJobError, StudioError
 from studio.masks import editor_value, mask_from_editor
+from studio.planning import JobPlan, plan_job
+from studio.runner import job_events, run_job
 from studio.scheduler import FairScheduler
 from studio.session import (
     Entry,
@@ -38,6 +42,7 @@ from studio.session import (
     download_path,
     effective_seed,
     gallery_items,
+    keep_inputs,
     record_result,
     restore_from_png,
     restored_inputs,
@@ -46,9 +51,9 @@ from studio.session import (
     valid_history,
     vary_values,
 )
-from studio.status import run_with_status
+from studio.status import TICK_S, with_status
 from studio.store import ResultStore
-from studio.tasks import TASKS, Task
+from studio.tasks import TASKS, JobInputs, Task
 from studio.ui import EDITOR_CANVAS_SIZE, TaskPanel, brush, task_panel
 
 log = logging.getLogger(__name__)
@@ -106,12 +111,15 @@ class Handlers:
         self.watch = watch or EndpointWatch()
         self.warm_ups = WarmUps(self.watch, lambda model: self.client().warm_up(model))
 
-    def admit(self, task: Task, request: gr.Request | None, values: dict, image=None, mask=None) -> tuple[str, JobPlan]:
-        """(designer, plan) of a job the designer may send: signed in, inputs valid, within quota."""
+    def admit(self, task: Task, request: gr.Request | None, values: dict, image=None,
+              mask=None) -> tuple[str, JobInputs, JobPlan]:
+        """(designer, inputs, plan) of a job the designer may send: signed in, inputs checked (the
+        one check, Task.check), planned, within quota."""
         designer = self.access.designer(request)
-        plan = task.plan(values, image, mask)
+        inputs = task.check(values, image, mask)
+        plan = plan_job(inputs)
         self.quotas.charge(designer, plan.image_count)
-        return designer, plan
+        return designer, inputs, plan
 
     def show_results(self, panel: TaskPanel, entries: list[Entry]) -> dict:
         return {panel.gallery: gallery_items(entries, self.store), panel.results: entries,
@@ -148,38 +156,41 @@ class Handlers:
         task, page = panel.task, self.page
 
         def run(history_entries: list, source: Any = None, request: gr.Request = None, **values: Any):
-            arrived: list[Entry] = []  # the images of a split job, shown as their calls answer
+            made: dict[int, list[Entry]] = {}  # each image's entries, recorded once, as its call answers
             shown = [0]
+
+            def record(index: int, one: Any) -> None:
+                made[index] = record_result(self.store, task, one, owner=designer)
 
             def present(line: str) -> dict:
                 update = {page.status: line}
-                if len(arrived) != shown[0]:
-                    shown[0] = len(arrived)
-                    update[panel.gallery] = gallery_items(list(arrived), self.store)
+                if len(made) != shown[0]:  # the images of a split job, shown as their calls answer
+                    shown[0] = len(made)
+                    update[panel.gallery] = gallery_items(_in_order(made), self.store)
                 return update
 
             problem = None
             try:
                 image, mask = _source_images(task, source)
-                designer, plan = self.admit(task, request, values, image, mask)
+                designer, inputs, plan = self.admit(task, request, values, image, mask)
                 with self.scheduler.job(designer) as job:
-                    result = yield from run_with_status(
-                        lambda on_status: task.send(
-                            self.client(), plan, on_status, job=job,
-                            on_result=lambda index, one: arrived.extend(
-                                record_result(self.store, task, one, owner=designer)),
-                        ),
-                        present=present,
-                        waiting=job.waiting_line,
+                    events = job_events(self.client(), plan, submit=job.submit, cancelled=job.cancelled, tick_s=TICK_S)
+                    result = yield from with_status(
+                        events, present=present, on_image=record, waiting=job.waiting_line,
+                        first_line=plan.summary if plan.is_split else "Starting…",
                     )
+                result.raise_for_errors()
             except PartialJobError as error:  # what was made is kept and shown, with what failed
                 result, problem = error.result, _designer_message(error)
             except Exception as error:
                 message = _designer_message(error)
                 yield {page.status: f"**Error:** {message}"}
                 raise gr.Error(message, print_exception=False) from None
-            inputs = {name: value for name, value in (("image", image), ("mask", mask)) if value is not None}
-            entries = record_result(self.store, task, result, inputs, owner=designer)
+            entries = _in_order(made)
+            images = {name: value for name, value in (("image", inputs.image), ("mask", inputs.mask)) if value is not None}
+            input_ids = keep_inputs(self.store, task, images, owner=designer)  # for restoring, once per job
+            for entry in entries:
+                entry["inputs"] = input_ids
             history_entries = add_to_history(valid_history(history_entries, self.store), entries)
             done = f"{task.title}, {_count(len(entries))} in {result.seconds:.1f} s."
             if problem is not None:
@@ -223,9 +234,10 @@ class Handlers:
 
         def call(image=None, mask=None, request: gr.Request = None, **values: Any) -> tuple[list, dict]:
             try:
-                designer, plan = self.admit(task, request, values, image, mask)
+                designer, _, plan = self.admit(task, request, values, image, mask)
                 with self.scheduler.job(designer) as job:
-                    result = task.send(self.client(), plan, job=job)
+                    result = run_job(self.client(), plan, submit=job.submit, cancelled=job.cancelled)
+                result.raise_for_errors()
             except Exception as error:
                 raise gr.Error(_designer_message(error), print_exception=False) from None
             return gallery_items(record_result(self.store, task, result, owner=designer), self.store), result.parameters
@@ -479,6 +491,11 @@ def build_app(
 def _watched(client: StudioClient, watch: EndpointWatch) -> StudioClient:
     client.watch = watch  # every call it makes feeds the endpoint panel
     return client
+
+
+def _in_order(made: dict[int, list[Entry]]) -> list[Entry]:
+    """A job's entries in the order of its images (seed order), however their calls answered."""
+    return [entry for index in sorted(made) for entry in made[index]]
 
 
 def _count(images: int) -> str:

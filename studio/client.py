@@ -2,21 +2,19 @@
 
 The same code talks to a real endpoint on AWS (endpoint name + region) and to the local
 endpoint (`make endpoint`, a URL): both speak the SageMaker Runtime InvokeEndpoint API,
-so boto3's `sagemaker-runtime` client is the only transport. No Gradio here.
+so boto3's `sagemaker-runtime` client is the only transport, and the request format is the
+models' own (sdserve.wire). No Gradio here.
 
-One InvokeEndpoint call carries at most MAX_PAYLOAD_BYTES each way and may run at most
-INVOCATION_LIMIT_S on AWS, so a job that cannot fit one call (several images, an upscale
-whose result is too large for one answer) is split into several calls by `studio.jobs`:
-`generate/restyle/erase/upscale` plan and run their job through it, and `StudioClient.run_job`
-runs a plan made beforehand (see studio/jobs.py for the interface).
+`generate/restyle/erase/extend/upscale` (or `run(task, ...)`) take a tab's values as keywords,
+check them as the tab does (studio.tasks.Task.check), plan the job (studio.planning: one
+InvokeEndpoint carries at most 6 MB each way and runs at most 60 s on AWS, so a job that cannot
+fit one call is split) and send its calls (studio.runner). `invoke` is one call.
 
-Every failure comes out as `StudioError`, whose message is written for a designer.
+Every failure comes out as StudioError (studio.errors), whose message is written for a designer.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import os
@@ -24,59 +22,29 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any
 
 import boto3
 import botocore.config
 import botocore.exceptions
-from PIL import Image, PngImagePlugin
+from PIL import Image
 from sdserve.budget import BUSY_WORDS
-from sdserve.catalog import (
-    IMAGE,
-    INVOCATION_SECONDS,
-    MASK_IMAGE,
-    MAX_PAYLOAD_BYTES,
-    QUEUE_TIMEOUT_WORDS,
-)
-from sdserve.images import ALLOWED_FORMATS
+from sdserve.catalog import QUEUE_TIMEOUT_WORDS
 from sdserve.redaction import redact
+from sdserve.wire import RequestTooLarge, UnreadableAnswer, decode_answer, encode_request, invoke_arguments
 
-from studio.metadata import PARAMETERS_KEY
-
-if TYPE_CHECKING:  # studio.jobs imports this module; at run time it is imported where used
-    from studio.jobs import JobPlan, JobResult, ResultCallback, Submit
+from studio.endpoint_watch import warm_up_request
+from studio.errors import JobCancelled, ModelLoading, StudioError
+from studio.metadata import image_to_png
+from studio.planning import plan_job
+from studio.results import GenerationResult, JobResult
+from studio.runner import StatusCallback, run_job
+from studio.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = MAX_PAYLOAD_BYTES  # invoke_endpoint refuses larger bodies
-MAX_ANSWER_BYTES = MAX_PAYLOAD_BYTES  # and SageMaker drops larger answers
-INVOCATION_LIMIT_S = INVOCATION_SECONDS
 RETRYABLE_CODES = {"ModelNotReadyException", "ThrottlingException", "ServiceUnavailable", "InternalDependencyException"}
 LOCAL_ENDPOINT_NAME = "sd-studio"
-
-StatusCallback = Callable[[str], None]
-
-
-class StudioError(Exception):
-    """Something went wrong; `str(error)` is fit to show a designer as it is."""
-
-    def __init__(self, message: str, *, retryable: bool = False):
-        super().__init__(message)
-        self.retryable = retryable
-
-
-class ModelLoading(StudioError):
-    """The endpoint is still loading the model (ModelNotReadyException): try again shortly."""
-
-    def __init__(self, model: str):
-        super().__init__(f"The {model} model is still loading on the endpoint.", retryable=True)
-
-
-class JobCancelled(StudioError):
-    """The job was cancelled before this call was sent (or before a retry of it was)."""
-
-    def __init__(self, message: str = "Cancelled before it was sent."):
-        super().__init__(message)
 
 
 @dataclass
@@ -108,25 +76,6 @@ class EndpointConfig:
 
 
 @dataclass
-class GenerationResult:
-    model: str
-    images: list[Image.Image]
-    # Each image as PNG with its parameters embedded: the endpoint's own bytes when it sent a PNG;
-    # when it had to send a lossy WebP/JPEG (to fit MAX_ANSWER_BYTES), a lossless PNG of exactly
-    # those pixels, so what the studio keeps and downloads is always a PNG that carries its parameters.
-    png: list[bytes]
-    parameters: dict[str, Any]
-    seconds: float = 0.0
-    # The images' bytes exactly as the endpoint sent them (PNG, WebP or JPEG); empty when the
-    # result was put together by the client (a stitched upscale).
-    encoded: list[bytes] = field(default_factory=list)
-
-    @property
-    def seeds(self) -> list[int]:
-        return self.parameters.get("seeds", [self.parameters.get("seed")])
-
-
-@dataclass
 class StudioClient:
     config: EndpointConfig
     runtime: Any = field(default=None, repr=False)  # a boto3 sagemaker-runtime client
@@ -145,11 +94,7 @@ class StudioClient:
     def for_local(cls, url: str = "http://127.0.0.1:8080", **settings: Any) -> "StudioClient":
         return cls(EndpointConfig(endpoint_name=LOCAL_ENDPOINT_NAME, endpoint_url=url, **settings))
 
-    @classmethod
-    def from_env(cls) -> "StudioClient":
-        return cls(EndpointConfig.from_env())
-
-    # --- the tabs: thin wrappers, their generation arguments are the table's ----------------
+    # --- the tabs: thin wrappers, their arguments are the table's (and an edit tool's settings) --
 
     def generate(self, prompt: str, *, negative_prompt: str = "", on_status: StatusCallback | None = None,
                  **gen_args: Any) -> GenerationResult:
@@ -174,7 +119,7 @@ class StudioClient:
 
     def upscale(self, image: Image.Image, prompt: str = "", *, negative_prompt: str = "",
                 on_status: StatusCallback | None = None, **gen_args: Any) -> GenerationResult:
-        """x4 upscaling (tiled beyond studio.jobs.UPSCALE_TILE_SIDE); a prompt describing the image guides it."""
+        """x4 upscaling (tiled beyond the model's ModelSpec.tiling); a prompt describing the image guides it."""
         return self.run("upscale", prompt, negative_prompt, gen_args, image=image, on_status=on_status)
 
     def run(
@@ -182,48 +127,25 @@ class StudioClient:
         task: str,
         prompt: str,
         negative_prompt: str,
-        gen_args: dict[str, Any],
+        arguments: dict[str, Any],
         *,
         image: Image.Image | None = None,
         mask: Image.Image | None = None,
         on_status: StatusCallback | None = None,
     ) -> JobResult:
-        """One job of a task ("generate", ...), split into calls as studio.jobs.plan_job decides.
+        """One job of a task ("generate", ..., or an edit tool: "erase", "extend"), checked as its
+        tab checks it, split into calls as studio.planning decides, sent at once.
 
-        Unknown generation arguments are refused before anything is sent. A job whose calls all
-        failed raises the StudioError of the failure; one that made some of its images raises
-        studio.jobs.PartialJobError, whose `result` carries the images made.
+        `arguments`: the model's generation arguments and the edit tool's settings, by name. A
+        job whose calls all failed raises the StudioError of the failure; one that made some of
+        its images raises studio.errors.PartialJobError, whose `result` carries the images made.
         """
-        from studio.edits import EDIT_TOOLS
-        from studio.jobs import plan_job
-
-        # An edit tool's studio-side settings travel beside the model's arguments; the rest are gen_args.
-        setting_names = {argument.name for argument in EDIT_TOOLS[task].settings} if task in EDIT_TOOLS else set()
-        settings = {name: value for name, value in gen_args.items() if name in setting_names}
-        gen_args = {name: value for name, value in gen_args.items() if name not in setting_names}
-        plan = plan_job(task, prompt, negative_prompt, image=image, mask=mask, gen_args=gen_args,
-                        settings=settings or None)
-        return self.run_job(plan, on_status=on_status).raise_for_errors()
-
-    def run_job(
-        self,
-        plan: JobPlan,
-        *,
-        submit: Submit | None = None,
-        on_status: StatusCallback | None = None,
-        on_result: ResultCallback | None = None,
-        cancelled: threading.Event | None = None,
-    ) -> JobResult:
-        """Send a plan's calls (all at once) and gather their answers; see studio.jobs.run_job."""
-        from studio.jobs import run_job
-
-        return run_job(self, plan, submit=submit, on_status=on_status, on_result=on_result, cancelled=cancelled)
+        inputs = TASKS[task].check({"prompt": prompt, "negative_prompt": negative_prompt, **arguments}, image, mask)
+        return run_job(self, plan_job(inputs), on_status=on_status).raise_for_errors()
 
     def warm_up(self, model: str) -> GenerationResult:
         """The smallest call `model` accepts, sent once (no retries): the endpoint loads the model
         for it. What "Send to" fires, so a cold load happens while the designer gets ready."""
-        from studio.endpoint_watch import warm_up_request
-
         inputs, gen_args = warm_up_request(model)
         return self.invoke(model, inputs, gen_args, attempts=1, progress=False, warm_up=True)
 
@@ -248,7 +170,10 @@ class StudioClient:
         reports its own progress, per call finished). `attempts` defaults to the config's
         max_attempts; `warm_up` tells the watch the call is a warm-up, not a designer's.
         """
-        body = build_payload(inputs, gen_args)
+        try:
+            body = encode_request(inputs, gen_args)
+        except RequestTooLarge as error:
+            raise StudioError(str(error)) from None
         call = self.watch.call(model, warm_up=warm_up) if self.watch is not None else None
         try:
             result = self._send(model, body, on_status, cancelled, progress, attempts or self.config.max_attempts, call)
@@ -273,14 +198,8 @@ class StudioClient:
             else:
                 notify(f"{model} is loading on the endpoint, retrying (attempt {attempt})…")
             try:
-                response = self.runtime.invoke_endpoint(
-                    EndpointName=self.config.endpoint_name,
-                    TargetModel=f"{model}.tar.gz",
-                    ContentType="application/json",
-                    Accept="application/json",
-                    Body=body,
-                )
-                answer = response["Body"].read()
+                answer = self.runtime.invoke_endpoint(**invoke_arguments(self.config.endpoint_name, model, body))[
+                    "Body"].read()
                 break
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 failure = describe_failure(error, model, self.config)
@@ -320,70 +239,22 @@ def _runtime_client(config: EndpointConfig) -> Any:
     )
 
 
-# --- payload in, result out -------------------------------------------------------------
-
-def build_payload(inputs: dict[str, str | Image.Image], gen_args: dict[str, Any]) -> bytes:
-    """The article's JSON body, kept under invoke_endpoint's 6 MB limit.
-
-    PNG is sent when it fits; a photo too large as PNG is sent again as high-quality JPEG;
-    a request still too large is refused with what to do about it.
-    """
-    body = _payload(inputs, gen_args, image_format="PNG")
-    if len(body) <= MAX_REQUEST_BYTES:
-        return body
-    body = _payload(inputs, gen_args, image_format="JPEG")
-    if len(body) <= MAX_REQUEST_BYTES:
-        return body
-    image = inputs.get(IMAGE)
-    side = max(image.size) if isinstance(image, Image.Image) else 0
-    raise StudioError(
-        f"The request is {len(body) / 2**20:.1f} MB even as JPEG, over the endpoint's 6 MB limit. "
-        f"Make the image smaller (it is {side} px on its long side) and try again."
-    )
-
-
-def _payload(inputs: dict[str, str | Image.Image], gen_args: dict[str, Any], *, image_format: str) -> bytes:
-    values = {
-        # Masks stay PNG: JPEG would smear the brush edge into grey.
-        name: encode_image(value, "PNG" if name == MASK_IMAGE else image_format)
-        if isinstance(value, Image.Image)
-        else value
-        for name, value in inputs.items()
-    }
-    values["gen_args"] = json.dumps(gen_args)
-    return json.dumps(
-        {"inputs": [{"name": name, "shape": [1, 1], "datatype": "BYTES", "data": [data]} for name, data in values.items()]}
-    ).encode("utf-8")
-
-
-def encode_image(image: Image.Image, image_format: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    if image_format == "JPEG":
-        image.convert("RGB").save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
+# --- the answer, as the studio keeps it ------------------------------------------------------
 
 def parse_answer(model: str, answer: bytes) -> GenerationResult:
-    """The endpoint's answer: images as PNG, WebP or JPEG (the server's lossy fallback when a PNG
-    would not fit MAX_ANSWER_BYTES, named in the parameters' "encoding"), and the parameters."""
+    """The endpoint's answer (sdserve.wire): images as PNG, WebP or JPEG (the server's lossy
+    fallback when a PNG would not fit one answer, named in the parameters' "encoding"), each kept
+    as a PNG carrying its parameters."""
     try:
-        outputs = {output["name"]: output["data"] for output in json.loads(answer)["outputs"]}
-        encoded = [base64.b64decode(data) for data in outputs["generated_image"]]
-        images = []
-        for data in encoded:
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            image.load()
-            images.append(image)
-        parameters = json.loads(outputs["parameters"][0]) if "parameters" in outputs else {}
-    except (ValueError, KeyError, TypeError, OSError) as error:
+        decoded = decode_answer(answer)
+    except UnreadableAnswer as error:
         raise StudioError(f"The endpoint's answer from {model} could not be read ({error}).") from None
+    parameters = decoded.parameters
     png = [
-        data if image.format == "PNG" else png_with_parameters(image, _image_parameters(parameters, index, image))
-        for index, (data, image) in enumerate(zip(encoded, images))
+        data if image.format == "PNG" else image_to_png(image, _image_parameters(parameters, index, image))
+        for index, (data, image) in enumerate(zip(decoded.encoded, decoded.images))
     ]
-    return GenerationResult(model=model, images=images, png=png, parameters=parameters, encoded=encoded)
+    return GenerationResult(model=model, images=decoded.images, png=png, parameters=parameters, encoded=decoded.encoded)
 
 
 def _image_parameters(parameters: dict[str, Any], index: int, image: Image.Image) -> dict[str, Any]:
@@ -391,16 +262,6 @@ def _image_parameters(parameters: dict[str, Any], index: int, image: Image.Image
     seeds = parameters.get("seeds") or [parameters.get("seed")]
     seed = seeds[index] if index < len(seeds) else seeds[0]
     return {**parameters, "seed": seed, "encoding": parameters.get("encoding") or str(image.format).lower()}
-
-
-def png_with_parameters(image: Image.Image, parameters: dict[str, Any]) -> bytes:
-    """Lossless PNG bytes of `image` with `parameters` (JSON) in its "parameters" text chunk,
-    the chunk the endpoint writes and studio.metadata reads."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, json.dumps(parameters))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 # --- failures, in words a designer can act on --------------------------------------------

@@ -16,11 +16,12 @@ itself:
 3. the answer is resized back to the box and composited over the input with `alpha`: every pixel
    whose alpha is 0 is the input's own, byte for byte.
 
-`plan_edit` does 1-2 without sending anything (studio.jobs.plan_job calls it; run_job calls
+`plan_edit` does 1-2 without sending anything (studio.planning calls it; studio.runner calls
 `EditPlan.paste` on each answer). The settings are studio-side arguments, declared here once
-with their type, range and help like the model table's (`params.Argument`): the tabs show them as
-controls, the API takes them, and every result's parameters carry them, so "restore" brings
-them back. Everything here is a plain function of images; no Gradio, no network.
+with their type, range and help like the model table's (`params.Argument`), and checked with the
+model's arguments (studio.tasks.Task.check): the tabs show them as controls, the API and the
+client take them, and every result's parameters carry them, so "restore" brings them back.
+Everything here is a plain function of images; no Gradio, no network.
 """
 
 from __future__ import annotations
@@ -32,10 +33,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, MODELS_BY_TASK, SIZE_MULTIPLE, ModelSpec
-from sdserve.errors import RequestError
 from sdserve.params import Argument
 
-from studio.client import StudioError
+from studio.errors import StudioError
 
 # Both edits repaint with the model of the Erase task.
 INPAINTING = MODELS_BY_TASK["erase"]
@@ -71,7 +71,8 @@ ONLY_MASKED = Argument(
     widget="checkbox", pipeline=False,
 )
 EXTEND_SIDES = ("left", "right", "top", "bottom")
-EXTEND_LIMIT = 512  # px added on one side at most: the model's working side, one call's worth of new canvas
+# px added on one side at most: the model's working side, one call's worth of new canvas.
+EXTEND_LIMIT = INPAINTING.working_side
 EXTEND_ARGUMENTS = tuple(
     Argument(
         f"extend_{side}", int, 0, f"{side.capitalize()} (px)", f"New canvas added on the {side}.",
@@ -107,6 +108,9 @@ class EditTool:
     @property
     def spec(self) -> ModelSpec:
         return MODELS[self.model]
+
+    def defaults(self) -> dict[str, Any]:
+        return {argument.name: argument.default for argument in self.settings}
 
 
 ERASE = EditTool(
@@ -269,31 +273,14 @@ class EditPlan:
         return shown
 
 
-def checked_settings(tool: EditTool, settings: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The tool's settings with defaults filled in, each checked (StudioError naming it and its range)."""
-    settings = dict(settings or {})
-    unknown = sorted(set(settings) - {argument.name for argument in tool.settings})
-    if unknown:
-        raise StudioError(f"{tool.name} takes no setting {unknown[0]!r}; it takes "
-                          f"{', '.join(argument.name for argument in tool.settings)}.")
-    checked = {}
-    for argument in tool.settings:
-        try:
-            checked[argument.name] = argument.check(settings.get(argument.name, argument.default), argument.label)
-        except RequestError as error:  # "<label>: must be ..."
-            raise StudioError(f"{error}.") from None
-    return checked
-
-
-def plan_edit(tool: EditTool, image: Image.Image, mask: Image.Image | None, settings: Mapping[str, Any] | None,
+def plan_edit(tool: EditTool, image: Image.Image, mask: Image.Image | None, settings: Mapping[str, Any],
               max_side: int) -> EditPlan:
-    """The edit's plan for an input already checked against the tab's limits; StudioError when there
-    is nothing to edit or the result would be over `max_side` px a side."""
-    settings = checked_settings(tool, settings)
+    """The edit's plan for inputs already checked (studio.tasks.Task.check: the image within the
+    tab's limits, a painted mask where the tool takes one, every setting); StudioError when there is
+    nothing to edit or the result would be over `max_side` px a side."""
+    settings = dict(settings)
     image = image.convert("RGB")
     if tool.takes_mask:
-        if mask is None:
-            raise StudioError("The mask is empty: paint over the area to replace.")
         canvas, alpha = image, feathered_mask(mask, settings["mask_grow"], settings["mask_feather"])
         if alpha.getbbox() is None:
             raise StudioError(f"The mask is empty after shrinking it by {-settings['mask_grow']} px: "

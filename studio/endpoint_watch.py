@@ -4,7 +4,9 @@ time and estimated cost of an image; and the warm-up calls "Send to" fires. No G
 Where the figures come from:
 
 * On the local endpoint, its `GET /models` listing says which models are loaded (warm), being
-  loaded, or not (cold), and how long the last load took.
+  loaded, or not (cold), and how long the last load took. A call is never held for it: a call
+  that starts with no fresh listing at hand is judged warm or cold when the listing, fetched
+  meanwhile (one fetch at a time), arrives.
 * On AWS there is no such listing, so the studio judges from its own recent calls: a model that
   answered within `warm_for_s` is warm (SageMaker keeps a model loaded until memory is needed,
   so a model idle longer may have been evicted: it counts as cold), one with a call in flight
@@ -26,11 +28,13 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from sdserve.catalog import IMAGE, MASK_IMAGE, MODELS, MODELS_BY_TASK
 from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES, PRICES_REGION
+from sdserve.params import STRENGTH
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +129,9 @@ class Call:
     def __init__(self, watch: EndpointWatch, model: str, warm_up: bool):
         self.watch, self.model, self.warm_up = watch, model, warm_up
         self.found_cold = False
+        self.judged = False  # whether found_cold was decided (from the listing, or the calls)
+        self.cold_by_calls = False  # what the studio's own calls said when it started
+        self.listing: Future | None = None  # the listing it is judged by, on the local endpoint
         self.over = False
         watch._started(self)
 
@@ -150,6 +157,9 @@ class EndpointWatch:
         self._lock = threading.Lock()
         self._calls: dict[str, _Calls] = {model: _Calls() for model in MODELS}
         self._listing: tuple[float, dict[str, dict] | None] | None = None  # (when fetched, models by name)
+        self._fetching: Future | None = None  # the listing asked for (or being fetched)
+        self._fetch_asked = threading.Condition(self._lock)
+        self._fetcher: threading.Thread | None = None
 
     # --- what the client reports -----------------------------------------------------------------
 
@@ -157,24 +167,45 @@ class EndpointWatch:
         return Call(self, model, warm_up)
 
     def _started(self, call: Call) -> None:
-        listed = self._listed_models()
+        listing = self._listing_future() if self.listing_url is not None else None
         with self._lock:
             calls = self._calls.setdefault(call.model, _Calls())
-            if listed is not None:
-                call.found_cold = LISTED_STATES.get(listed.get(call.model, {}).get("state")) != WARM
+            # As judged by the calls before this one (a call sent while another loads the model
+            # waits for that load too): on AWS, or when the listing cannot be had.
+            call.cold_by_calls = self._state_from_calls(calls) != WARM
+            if listing is None:
+                self._judge(call, call.cold_by_calls)
             else:
-                # A call sent while another loads the model waits for that load too.
-                call.found_cold = self._state_from_calls(calls) != WARM
+                call.listing = listing
             calls.in_flight += 1
-            calls.loading += call.found_cold
+        if listing is not None:  # at once when the listing is fresh; else when the fetch under way ends
+            listing.add_done_callback(lambda done: self._judge_by_listing(call, done.result()))
+
+    def _judge_by_listing(self, call: Call, listed: dict[str, dict] | None) -> None:
+        with self._lock:
+            if listed is not None:
+                self._judge(call, LISTED_STATES.get(listed.get(call.model, {}).get("state")) != WARM)
+            else:  # no listing to be had: judged as on AWS
+                self._judge(call, call.cold_by_calls)
+
+    def _judge(self, call: Call, cold: bool) -> None:
+        """Decide (once, under the lock) whether the call found its model cold."""
+        if call.judged or call.over:
+            return
+        call.judged = True
+        call.found_cold = call.found_cold or cold
+        self._calls[call.model].loading += call.found_cold
 
     def _loading(self, call: Call) -> None:
         with self._lock:
             if not call.found_cold:
                 call.found_cold = True
-                self._calls[call.model].loading += 1
+                self._calls[call.model].loading += call.judged  # counted now, or when judged
 
     def _finished(self, call: Call, seconds: float | None, images: int) -> None:
+        if call.listing is not None:
+            # Only a call quicker than the listing's fetch (started with it) waits here for it.
+            self._judge_by_listing(call, call.listing.result())
         with self._lock:
             if call.over:
                 return
@@ -228,15 +259,37 @@ class EndpointWatch:
 
     def _listed_models(self) -> dict[str, dict] | None:
         """The local endpoint's models by name (a fresh enough copy); None when there is none."""
-        if self.listing_url is None:
-            return None
+        return self._listing_future().result() if self.listing_url is not None else None
+
+    def _listing_future(self) -> Future:
+        """The listing: at hand when fetched within LISTING_MAX_AGE_S, else the fetch under way, asked
+        for here when none is. One fetch at a time, by the watch's own thread (started once): no
+        caller is held for it, nor for a thread to start."""
         with self._lock:
             if self._listing is not None and self.clock() - self._listing[0] < LISTING_MAX_AGE_S:
-                return self._listing[1]
-        models = _fetch_listing(self.listing_url)
-        with self._lock:
-            self._listing = (self.clock(), models)
-        return models
+                fresh: Future = Future()
+                fresh.set_result(self._listing[1])
+                return fresh
+            if self._fetching is None:
+                self._fetching = Future()
+                if self._fetcher is None:
+                    self._fetcher = threading.Thread(target=self._fetch_when_asked, name="endpoint-listing",
+                                                     daemon=True)
+                    self._fetcher.start()
+                self._fetch_asked.notify()
+            return self._fetching
+
+    def _fetch_when_asked(self) -> None:
+        while True:
+            with self._lock:
+                while self._fetching is None or self._fetching.running():
+                    self._fetch_asked.wait()
+                future = self._fetching
+                future.set_running_or_notify_cancel()
+            models = _fetch_listing(self.listing_url)
+            with self._lock:
+                self._listing, self._fetching = (self.clock(), models), None
+            future.set_result(models)
 
 
 def _fetch_listing(url: str) -> dict[str, dict] | None:
@@ -268,10 +321,10 @@ def warm_up_request(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
     if spec.takes_mask:
         inputs[MASK_IMAGE] = Image.new("L", (WARM_UP_SIDE, WARM_UP_SIDE), 255)
     gen_args: dict[str, Any] = {"num_inference_steps": int(spec.argument("num_inference_steps").minimum), "seed": 0}
-    if "width" in spec.argument_names:
+    if not spec.takes_image:  # its size is the width and height arguments
         gen_args.update(width=WARM_UP_SIDE, height=WARM_UP_SIDE)
-    if "strength" in spec.argument_names:
-        gen_args["strength"] = spec.argument("strength").maximum
+    if spec.strength_scales_steps:  # at full strength: the one step runs
+        gen_args[STRENGTH] = spec.argument(STRENGTH).maximum
     return inputs, gen_args
 
 

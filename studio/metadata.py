@@ -1,6 +1,6 @@
 """Generation parameters inside a PNG, as a text chunk: written on every result, read back on drop.
 
-The endpoint already writes the chunk (key "parameters", JSON) into every image it returns;
+The endpoint already writes the chunk (key sdserve.catalog.PARAMETERS, JSON) into every image it returns;
 the studio makes sure it is there, so that a download always carries what made it.
 
 Reading them back is done on files anyone can drop on the studio, so it decodes no pixel: it
@@ -22,9 +22,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from PIL import Image, PngImagePlugin
-from sdserve.catalog import MAX_PROMPT_CHARS
+from sdserve.catalog import MAX_PROMPT_CHARS, PARAMETERS
 
-PARAMETERS_KEY = "parameters"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The parameters are JSON written with json.dumps (ASCII: a character takes at most 12 bytes, a
 # surrogate pair of \\u escapes): the prompt and the negative prompt, each at most
@@ -90,7 +89,7 @@ def parse_parameters(text: str) -> dict[str, Any]:
 def read_png_head(
     source: Source,
     *,
-    key: str = PARAMETERS_KEY,
+    key: str = PARAMETERS,
     max_bytes: int = MAX_PNG_HEAD_BYTES,
     max_text_bytes: int = MAX_PARAMETERS_BYTES,
 ) -> PngHead:
@@ -271,9 +270,9 @@ def embed_parameters(png: bytes, parameters: dict[str, Any]) -> bytes:
     with Image.open(io.BytesIO(png), formats=["PNG"]) as image:
         info = PngImagePlugin.PngInfo()
         for key, value in image.text.items():
-            if key != PARAMETERS_KEY:
+            if key != PARAMETERS:
                 info.add_text(key, value)
-        info.add_text(PARAMETERS_KEY, json.dumps(parameters))
+        info.add_text(PARAMETERS, json.dumps(parameters))
         buffer = io.BytesIO()
         image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -284,6 +283,6 @@ def image_to_png(image: Image.Image, parameters: dict[str, Any] | None = None) -
     info = None
     if parameters is not None:
         info = PngImagePlugin.PngInfo()
-        info.add_text(PARAMETERS_KEY, json.dumps(parameters))
+        info.add_text(PARAMETERS, json.dumps(parameters))
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

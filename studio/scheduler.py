@@ -9,9 +9,12 @@ place. Triton batches the calls of different designers that are in flight togeth
 runs one batch at a time, so a designer's one-image job waits for at most one call of another
 designer's nine-tile upscale, never for all nine batched together.
 
-Cancelling a job takes its calls that are not sent yet off the queue at once; a call already
-sent still occupies its place until the endpoint answers (the serving side stops any call at
-the invocation limit), so capacity is only ever freed by calls that really ended.
+A job may submit its calls at once, even while it waits its turn: they stay queued until the
+session's earlier jobs are over. Cancelling a job takes its calls that are not sent yet off the
+queue at once; a call already sent still occupies its place until the endpoint answers (the
+serving side stops any call at the invocation limit), so capacity is only ever freed by calls
+that really ended. Nothing here looks at a clock: every wait is on the scheduler's condition,
+notified by whatever changes what the waiter waits for.
 
 No Gradio here: app.py hands each job the session's id and shows what the job reports.
 """
@@ -26,14 +29,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from studio.client import StudioError
+from studio.errors import StudioBusy, StudioError
+from studio.runner import CancelSignal
 
 # Jobs at once (running or waiting), all sessions together, before the studio says it is busy.
 DEFAULT_MAX_JOBS = 64
-
-
-class StudioBusy(StudioError):
-    """The queue of waiting jobs is full."""
 
 
 @dataclass(eq=False)
@@ -44,12 +44,13 @@ class Job:
     session: str
     number: int
     started: threading.Event = field(default_factory=threading.Event)
-    cancelled: threading.Event = field(default_factory=threading.Event)
+    cancelled: CancelSignal = field(default_factory=CancelSignal)
     pending: deque = field(default_factory=deque)  # (future, fn) not sent yet
     running: int = 0  # calls sent and not yet answered
 
     def submit(self, fn: Callable[[], Any]) -> Future:
-        """Queue one endpoint call of this job; its Future resolves when the endpoint answers."""
+        """Queue one endpoint call of this job (sent in the job's turn); its Future resolves when
+        the endpoint answers."""
         return self.scheduler._submit(self, fn)
 
     def cancel(self) -> None:
@@ -69,13 +70,14 @@ class Job:
         return None
 
     def wait_for_turn(self, on_wait: Callable[[int], None] | None = None, poll_s: float = 1.0) -> None:
-        """Block until this job may send calls (the session's earlier jobs are over);
-        `on_wait(jobs ahead)` every `poll_s` while it waits."""
-        while not self.started.wait(poll_s):
-            if self.cancelled.is_set():
-                raise StudioError("Cancelled before it started.")
-            if on_wait is not None:
-                on_wait(self.scheduler.jobs_ahead(self))
+        """Block until this job's turn comes (the session's earlier jobs are over), or raise
+        StudioError once it is cancelled: either wakes it at once. The studio itself never waits
+        so (a job's calls queue until its turn); this is for a caller that wants to.
+
+        `on_wait(jobs ahead)`, when given, is told the job's place at least every `poll_s` while
+        it waits: a report for a person watching, not how the wait notices anything.
+        """
+        self.scheduler._wait_for_turn(self, on_wait, poll_s)
 
     def __enter__(self) -> Job:
         return self
@@ -94,7 +96,8 @@ class FairScheduler:
         self.capacity = capacity
         self.max_jobs = max_jobs
         self.calls_per_session = calls_per_session
-        self._lock = threading.Condition()
+        self._lock = threading.Condition()  # its waiters: the workers, for a call to send
+        self._jobs_changed = threading.Condition(self._lock)  # a job started or was cancelled
         self._numbers = itertools.count(1)
         # Per session, its jobs in order: the first is the running one, the rest wait.
         self._jobs: OrderedDict[str, deque[Job]] = OrderedDict()
@@ -146,14 +149,26 @@ class FairScheduler:
 
     # --- what Job calls ------------------------------------------------------------------------
 
+    def _wait_for_turn(self, job: Job, on_wait: Callable[[int], None] | None, poll_s: float) -> None:
+        while True:
+            with self._lock:
+                if job.started.is_set():
+                    return
+                if job.cancelled.is_set():
+                    raise StudioError("Cancelled before it started.")
+            if on_wait is not None:
+                on_wait(self.jobs_ahead(job))
+            with self._lock:
+                if not (job.started.is_set() or job.cancelled.is_set()):
+                    # _finish and _cancel notify: a start or a cancel ends this wait at once.
+                    self._jobs_changed.wait(poll_s if on_wait is not None else None)
+
     def _submit(self, job: Job, fn: Callable[[], Any]) -> Future:
         future: Future = Future()
         with self._lock:
             if job.cancelled.is_set():
                 future.cancel()
                 return future
-            if not job.started.is_set():
-                raise RuntimeError("a job sends calls only once started (wait_for_turn)")
             job.pending.append((future, fn))
             if job.session not in self._turn:
                 self._turn.append(job.session)
@@ -167,6 +182,7 @@ class FairScheduler:
                 future, _ = job.pending.popleft()
                 future.cancel()
             self._lock.notify_all()
+            self._jobs_changed.notify_all()
 
     def _finish(self, job: Job) -> None:
         """The job is over (done, failed or cancelled): the session's next job may start."""
@@ -177,9 +193,13 @@ class FairScheduler:
                 jobs.remove(job)
                 if jobs:
                     jobs[0].started.set()
+                    # Its calls were queued while it waited: the session takes its turns again.
+                    if jobs[0].pending and job.session not in self._turn:
+                        self._turn.append(job.session)
                 else:
                     del self._jobs[job.session]
             self._lock.notify_all()
+            self._jobs_changed.notify_all()
 
     # --- the workers ---------------------------------------------------------------------------
 

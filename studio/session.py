@@ -23,7 +23,7 @@ from PIL import Image
 from sdserve.images import ALLOWED_FORMATS
 from sdserve.params import SEED_MAX
 
-from studio.client import GenerationResult, StudioError
+from studio.errors import StudioError
 from studio.metadata import (
     MAX_PARAMETERS_BYTES,
     MAX_PARAMETERS_DEPTH,
@@ -35,8 +35,9 @@ from studio.metadata import (
     read_parameters,
     read_png_head,
 )
+from studio.results import GenerationResult
 from studio.store import DEFAULT_OWNER, ResultStore
-from studio.tasks import TASKS, Task, task_of
+from studio.tasks import TASKS, Task, check_side, task_of
 
 HISTORY_LIMIT = 50
 # How far "Vary" moves from the picture it varies: recognisably the same picture, visibly another take.
@@ -97,10 +98,7 @@ def check_upload(source: str | os.PathLike | bytes | BinaryIO, max_side: int = M
         raise StudioError(f"The image is far too large: {title} accepts at most {max_side} px a side.") from None
     except Exception:  # PIL raises many types for bad bytes; all mean the same here
         raise StudioError(f"That file is not a readable image ({', '.join(ALLOWED_FORMATS)}).") from None
-    if max(width, height) > max_side:
-        raise StudioError(
-            f"The image is {width}×{height} px; {title} accepts at most {max_side} px a side. Make it smaller first."
-        )
+    check_side(width, height, max_side, title)  # the tabs' own rule (Task.check), before decoding
     return width, height
 
 
@@ -112,19 +110,27 @@ def record_result(
     *, owner: str = DEFAULT_OWNER,
 ) -> list[Entry]:
     """Keep a result's PNGs (parameters embedded) and its inputs in the store, as `owner`'s;
-    one entry per image."""
-    input_ids = {
-        name: store.save(image_to_png(image), f"{task.name}-{name}.png", owner=owner)
-        for name, image in (inputs or {}).items()
-    }
+    one entry per image. Each PNG is read, and saved (hashed), once."""
+    input_ids = keep_inputs(store, task, inputs, owner=owner)
     entries = []
     for index, png in enumerate(result.png):
         # The endpoint embeds each image's own parameters; fall back to the result's with this image's seed.
-        parameters = read_parameters(png) or {**result.parameters, "seed": _nth_seed(result, index)}
-        png = embed_parameters(png, parameters)
+        parameters = read_parameters(png)
+        if parameters is None:
+            parameters = {**result.parameters, "seed": _nth_seed(result, index)}
+            png = embed_parameters(png, parameters)
         result_id = store.save(png, _file_name(task, parameters), owner=owner)
         entries.append({"id": result_id, "task": task.name, "parameters": parameters, "inputs": input_ids})
     return entries
+
+
+def keep_inputs(store: ResultStore, task: Task, inputs: dict[str, Image.Image] | None, *,
+                owner: str = DEFAULT_OWNER) -> dict[str, str]:
+    """A job's input images kept in the store, as `owner`'s: their ids by name, as an entry's "inputs"."""
+    return {
+        name: store.save(image_to_png(image), f"{task.name}-{name}.png", owner=owner)
+        for name, image in (inputs or {}).items()
+    }
 
 
 def _file_name(task: Task, parameters: dict[str, Any]) -> str:

@@ -36,7 +36,7 @@ from pathlib import Path
 from PIL import Image
 from sdserve.files import atomic_file
 
-from studio.client import StudioError
+from studio.errors import StudioError
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

@@ -1,14 +1,18 @@
-"""The studio's tabs, derived from the model table (sdserve.catalog): one Task per model.
+"""The studio's tabs, derived from the model table (sdserve.catalog): one Task per model (and per
+edit tool of studio.edits), and `Task.check`, the one check of a job's inputs.
 
 A tab's controls are the model's prompt inputs and its generation arguments, with the table's
-labels, help, ranges and defaults; values are checked by the same `Argument.check` the server
-uses, so a designer hears of a bad value before anything is sent, in the same words.
+labels, help, ranges and defaults. Every way into a job goes through `Task.check`: the tab's
+button, its named API endpoint and StudioClient's methods. Each value is checked there once, by
+the same `Argument.check` the server uses (one rule per input, in the same words), the image and
+the mask once, and the edit settings are told from the model's arguments once; what comes out
+(`JobInputs`) is planned (studio.planning) and sent without being checked again.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
@@ -16,10 +20,10 @@ from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
 
-from studio.client import GenerationResult, StatusCallback, StudioClient, StudioError
 from studio.edits import EDIT_TOOLS, EditTool, plan_edit
-from studio.jobs import JobPlan, ResultCallback, max_input_side, plan_job
-from studio.scheduler import Job
+from studio.errors import StudioError
+
+TEXT_CONTROLS = ("prompt", "negative_prompt")
 
 
 @dataclass(frozen=True)
@@ -49,37 +53,20 @@ class Control:
     def choices(self) -> tuple[str, ...]:
         return self.argument.choices if self.argument else ()
 
+    @property
+    def main(self) -> bool:
+        """Shown beside the prompts (the prompts themselves, and the arguments the table marks so)."""
+        return self.argument.main if self.argument else True
+
     @classmethod
     def for_argument(cls, argument: Argument) -> Control:
         return cls(argument.name, argument.label, argument.widget, argument.default, argument.help or None, argument)
 
-    def validate(self, value: Any) -> Any:
-        """`value` as the endpoint wants it, or a StudioError naming the control and its limits.
-
-        Sliders and number boxes hand over floats (50.0), which the endpoint refuses for an
-        integer argument, so numbers are converted to the argument's type first; an emptied
-        field (None) means the default.
-        """
-        if value is None:
-            return self.default
+    def check(self, value: Any) -> Any:
+        """`value` as the endpoint wants it, or a StudioError naming the control and its limits:
+        the table's `Argument.check` (sdserve.params has the rule); a text's None is empty."""
         if self.argument is None:
-            return str(value)
-        kind = self.argument.kind
-        if kind is bool:
-            if value not in (True, False):  # 1 and 0 too: bool(value) would take any string as on
-                raise StudioError(f"{self.label} must be on or off; got {value!r}.")
-            value = bool(value)
-        elif kind is not str:
-            try:
-                value = float(value)
-            except (TypeError, ValueError):
-                raise StudioError(f"{self.label} must be a number; got {value!r}.") from None
-            if not math.isfinite(value):
-                raise StudioError(f"{self.label} must be a finite number; got {value!r}.")
-            if kind is int:
-                value = int(round(value))
-        else:
-            value = str(value)
+            return self.default if value is None else str(value)
         try:
             return self.argument.check(value, field=self.label)
         except RequestError as error:
@@ -88,9 +75,22 @@ class Control:
     def restore(self, value: Any) -> Any:
         """A value read back from a PNG or the browser's storage: the default where it is unusable."""
         try:
-            return self.validate(value)
+            return self.check(value)
         except StudioError:
             return self.default
+
+
+@dataclass(frozen=True)
+class JobInputs:
+    """A job's inputs, each checked once (`Task.check`): what studio.planning plans."""
+
+    task: Task
+    prompt: str
+    negative_prompt: str
+    gen_args: dict[str, Any]  # the model's arguments that were given, with their proper types
+    settings: dict[str, Any] = field(default_factory=dict)  # an edit tool's settings, every one
+    image: Image.Image | None = None  # RGB, within the tab's limits (for a task that takes one)
+    mask: Image.Image | None = None  # L, the image's size, painted (for a task that takes one)
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ class Task:
     takes_mask = property(lambda self: self.tool.takes_mask if self.tool else self.spec.takes_mask)
     prompt_required = property(lambda self: self.spec.prompt_required)
     # The largest input the studio takes: a tiled model (the upscaler) takes more than one call does.
-    max_image_side = property(lambda self: max_input_side(self.spec))
+    max_image_side = property(lambda self: self.spec.max_input_side)
 
     @property
     def setting_names(self) -> tuple[str, ...]:
@@ -132,20 +132,34 @@ class Task:
     def defaults(self) -> dict[str, Any]:
         return {control.name: control.default for control in self.controls}
 
-    def plan(self, values: dict[str, Any], image: Image.Image | None = None,
-             mask: Image.Image | None = None) -> JobPlan:
-        """Check the inputs and plan the job's calls (studio.jobs), sending nothing."""
-        arguments = {control.name: control.validate(values.get(control.name, control.default)) for control in self.controls}
-        prompt, negative_prompt = arguments.pop("prompt"), arguments.pop("negative_prompt")
-        settings = {name: arguments.pop(name) for name in self.setting_names}
+    def control(self, name: str) -> Control:
+        return next(control for control in self.controls if control.name == name)
+
+    def check(self, values: Mapping[str, Any], image: Image.Image | None = None,
+              mask: Image.Image | None = None) -> JobInputs:
+        """A job's inputs checked, or a StudioError saying what to change; nothing is sent.
+
+        `values` by control name, as the tab's controls, its API endpoint and StudioClient's
+        keywords give them: the prompts, the model's arguments (those given are sent, the endpoint
+        fills in the rest) and an edit tool's settings (the defaults for those not given).
+        """
+        unknown = sorted(set(values) - {control.name for control in self.controls})
+        if unknown:
+            names = [control.name for control in self.controls if control.name not in TEXT_CONTROLS]
+            raise StudioError(f"{self.name} takes no argument {unknown[0]!r}; it takes {', '.join(names)}.")
+        checked = {name: self.control(name).check(value) for name, value in values.items()}
+        prompt, negative_prompt = (checked.pop(name, "") for name in TEXT_CONTROLS)
+        settings = {name: checked.pop(name, default) for name, default in (self.tool.defaults() if self.tool else {}).items()}
         if self.prompt_required and not prompt.strip():
             raise StudioError(f"Write a prompt: {self.title} needs one.")
+        try:  # arguments fine alone may still be refused together (strength x steps < 1)
+            self.spec.check_steps({**self.spec.defaults(), **checked})
+        except RequestError as error:
+            raise StudioError(f"{error}.") from None
         if self.takes_image:
-            image = self.checked_image(image)
-        if self.takes_mask:
-            mask = checked_mask(mask, image.size)
-        return plan_job(self.name, prompt, negative_prompt, image=image, mask=mask, gen_args=arguments,
-                        settings=settings or None)
+            image = self._checked_image(image)
+        mask = checked_mask(mask, image.size) if self.takes_mask else None
+        return JobInputs(self, prompt, negative_prompt, checked, settings, image, mask)
 
     def preview(self, values: dict[str, Any], image: Image.Image | None,
                 mask: Image.Image | None = None) -> Image.Image | None:
@@ -154,72 +168,35 @@ class Task:
         if self.tool is None or image is None:
             return None
         try:
-            settings = {name: self.control(name).validate(values.get(name)) for name in self.setting_names}
-            return plan_edit(self.tool, self.checked_image(image), mask, settings, self.max_image_side).preview()
+            inputs = self.check(values, image, mask)
+            return plan_edit(self.tool, inputs.image, inputs.mask, inputs.settings, self.max_image_side).preview()
         except StudioError:
             return None
 
-    def control(self, name: str) -> Control:
-        return next(control for control in self.controls if control.name == name)
-
-    def run(
-        self,
-        client: StudioClient,
-        values: dict[str, Any],
-        image: Image.Image | None = None,
-        mask: Image.Image | None = None,
-        on_status: StatusCallback | None = None,
-        job: Job | None = None,
-        on_result: ResultCallback | None = None,
-    ) -> GenerationResult:
-        """Plan and send a job (see `plan` and `send`)."""
-        return self.send(client, self.plan(values, image, mask), on_status, job=job, on_result=on_result)
-
-    def send(
-        self,
-        client: StudioClient,
-        plan: JobPlan,
-        on_status: StatusCallback | None = None,
-        *,
-        job: Job | None = None,
-        on_result: ResultCallback | None = None,
-    ) -> GenerationResult:
-        """Run a planned job through the client layer: in `job`'s turn (its calls go through the
-        studio's scheduler, and its cancellation stops unsent calls).
-
-        Raises StudioError, or studio.jobs.PartialJobError carrying the images that were made.
-        """
-        notify = on_status or (lambda line: None)
-        if plan.is_split:
-            notify(plan.summary)
-        if job is not None:
-            job.wait_for_turn()
-        result = client.run_job(
-            plan, submit=job.submit if job else None, cancelled=job.cancelled if job else None,
-            on_status=on_status, on_result=on_result,
-        )
-        return result.raise_for_errors()
-
-    def checked_image(self, image: Image.Image | None) -> Image.Image:
+    def _checked_image(self, image: Image.Image | None) -> Image.Image:
         if image is None:
             raise StudioError(f"{self.title} needs an input image: upload one, or send a result here from another tab.")
         width, height = image.size
-        limit = self.max_image_side
-        if limit and max(width, height) > limit:
-            raise StudioError(
-                f"The image is {width}×{height} px; {self.title} accepts at most {limit} px a side. "
-                "Make it smaller first."
-            )
+        check_side(width, height, self.max_image_side, self.title)
         if min(width, height) < MIN_IMAGE_SIDE:
             raise StudioError(f"The image is {width}×{height} px; {self.title} needs at least {MIN_IMAGE_SIDE} px a side.")
-        return image.convert("RGB")
+        return image if image.mode == "RGB" else image.convert("RGB")  # an RGB image is sent as it came
+
+
+def check_side(width: int, height: int, max_side: int, title: str) -> None:
+    """A StudioError when an image is over `max_side` px a side: for a job's input (Task.check), and
+    for an upload from its header, before it is decoded (studio.session.check_upload)."""
+    if max(width, height) > max_side:
+        raise StudioError(
+            f"The image is {width}×{height} px; {title} accepts at most {max_side} px a side. Make it smaller first."
+        )
 
 
 def checked_mask(mask: Image.Image | None, image_size: tuple[int, int]) -> Image.Image:
     """The mask as the endpoint takes it (white = replace), or a StudioError saying what is wrong."""
     if mask is None:
         raise StudioError("The mask is empty: paint over the area to replace.")
-    mask = mask.convert("L")
+    mask = mask if mask.mode == "L" else mask.convert("L")
     if mask.size != image_size:
         raise StudioError(
             f"The mask is {mask.size[0]}×{mask.size[1]} px but the image is {image_size[0]}×{image_size[1]} px; "

@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 from gradio import processing_utils
 
-from studio.client import StudioError
+from studio.errors import StudioError
 from studio.masks import BRUSH_OPACITY, BRUSH_RGB
 from studio.session import MAX_INPUT_SIDE, check_upload
 from studio.tasks import TASKS, Control, Task
@@ -22,8 +22,6 @@ DEFAULT_BRUSH_SIZE = 24  # px, in the image's own pixels
 # centred on the canvas size it was built with, not on the image: it lines up only on images of
 # this size, the sample's and the default generation size.
 EDITOR_CANVAS_SIZE = (512, 512)
-# Settings shown beside the prompts; the rest go in the "Sampling" group.
-MAIN_CONTROLS = ("prompt", "negative_prompt", "width", "height", "strength", "noise_level")
 
 
 @dataclass
@@ -99,7 +97,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
             controls = {
                 control.name: control_widget(control, start[control.name], f"{name}-{control.name}")
                 for control in task.controls
-                if control.name in MAIN_CONTROLS
+                if control.main and control.name not in settings
             }
             edit_preview = None
             if task.tool is not None:
@@ -120,7 +118,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
                     controls.update(
                         (control.name, control_widget(control, start[control.name], f"{name}-{control.name}"))
                         for control in task.controls
-                        if control.name not in MAIN_CONTROLS and control.name not in settings
+                        if not control.main and control.name not in settings
                     )
             run = gr.Button(task.title, variant="primary", elem_id=f"{name}-run")
         with gr.Column(scale=1):

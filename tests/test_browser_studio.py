@@ -16,7 +16,7 @@ from tests.test_studio_api import launched_studio
 
 CALL_TIMEOUT_MS = 300_000  # a model's first call loads it into Triton
 
-pytestmark = [pytest.mark.triton, pytest.mark.browser]
+pytestmark = [pytest.mark.studio, pytest.mark.triton, pytest.mark.browser]
 
 
 @pytest.fixture(scope="module")

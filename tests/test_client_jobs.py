@@ -1,6 +1,7 @@
-"""Jobs split into several InvokeEndpoint calls (studio/jobs.py): planning, stitching, seeds,
-partial failure and cancellation against a stand-in runtime, then the real local endpoint (real
-Triton, tiny weights): a 4-image generate and tiled and one-tile upscales."""
+"""Jobs split into several InvokeEndpoint calls (studio/planning.py, studio/tiles.py,
+studio/runner.py): planning, stitching, seeds, partial failure and cancellation against a stand-in
+runtime, then the real local endpoint (real Triton, tiny weights): a 4-image generate and tiled
+and one-tile upscales."""
 
 from __future__ import annotations
 
@@ -10,37 +11,24 @@ import io
 import json
 import random
 import threading
-import time
 
 import botocore.exceptions
 import numpy as np
 import pytest
 from PIL import Image
+from sdserve.catalog import MAX_PAYLOAD_BYTES, MODELS_BY_TASK
 from sdserve.images import encode_png
 from sdserve.params import SEED_MAX
+from sdserve.wire import worst_case_answer_bytes
 
-from studio.client import (
-    MAX_ANSWER_BYTES,
-    EndpointConfig,
-    GenerationResult,
-    JobCancelled,
-    StudioClient,
-    StudioError,
-)
-from studio.jobs import (
-    MAX_TILED_INPUT_SIDE,
-    UPSCALE_TILE_OVERLAP,
-    UPSCALE_TILE_SIDE,
-    JobResult,
-    PartialJobError,
-    TileLayout,
-    axis_weights,
-    plan_job,
-    stitch,
-    tile_positions,
-    worst_case_answer_bytes,
-)
+from studio.client import EndpointConfig, StudioClient
+from studio.errors import JobCancelled, PartialJobError, StudioError
 from studio.metadata import read_parameters
+from studio.planning import plan_job
+from studio.results import GenerationResult, JobResult
+from studio.runner import CancelSignal, run_job
+from studio.tasks import TASKS
+from studio.tiles import TileLayout, axis_weights, stitch, tile_positions
 
 from .endpoint_support import (
     ENDPOINT_NAME,
@@ -50,6 +38,14 @@ from .endpoint_support import (
     start_endpoint,
 )
 from .samples import assert_same_image
+
+
+TILING = MODELS_BY_TASK["upscale"].tiling  # the upscaler's tiles (sdserve.catalog.Tiling)
+
+
+def checked_plan(task: str, prompt: str = "", *, image=None, gen_args=None, **planning):
+    """A job checked as its tab checks it (Task.check), then planned (`planning`: tiling, rng)."""
+    return plan_job(TASKS[task].check({"prompt": prompt, **(gen_args or {})}, image), **planning)
 
 
 def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
@@ -127,7 +123,7 @@ def one_worker(calls: int = 1):
 
 def test_an_image_that_fits_one_tile_is_one_call_sent_untouched():
     image = noise((200, 200))
-    plan = plan_job("upscale", "a house", image=image, gen_args={"seed": 5, "num_inference_steps": 2})
+    plan = checked_plan("upscale", "a house", image=image, gen_args={"seed": 5, "num_inference_steps": 2})
     assert plan.call_count == 1 and plan.layout is None and not plan.is_split and not plan.reasons
     (call,) = plan.calls
     assert call.inputs["image"] is image  # not cropped, converted nor resized
@@ -136,14 +132,14 @@ def test_an_image_that_fits_one_tile_is_one_call_sent_untouched():
 
 
 @pytest.mark.parametrize(("size", "tile", "overlap", "calls", "grid"), [
-    ((512, 512), UPSCALE_TILE_SIDE, UPSCALE_TILE_OVERLAP, 9, (3, 3)),
-    ((1024, 1024), UPSCALE_TILE_SIDE, UPSCALE_TILE_OVERLAP, 25, (5, 5)),
-    ((1024, 300), UPSCALE_TILE_SIDE, UPSCALE_TILE_OVERLAP, 10, (5, 2)),  # 300 is sent as 296 (multiple of 8)
-    ((263, 263), UPSCALE_TILE_SIDE, UPSCALE_TILE_OVERLAP, 1, (1, 1)),  # 256 once snapped: one tile
+    ((512, 512), TILING.side, TILING.overlap, 9, (3, 3)),
+    ((1024, 1024), TILING.side, TILING.overlap, 25, (5, 5)),
+    ((1024, 300), TILING.side, TILING.overlap, 10, (5, 2)),  # 300 is sent as 296 (multiple of 8)
+    ((263, 263), TILING.side, TILING.overlap, 1, (1, 1)),  # 256 once snapped: one tile
     ((96, 96), 64, 16, 4, (2, 2)),
 ])
 def test_tile_counts(size, tile, overlap, calls, grid):
-    plan = plan_job("upscale", image=noise(size), gen_args={"seed": 1}, tile_side=tile, tile_overlap=overlap)
+    plan = checked_plan("upscale", image=noise(size), gen_args={"seed": 1}, tile_side=tile, tile_overlap=overlap)
     assert plan.call_count == calls
     if calls > 1:
         assert (len(plan.layout.xs), len(plan.layout.ys)) == grid
@@ -152,7 +148,7 @@ def test_tile_counts(size, tile, overlap, calls, grid):
 
 
 @pytest.mark.parametrize("length", [33, 257, 264, 300, 448, 456, 500, 512, 640, 768, 1000, 1024])
-@pytest.mark.parametrize(("tile", "overlap"), [(UPSCALE_TILE_SIDE, UPSCALE_TILE_OVERLAP), (64, 16), (128, 0)])
+@pytest.mark.parametrize(("tile", "overlap"), [(TILING.side, TILING.overlap), (64, 16), (128, 0)])
 def test_tiles_cover_the_side_overlap_enough_and_are_as_few_as_possible(length, tile, overlap):
     starts = tile_positions(length, tile, overlap)
     side = min(tile, length)
@@ -165,15 +161,15 @@ def test_tiles_cover_the_side_overlap_enough_and_are_as_few_as_possible(length, 
 
 
 def test_a_tiled_image_is_resized_to_multiples_of_8_as_the_server_would():
-    plan = plan_job("upscale", image=noise((300, 301)), gen_args={"seed": 1})
+    plan = checked_plan("upscale", image=noise((300, 301)), gen_args={"seed": 1})
     assert plan.layout.size == (296, 296) and plan.layout.output_size == (1184, 1184)
 
 
 def test_every_tile_answer_fits_the_cap_even_for_noise():
     """The tile side is sized for the worst case: a tile of noise with the longest prompts, as the
     server encodes it (PNG with its parameters in a text chunk, and the parameters output)."""
-    out = UPSCALE_TILE_SIDE * 4
-    assert worst_case_answer_bytes(out, out) <= MAX_ANSWER_BYTES
+    out = TILING.side * 4
+    assert worst_case_answer_bytes(out, out) <= MAX_PAYLOAD_BYTES
     prompt = "\U0001F600" * 4000  # 4000 characters, each escaped to 12 bytes in JSON
     parameters = json.dumps({"model": "sd_upscale", "prompt": prompt, "negative_prompt": prompt, "seed": 1,
                              "seeds": [1]})
@@ -181,30 +177,30 @@ def test_every_tile_answer_fits_the_cap_even_for_noise():
     answer = json.dumps({"model_name": "sd_upscale", "model_version": "1", "outputs": [
         {"name": "generated_image", "datatype": "BYTES", "shape": [1, 1], "data": [image]},
         {"name": "parameters", "datatype": "BYTES", "shape": [1, 1], "data": [parameters]}]}).encode()
-    assert len(answer) <= worst_case_answer_bytes(out, out) <= MAX_ANSWER_BYTES
+    assert len(answer) <= worst_case_answer_bytes(out, out) <= MAX_PAYLOAD_BYTES
     with pytest.raises(ValueError, match="can exceed"):  # a tile too large for the cap is refused
-        plan_job("upscale", image=noise((600, 600)), tile_side=320)
+        checked_plan("upscale", image=noise((600, 600)), tile_side=320)
 
 
 def test_upscale_takes_up_to_1024_px_and_says_so_beyond():
-    assert MAX_TILED_INPUT_SIDE == 1024
-    plan_job("upscale", image=Image.new("RGB", (1024, 1024)))
+    assert TILING.max_input_side == 1024
+    checked_plan("upscale", image=Image.new("RGB", (1024, 1024)))
     with pytest.raises(StudioError, match=r"1025×64 px; Upscale accepts at most 1024 px a side"):
-        plan_job("upscale", image=Image.new("RGB", (1025, 64)))
+        checked_plan("upscale", image=Image.new("RGB", (1025, 64)))
 
 
 def test_arguments_are_checked_before_planning():
     with pytest.raises(StudioError, match="takes no argument 'steps'"):
-        plan_job("generate", "a cat", gen_args={"steps": 3})
-    with pytest.raises(StudioError, match="gen_args.num_images_per_prompt: must be from 1 to 4; got 5"):
-        plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 5})
+        checked_plan("generate", "a cat", gen_args={"steps": 3})
+    with pytest.raises(StudioError, match="Images: must be from 1 to 4; got 5"):
+        checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 5})
 
 
 # --- seeds ---------------------------------------------------------------------------------------
 
 
 def test_several_images_are_one_call_each_with_consecutive_seeds():
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10, "width": 64, "height": 64})
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10, "width": 64, "height": 64})
     assert plan.seeds == (10, 11, 12, 13) and plan.call_count == 4
     assert [call.gen_args for call in plan.calls] == [
         {"num_images_per_prompt": 1, "seed": seed, "width": 64, "height": 64} for seed in (10, 11, 12, 13)]
@@ -213,19 +209,19 @@ def test_several_images_are_one_call_each_with_consecutive_seeds():
 
 
 def test_seed_minus_one_is_resolved_once_so_the_seeds_are_consecutive():
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 3}, rng=random.Random(4))
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 3}, rng=random.Random(4))
     first = random.Random(4).randint(0, SEED_MAX)
     assert plan.seeds == (first, first + 1, first + 2)
     assert [call.seed for call in plan.calls] == list(plan.seeds)
     # Past the largest seed they wrap around, as the server's do.
-    assert plan_job("generate", "a", gen_args={"num_images_per_prompt": 3, "seed": SEED_MAX}).seeds == (SEED_MAX, 0, 1)
+    assert checked_plan("generate", "a", gen_args={"num_images_per_prompt": 3, "seed": SEED_MAX}).seeds == (SEED_MAX, 0, 1)
     # A one-image job gets its seed now too, so the plan can show it before anything is sent.
-    assert 0 <= plan_job("generate", "a").calls[0].seed <= SEED_MAX
+    assert 0 <= checked_plan("generate", "a").calls[0].seed <= SEED_MAX
 
 
 def test_every_tile_uses_its_images_seed():
-    plan = plan_job("upscale", image=noise((96, 96)), gen_args={"seed": 41, "num_images_per_prompt": 2},
-                    tile_side=64, tile_overlap=16)
+    plan = checked_plan("upscale", image=noise((96, 96)), gen_args={"seed": 41, "num_images_per_prompt": 2},
+                        tile_side=64, tile_overlap=16)
     assert plan.call_count == 8 and plan.seeds == (41, 42)
     assert [call.seed for call in plan.calls] == [41] * 4 + [42] * 4
     assert {call.gen_args["num_images_per_prompt"] for call in plan.calls} == {1}
@@ -277,7 +273,7 @@ def test_a_one_tile_job_gives_the_endpoints_image_byte_for_byte():
     client = fake_client(endpoint)
     image = noise((64, 64))
     untiled = client.invoke("sd_upscale", {"prompt": "a", "negative_prompt": "", "image": image}, {"seed": 3})
-    result = client.run_job(plan_job("upscale", "a", image=image, gen_args={"seed": 3}))
+    result = run_job(client, checked_plan("upscale", "a", image=image, gen_args={"seed": 3}))
     typed = client.upscale(image, "a", seed=3)
     assert endpoint.requests[0]["body"] == endpoint.requests[1]["body"] == endpoint.requests[2]["body"]
     assert result.png[0] == untiled.png[0] == typed.png[0]  # the endpoint's own PNG, untouched
@@ -296,8 +292,8 @@ def test_a_split_generate_reports_each_image_and_progress_as_calls_finish():
         assert threading.current_thread() is caller  # callbacks come on run_job's own thread
         reported.append((index, part.parameters["seed"], len(part.images)))
 
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10, "width": 64, "height": 64})
-    result = client.run_job(plan, on_result=on_result, on_status=lines.append)
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10, "width": 64, "height": 64})
+    result = run_job(client, plan, on_result=on_result, on_status=lines.append)
     assert sorted(request["gen_args"]["seed"] for request in endpoint.requests) == [10, 11, 12, 13]
     assert {request["gen_args"]["num_images_per_prompt"] for request in endpoint.requests} == {1}
     assert sorted(reported) == [(0, 10, 1), (1, 11, 1), (2, 12, 1), (3, 13, 1)]
@@ -312,9 +308,9 @@ def test_a_split_generate_reports_each_image_and_progress_as_calls_finish():
 def test_failed_images_are_named_and_the_made_ones_kept():
     endpoint = FakeEndpoint(fail=lambda request: "CUDA out of memory" if request["gen_args"]["seed"] == 12 else None)
     client = fake_client(endpoint)
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10})
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 10})
     made = []
-    result = client.run_job(plan, on_result=lambda index, part: made.append(index))
+    result = run_job(client, plan, on_result=lambda index, part: made.append(index))
     assert sorted(made) == [0, 1, 3] and result.image_indices == [0, 1, 3]
     assert len(result.images) == 3 and result.seeds == [10, 11, 13] and not result.complete
     assert [str(failure) for failure in result.failures] == ["Image 3 of 4 (seed 12) failed: CUDA out of memory."]
@@ -333,16 +329,16 @@ def test_failed_images_are_named_and_the_made_ones_kept():
 def test_a_one_call_job_that_fails_keeps_the_models_own_words():
     client = fake_client(FakeEndpoint(fail=lambda request: "prompt: must not be empty for sd_base"))
     with pytest.raises(StudioError, match="^prompt: must not be empty for sd_base$"):
-        client.generate("", seed=1)
+        client.generate("a cat", seed=1)
 
 
 def test_a_failed_tile_fails_the_upscale_and_its_other_tiles_are_not_sent():
     endpoint = FakeEndpoint(fail=lambda request: "the GPU fell over" if len(endpoint.requests) == 2 else None)
     client = fake_client(endpoint)
-    plan = plan_job("upscale", image=noise((96, 96)), gen_args={"seed": 7}, tile_side=64, tile_overlap=16)
+    plan = checked_plan("upscale", image=noise((96, 96)), gen_args={"seed": 7}, tile_side=64, tile_overlap=16)
     submit, executor = one_worker()
     with executor:
-        result = client.run_job(plan, submit=submit)
+        result = run_job(client, plan, submit=submit)
     assert len(endpoint.requests) == 2  # tiles 3 and 4 were never sent
     assert result.images == [] and result.calls_sent == 2
     with pytest.raises(StudioError) as raised:
@@ -359,8 +355,8 @@ def test_a_tiled_upscale_through_the_stand_in_is_the_whole_image_upscaled():
     lines = []
     result = fake_client(endpoint).upscale(image, "a", seed=7, on_status=lines.append)  # typed method: plans itself
     assert result.images[0].size == (384, 352) and len(endpoint.requests) == 1  # fits one 256 px tile
-    plan = plan_job("upscale", image=image, gen_args={"seed": 7}, tile_side=64, tile_overlap=16)
-    result = fake_client(endpoint).run_job(plan, on_status=lines.append)
+    plan = checked_plan("upscale", image=image, gen_args={"seed": 7}, tile_side=64, tile_overlap=16)
+    result = run_job(fake_client(endpoint), plan, on_status=lines.append)
     expected = image.resize((384, 352), Image.Resampling.NEAREST)
     assert np.array_equal(np.asarray(result.images[0]), np.asarray(expected))
     assert {request["image"].size for request in endpoint.requests[1:]} == {(64, 64)}
@@ -382,6 +378,15 @@ def test_a_plain_upscale_of_a_1024_px_image_is_25_tiles_stitched_into_4096_px():
 # --- cancellation --------------------------------------------------------------------------------
 
 
+def all_cancelled(futures, timeout: float = 10.0) -> bool:
+    """Wait until every future is cancelled: cancel() runs the done callbacks at once (whereas
+    concurrent.futures.wait counts a cancelled future only once an executor has taken it up)."""
+    ended = threading.Semaphore(0)
+    for future in futures:
+        future.add_done_callback(lambda _: ended.release())
+    return all(ended.acquire(timeout=timeout) for _ in futures) and all(f.cancelled() for f in futures)
+
+
 def test_cancelling_stops_the_calls_not_yet_sent_and_keeps_what_the_sent_ones_made():
     in_flight, release = threading.Event(), threading.Event()
 
@@ -390,17 +395,26 @@ def test_cancelling_stops_the_calls_not_yet_sent_and_keeps_what_the_sent_ones_ma
         assert release.wait(10)
 
     endpoint = FakeEndpoint(gate=gate)
-    cancelled = threading.Event()
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 20})
+    cancelled = CancelSignal()
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 4, "seed": 20})
     submit, executor = one_worker()
+    queued, submitted = [], threading.Semaphore(0)
+
+    def recording_submit(fn):  # run_job's futures, to wait for its cancel to reach the queued ones
+        queued.append(submit(fn))
+        submitted.release()
+        return queued[-1]
+
     outcome = {}
     with executor:
         worker = threading.Thread(target=lambda: outcome.update(
-            result=fake_client(endpoint).run_job(plan, submit=submit, cancelled=cancelled)))
+            result=run_job(fake_client(endpoint), plan, submit=recording_submit, cancelled=cancelled)))
         worker.start()
         assert in_flight.wait(10)
         cancelled.set()  # image 1 is in flight, images 2-4 wait in the executor
-        time.sleep(0.3)
+        for _ in range(4):
+            assert submitted.acquire(timeout=10)
+        assert all_cancelled(queued[1:])  # run_job sees the cancel and cancels the calls not started
         release.set()  # the call already sent finishes
         worker.join(10)
     result = outcome["result"]
@@ -440,17 +454,17 @@ class HoldingScheduler:
 def test_an_injected_scheduler_runs_the_calls_and_a_cancelled_job_sends_no_more(honour_cancel):
     endpoint = FakeEndpoint()
     scheduler = HoldingScheduler()
-    cancelled = threading.Event()
-    plan = plan_job("generate", "a cat", gen_args={"num_images_per_prompt": 3, "seed": 5})
+    cancelled = CancelSignal()
+    plan = checked_plan("generate", "a cat", gen_args={"num_images_per_prompt": 3, "seed": 5})
     outcome = {}
     worker = threading.Thread(target=lambda: outcome.update(
-        result=fake_client(endpoint).run_job(plan, submit=scheduler.submit, cancelled=cancelled)))
+        result=run_job(fake_client(endpoint), plan, submit=scheduler.submit, cancelled=cancelled)))
     worker.start()
     for _ in range(3):
         assert scheduler.submitted.acquire(timeout=10)  # every call is handed over at once
     scheduler.run(0)
     cancelled.set()
-    time.sleep(0.3)  # run_job sees the cancel and cancels the futures still held
+    assert all_cancelled([future for future, _ in scheduler.held[1:]])  # run_job cancels the futures still held
     for index in (1, 2):
         future, fn = scheduler.held[index]
         if honour_cancel:
@@ -466,9 +480,9 @@ def test_an_injected_scheduler_runs_the_calls_and_a_cancelled_job_sends_no_more(
 
 def test_a_job_cancelled_before_anything_was_sent_says_so():
     endpoint = FakeEndpoint()
-    cancelled = threading.Event()
+    cancelled = CancelSignal()
     cancelled.set()
-    result = fake_client(endpoint).run_job(plan_job("generate", "a cat", gen_args={"seed": 1}), cancelled=cancelled)
+    result = run_job(fake_client(endpoint), checked_plan("generate", "a cat", gen_args={"seed": 1}), cancelled=cancelled)
     assert endpoint.requests == [] and result.cancelled and result.calls_sent == 0
     with pytest.raises(JobCancelled):
         result.raise_for_errors()
@@ -486,8 +500,8 @@ def test_a_scheduler_that_refuses_a_call_fails_that_call_only():
         return submit(fn)
 
     with executor:
-        plan = plan_job("generate", "a", gen_args={"num_images_per_prompt": 3, "seed": 1})
-        result = fake_client(endpoint).run_job(plan, submit=choosy)
+        plan = checked_plan("generate", "a", gen_args={"num_images_per_prompt": 3, "seed": 1})
+        result = run_job(fake_client(endpoint), plan, submit=choosy)
     assert result.seeds == [1, 3]
     assert [str(failure) for failure in result.failures] == [
         "Image 2 of 3 (seed 2) failed: it could not be queued (queue full)."]
@@ -542,8 +556,8 @@ def test_four_images_through_the_endpoint_are_four_calls_with_consecutive_seeds(
     whole = client.invoke("sd_base", {"prompt": "a lighthouse", "negative_prompt": ""},
                           {**arguments, "num_images_per_prompt": 4})
     before, reported = endpoint.invocations_total, []
-    plan = plan_job("generate", "a lighthouse", gen_args={**arguments, "num_images_per_prompt": 4})
-    result = client.run_job(plan, on_result=lambda index, part: reported.append(index))
+    plan = checked_plan("generate", "a lighthouse", gen_args={**arguments, "num_images_per_prompt": 4})
+    result = run_job(client, plan, on_result=lambda index, part: reported.append(index))
     assert endpoint.invocations_total - before == 4 and sorted(reported) == [0, 1, 2, 3]
     assert result.complete and len(result.images) == 4 and result.seeds == [1000, 1001, 1002, 1003]
     assert [read_parameters(png)["seed"] for png in result.png] == [1000, 1001, 1002, 1003]
@@ -557,11 +571,11 @@ def test_four_images_through_the_endpoint_are_four_calls_with_consecutive_seeds(
 def test_a_tiled_upscale_through_the_endpoint_is_4x_and_one_call_per_tile(endpoint, recorded):
     client, recording = recorded
     lines = []
-    plan = plan_job("upscale", "a house", image=scene(96),
-                    gen_args={"num_inference_steps": STEPS, "noise_level": 20, "seed": 7},
-                    tile_side=64, tile_overlap=16)
+    plan = checked_plan("upscale", "a house", image=scene(96),
+                        gen_args={"num_inference_steps": STEPS, "noise_level": 20, "seed": 7},
+                        tile_side=64, tile_overlap=16)
     before = endpoint.invocations_total
-    result = client.run_job(plan, on_status=lines.append).raise_for_errors()
+    result = run_job(client, plan, on_status=lines.append).raise_for_errors()
     assert endpoint.invocations_total - before == 4 and recording.images_sent() == [(64, 64)] * 4
     assert result.images[0].size == (384, 384)
     parameters = read_parameters(result.png[0])
@@ -575,7 +589,7 @@ def test_a_one_tile_upscale_through_the_endpoint_is_the_untiled_call(endpoint, r
     client, recording = recorded
     image, arguments = scene(64), {"num_inference_steps": STEPS, "noise_level": 20, "seed": 9}
     untiled = client.invoke("sd_upscale", {"prompt": "a house", "negative_prompt": "", "image": image}, arguments)
-    result = client.run_job(plan_job("upscale", "a house", image=image, gen_args=arguments)).raise_for_errors()
+    result = run_job(client, checked_plan("upscale", "a house", image=image, gen_args=arguments)).raise_for_errors()
     (untiled_request, _), (tiled_request, tiled_answer) = recording.calls
     assert tiled_request["Body"] == untiled_request["Body"]  # the same request, byte for byte
     assert result.png[0] == base64.b64decode(json.loads(tiled_answer)["outputs"][0]["data"][0])  # untouched

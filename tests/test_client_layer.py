@@ -1,7 +1,7 @@
-"""The studio's client layer without a model server: the payload it builds, the 6 MB limit,
-reading answers (PNG, or the server's lossy WebP/JPEG fallback), cancelling retries, and failures
-that never reach a model (the calls through a real endpoint are in tests/test_local_endpoint*.py
-and tests/test_client_jobs.py)."""
+"""The studio's client layer without a model server: the payload it builds (sdserve.wire, which
+the deploy tool's smoke test speaks too), the 6 MB limit, reading answers (PNG, or the server's
+lossy WebP/JPEG fallback), cancelling retries, and failures that never reach a model (the calls
+through a real endpoint are in tests/test_local_endpoint*.py and tests/test_client_jobs.py)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,16 @@ import time
 import botocore.exceptions
 import pytest
 from PIL import Image
+from sdserve.catalog import MAX_PAYLOAD_BYTES
+from sdserve.wire import RequestTooLarge, encode_request
 
 from studio.client import (
-    MAX_ANSWER_BYTES,
-    MAX_REQUEST_BYTES,
     EndpointConfig,
-    JobCancelled,
     StudioClient,
-    StudioError,
-    build_payload,
     describe_failure,
     parse_answer,
 )
+from studio.errors import JobCancelled, StudioError
 from studio.metadata import read_parameters
 
 
@@ -45,8 +43,8 @@ def inputs_of(body: bytes) -> dict[str, str]:
 
 def test_the_payload_is_the_articles_kserve_v2_json():
     image = Image.new("RGB", (64, 48), (10, 20, 30))
-    body = build_payload({"prompt": "a cat", "negative_prompt": "", "image": image},
-                         {"num_inference_steps": 5, "seed": 3})
+    body = encode_request({"prompt": "a cat", "negative_prompt": "", "image": image},
+                          {"num_inference_steps": 5, "seed": 3})
     values = inputs_of(body)
     assert values["prompt"] == "a cat" and values["negative_prompt"] == ""
     assert json.loads(values["gen_args"]) == {"num_inference_steps": 5, "seed": 3}
@@ -57,23 +55,28 @@ def test_the_payload_is_the_articles_kserve_v2_json():
 def test_a_request_over_6_mb_as_png_is_sent_as_jpeg_and_the_mask_stays_png():
     image = noise((1600, 1600))
     mask = Image.new("L", (1600, 1600), 0)
-    body = build_payload({"prompt": "x", "image": image, "mask_image": mask}, {})
-    assert len(body) <= MAX_REQUEST_BYTES == 6 * 1024 * 1024
+    body = encode_request({"prompt": "x", "image": image, "mask_image": mask}, {})
+    assert len(body) <= MAX_PAYLOAD_BYTES == 6 * 1024 * 1024
     values = inputs_of(body)
     assert base64.b64decode(values["image"]).startswith(b"\xff\xd8")  # JPEG
     assert base64.b64decode(values["mask_image"]).startswith(b"\x89PNG")
     as_png = io.BytesIO()
     image.save(as_png, format="PNG")
-    assert len(as_png.getvalue()) * 4 / 3 > MAX_REQUEST_BYTES  # PNG alone would not have fit
+    assert len(as_png.getvalue()) * 4 / 3 > MAX_PAYLOAD_BYTES  # PNG alone would not have fit
 
 
 def test_a_request_too_large_even_as_jpeg_is_refused_with_what_to_do():
-    with pytest.raises(StudioError, match=r"over the endpoint's 6 MB limit\. Make the image smaller \(it is 3000 px"):
-        build_payload({"prompt": "x", "image": noise((3000, 2400))}, {})
+    words = r"over the endpoint's 6 MB limit\. Make the image smaller \(it is 3000 px"
+    with pytest.raises(RequestTooLarge, match=words):
+        encode_request({"prompt": "x", "image": noise((3000, 2400))}, {})
+    client = StudioClient(EndpointConfig(endpoint_name="sd-studio", endpoint_url="http://127.0.0.1:9"))
+    with pytest.raises(StudioError, match=words):  # the client says it in the same words, sending nothing
+        client.invoke("sd_depth", {"prompt": "x", "image": noise((3000, 2400))}, {})
 
 
 def test_the_cap_is_6_mib_both_ways():
-    assert MAX_REQUEST_BYTES == MAX_ANSWER_BYTES == 6 * 1024 * 1024 == 6_291_456
+    """One limit, MAX_PAYLOAD_BYTES, for a request body and for an answer (sdserve.catalog)."""
+    assert MAX_PAYLOAD_BYTES == 6 * 1024 * 1024 == 6_291_456
 
 
 def encoded(image: Image.Image, image_format: str, **options) -> str:
@@ -160,7 +163,8 @@ def test_a_cancel_stops_the_retries_of_a_call():
         # The first failure's "Retrying in …" line is when the designer presses Cancel.
         client.invoke("sd_base", {"prompt": "a"}, {}, cancelled=cancelled,
                       on_status=lambda line: cancelled.set() if "Retrying" in line else None)
-    assert Loading.calls == 1 and time.monotonic() - started < 5  # no 30 s back-off slept through
+    # No back-off slept through: the shortest a 30 s back-off sleeps is 15 s (x 0.5 to 1.5 jitter).
+    assert Loading.calls == 1 and time.monotonic() - started < 15
 
 
 def test_a_connection_closed_mid_call_is_named():
@@ -190,3 +194,42 @@ def test_what_a_designer_reads_carries_no_account_arn_or_path():
     assert "AccessDeniedException" in str(describe_failure(denied, "sd_base", config))
     assert "<path>" in str(describe_failure(model_failure, "sd_base", config))
     assert "The model server stopped while running sd_base.tar.gz" in str(describe_failure(stopped, "sd_base", config))
+
+
+def test_the_deploy_smoke_test_speaks_the_same_wire_without_the_studio(tmp_path, monkeypatch, capsys):
+    """deploy.invoke sends each model its sample call through boto3 in sdserve.wire's format (the
+    studio's client's own), sends it again while the model loads, and writes what comes back."""
+    import ast
+    from pathlib import Path
+
+    from deploy import invoke
+    from deploy.config import DeployConfig
+    from sdserve.images import encode_png
+
+    class Runtime:
+        def __init__(self):
+            self.requests = []
+
+        def invoke_endpoint(self, **request):
+            self.requests.append(request)
+            if len(self.requests) == 1:
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "ModelNotReadyException", "Message": "loading"}}, "InvokeEndpoint")
+            size = json.loads(inputs_of(request["Body"])["gen_args"]).get("width", 64)
+            image = encode_png(Image.new("RGB", (size, size)), {"parameters": json.dumps({"seed": 4})}).decode()
+            answer = {"outputs": [{"name": "generated_image", "data": [image]}, {"name": "parameters", "data": ['{"seed": 4}']}]}
+            return {"Body": io.BytesIO(json.dumps(answer).encode())}
+
+    monkeypatch.setattr(invoke, "LOADING_BACKOFF_S", 0)
+    runtime = Runtime()
+    config = DeployConfig(models=("sd_base", "sd_inpaint"))
+    assert invoke.smoke_test(config, tmp_path, steps=2, seed=4, runtime=runtime)
+    generate, _, inpaint = runtime.requests  # the first sent twice: still loading the first time
+    assert generate["TargetModel"] == "sd_base.tar.gz" and generate["EndpointName"] == config.endpoint_name
+    values = inputs_of(inpaint["Body"])
+    assert set(values) == {"prompt", "negative_prompt", "image", "mask_image", "gen_args"}
+    assert json.loads(values["gen_args"]) == {"num_inference_steps": 2, "seed": 4}
+    assert Image.open(tmp_path / "sd_base-0.png").size == (512, 512) and (tmp_path / "sd_inpaint-0.png").is_file()
+    source = (Path(invoke.__file__)).read_text()
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not any(name.startswith("studio") for name in imported if name), "deploy never imports the studio"

@@ -18,7 +18,6 @@ from tests.deploy_support import (
 )
 from tests.test_archive import make_model
 
-pytestmark = pytest.mark.aws
 
 PREFIX = "sd-studio/models"
 
@@ -63,6 +62,7 @@ def names(sagemaker) -> tuple[list[str], list[str]]:
 # --- plan -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_plan_creates_nothing(deploy, s3, sagemaker, settings):
     code, out, _ = deploy("plan", *settings)
     assert code == 0 and "sagemaker.create_endpoint(" in out
@@ -75,6 +75,7 @@ def test_plan_creates_nothing(deploy, s3, sagemaker, settings):
 # --- package + upload ----------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_package_uploads_once_and_again_only_what_changed(deploy, s3, settings, repository, tmp_path):
     code, out, _ = deploy("package", *settings)
     assert code == 0
@@ -98,12 +99,14 @@ def test_package_uploads_once_and_again_only_what_changed(deploy, s3, settings, 
     assert s3.head_object(Bucket=BUCKET, Key=f"{PREFIX}/sd_base.tar.gz")["ETag"] == first[f"{PREFIX}/sd_base.tar.gz"]
 
 
+@pytest.mark.aws
 def test_package_into_a_missing_bucket_is_a_clear_error(deploy, moto, settings):
     code, _, err = deploy("package", *settings)
     assert code == 1 and f"S3 bucket '{BUCKET}' does not exist" in err
     assert aws_client(moto, "s3").list_buckets()["Buckets"] == []
 
 
+@pytest.mark.aws
 def test_list_shows_key_size_sha_and_date(deploy, s3, settings):
     deploy("package", *settings, "--models", "sd_base", "sd_upscale")
     code, out, _ = deploy("list", *settings)
@@ -116,6 +119,7 @@ def test_list_shows_key_size_sha_and_date(deploy, s3, settings):
 # --- up -------------------------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_up_creates_a_multi_model_endpoint(deploy, s3, sagemaker, settings):
     deploy("package", *settings)
     code, out, err = deploy("up", *settings, "--instance-type", "ml.g4dn.xlarge")
@@ -137,6 +141,7 @@ def test_up_creates_a_multi_model_endpoint(deploy, s3, sagemaker, settings):
     assert names(sagemaker) == ([variant["ModelName"]], [endpoint["EndpointConfigName"]])
 
 
+@pytest.mark.aws
 def test_up_again_unchanged_does_nothing(deploy, s3, sagemaker, settings):
     deploy("up", *settings)
     before = names(sagemaker)
@@ -146,6 +151,7 @@ def test_up_again_unchanged_does_nothing(deploy, s3, sagemaker, settings):
     assert names(sagemaker) == before
 
 
+@pytest.mark.aws
 def test_up_with_a_new_instance_count_updates_in_place(deploy, s3, sagemaker, settings):
     deploy("up", *settings)
     (model,), (old_config,) = names(sagemaker)
@@ -159,6 +165,7 @@ def test_up_with_a_new_instance_count_updates_in_place(deploy, s3, sagemaker, se
         "ProductionVariants"][0]["InitialInstanceCount"] == 2
 
 
+@pytest.mark.aws
 def test_up_with_a_new_image_replaces_the_model(deploy, s3, sagemaker, settings):
     deploy("up", *settings)
     (old_model,), _ = names(sagemaker)
@@ -170,6 +177,7 @@ def test_up_with_a_new_image_replaces_the_model(deploy, s3, sagemaker, settings)
     assert sagemaker.describe_endpoint(EndpointName="sd-studio")["EndpointConfigName"] == config
 
 
+@pytest.mark.aws
 def test_up_reports_a_failed_endpoint_and_exits_non_zero(deploy, s3, sagemaker, settings):
     from moto.sagemaker.models import sagemaker_backends
 
@@ -180,6 +188,7 @@ def test_up_reports_a_failed_endpoint_and_exits_non_zero(deploy, s3, sagemaker, 
     assert code == 1 and "CannotStartContainerError: no space left" in err and "deploy down" in err
 
 
+@pytest.mark.aws
 def test_up_into_a_missing_bucket_is_a_clear_error(deploy, moto, sagemaker, settings):
     code, _, err = deploy("up", *settings)
     assert code == 1 and "does not exist" in err
@@ -189,6 +198,7 @@ def test_up_into_a_missing_bucket_is_a_clear_error(deploy, moto, sagemaker, sett
 # --- autoscaling ----------------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_autoscaling_is_registered_with_the_bounds_and_follows_changes(deploy, s3, autoscaling, settings):
     resource = "endpoint/sd-studio/variant/AllTraffic"
     code, out, _ = deploy("up", *settings, "--autoscale-min", "1", "--autoscale-max", "3", "--autoscale-target", "8")
@@ -215,6 +225,7 @@ def test_autoscaling_is_registered_with_the_bounds_and_follows_changes(deploy, s
 # --- add-model ------------------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_add_model_uploads_under_the_live_endpoints_prefix(deploy, s3, settings, repository):
     deploy("up", *settings, "--prefix", "live/store")
     make_model(repository, "sd_base_anime", weights=b"fine-tuned")
@@ -225,6 +236,7 @@ def test_add_model_uploads_under_the_live_endpoints_prefix(deploy, s3, settings,
     assert "unchanged, skipped" in out
 
 
+@pytest.mark.aws
 def test_add_model_without_an_endpoint_is_a_clear_error(deploy, s3, settings):
     code, _, err = deploy("add-model", "sd_base", *settings)
     assert code == 1 and "no endpoint sd-studio" in err and "deploy up" in err
@@ -233,6 +245,7 @@ def test_add_model_without_an_endpoint_is_a_clear_error(deploy, s3, settings):
 # --- down -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.aws
 def test_down_removes_what_up_made_and_only_that(deploy, s3, sagemaker, autoscaling, settings):
     s3.put_object(Bucket=BUCKET, Key="notes/keep.txt", Body=b"not ours")
     s3.create_bucket(Bucket="someone-elses")
@@ -267,6 +280,7 @@ def test_down_removes_what_up_made_and_only_that(deploy, s3, sagemaker, autoscal
     assert s3.get_object(Bucket="someone-elses", Key=f"{PREFIX}/sd_base.tar.gz")["Body"].read() == b"not ours either"
 
 
+@pytest.mark.aws
 def test_down_deletes_only_the_archives_of_the_configured_models(deploy, s3, settings):
     deploy("package", *settings)
     code, out, _ = deploy("down", *settings, "--delete-artifacts", "--models", "sd_base", "sd_depth")
@@ -284,6 +298,7 @@ def test_plan_shows_the_archive_keys_down_may_delete(deploy, settings):
     assert deleted == [f"team/store/{name}.tar.gz" for name in MODELS]
 
 
+@pytest.mark.aws
 def test_run_logs_mask_account_ids(deploy, s3, sagemaker, settings):
     from moto.sagemaker.models import sagemaker_backends
 

@@ -20,8 +20,6 @@ from tests.deploy_support import (
     ROLE,
 )
 
-pytestmark = pytest.mark.aws
-
 
 def parse(*argv: str) -> argparse.Namespace:
     return build_parser().parse_args(["up", *argv])

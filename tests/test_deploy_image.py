@@ -23,7 +23,6 @@ from tests.deploy_support import (
     aws_client,
 )
 
-pytestmark = pytest.mark.aws
 
 STAND_IN = '''
 def retrieve(framework, region, version, instance_type, **_):
@@ -45,6 +44,7 @@ def stand_in_sdk(tmp_path, monkeypatch) -> Path:
     return Path(sys.executable)
 
 
+@pytest.mark.process
 def test_base_image_comes_from_the_sdk_with_our_arguments(stand_in_sdk):
     cfg = DeployConfig(region="eu-west-1", sdk_python=stand_in_sdk)
     assert image.base_image_uri(cfg) == "763104351884.dkr.ecr.eu-west-1.amazonaws.com/sagemaker-tritonserver:25.04-py3"
@@ -52,6 +52,7 @@ def test_base_image_comes_from_the_sdk_with_our_arguments(stand_in_sdk):
     assert image.base_image_uri(cpu).endswith(":24.09-py3-cpu")
 
 
+@pytest.mark.process
 def test_sdk_refusal_is_one_clear_line(stand_in_sdk):
     cfg = DeployConfig(region=REGION, triton_version="0.0", sdk_python=stand_in_sdk)
     with pytest.raises(DeployError, match=r"could not resolve the Triton 0.0 image .*ValueError: Unsupported .* Supported: 25.04$"):
@@ -77,6 +78,8 @@ def test_image_tag_follows_content_not_region(tmp_path, monkeypatch):
     assert image.image_tag(east) != tag
 
 
+@pytest.mark.aws
+@pytest.mark.process
 def test_up_uses_the_extended_image_from_ecr(deploy, moto, stand_in_sdk, repository):
     settings = ("--region", REGION, "--bucket", BUCKET, "--role-arn", ROLE, "--repository", str(repository),
                 "--instance-type", "ml.g4dn.2xlarge", "--poll-seconds", "0.01", "--sdk-python", str(stand_in_sdk))
@@ -102,6 +105,7 @@ def test_up_uses_the_extended_image_from_ecr(deploy, moto, stand_in_sdk, reposit
 SDK_ENV_PYTHON = REPO_ROOT / "build" / "sagemaker-sdk" / "bin" / "python"
 
 
+@pytest.mark.process
 @pytest.mark.skipif(not SDK_ENV_PYTHON.exists(), reason="no build/sagemaker-sdk (made by the first `up` or `package --image`)")
 def test_the_real_sdk_resolves_the_triton_image():
     cfg = DeployConfig(region="eu-west-1", sdk_python=SDK_ENV_PYTHON)

@@ -14,7 +14,6 @@ from serving.archive import archive_name
 from deploy.policy import POLICIES, WHY_UNSCOPED
 from tests.deploy_support import BUCKET, REGION
 
-pytestmark = pytest.mark.aws
 
 POLICY_DOC = Path(__file__).resolve().parents[1] / "docs" / "deploy.md"
 ACCOUNT = "111122223333"

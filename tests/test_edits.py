@@ -11,7 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 from sdserve.catalog import MODELS
 
-from studio.client import EndpointConfig, StudioClient, StudioError
+from studio.client import EndpointConfig, StudioClient
+from studio.errors import StudioError
 from studio.edits import (
     ERASE,
     EXTEND,
@@ -21,9 +22,9 @@ from studio.edits import (
     plan_edit,
     working_size,
 )
-from studio.jobs import plan_job
-from studio.metadata import read_parameters
-from studio.client import png_with_parameters
+from studio.metadata import image_to_png, read_parameters
+from studio.planning import plan_job
+from studio.runner import run_job
 from studio.tasks import TASKS, task_of
 
 from .endpoint_support import ENDPOINT_NAME, STEPS, start_endpoint
@@ -107,7 +108,7 @@ def test_a_pasted_answer_changes_nothing_outside_the_mask(size, only_masked):
     width, height = size
     image = photo(size)
     mask = painted(size, (width // 3, height // 3, width // 2, height // 2))
-    edit = plan_edit(ERASE, image, mask, {"mask_grow": 3, "mask_feather": 5, "only_masked": only_masked},
+    edit = plan_edit(ERASE, image, mask, {**ERASE.defaults(), "mask_grow": 3, "mask_feather": 5, "only_masked": only_masked},
                      INPAINT.max_image_side)
     assert edit.call_image.size == edit.sent_size == edit.call_mask.size
     assert edit.sent_size[0] % 8 == 0 and edit.sent_size[1] % 8 == 0
@@ -116,7 +117,8 @@ def test_a_pasted_answer_changes_nothing_outside_the_mask(size, only_masked):
 
 def test_extend_pastes_on_a_larger_canvas_and_keeps_the_old_image_beyond_the_overlap():
     image = photo((300, 200))
-    edit = plan_edit(EXTEND, image, None, {"extend_right": 64, "extend_top": 40, "extend_overlap": 16}, 1024)
+    edit = plan_edit(EXTEND, image, None, {**EXTEND.defaults(), "extend_right": 64, "extend_top": 40, "extend_overlap": 16},
+                     1024)
     assert edit.canvas.size == (364, 240)
     result = edit.paste(photo(edit.sent_size, seed=2))
     old = pixels(result)[40:, :300]
@@ -134,21 +136,22 @@ def test_extend_pastes_on_a_larger_canvas_and_keeps_the_old_image_beyond_the_ove
         ("erase", {"mask_grow": -40}, "empty after shrinking it by 40 px"),
         ("erase", {"only_masked": "yes"}, "Only the masked area, at full resolution: must be true or false"),
         ("erase", {"work_side": 100}, "Work size (px): must be a multiple of 8"),
-        ("erase", {"extend_left": 8}, "erase takes no setting 'extend_left'"),
-        ("generate", {"mask_grow": 2}, "generate takes no studio-side settings"),
+        ("erase", {"extend_left": 8}, "erase takes no argument 'extend_left'"),
+        ("generate", {"mask_grow": 2}, "generate takes no argument 'mask_grow'"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_setting_and_its_limit(task, settings, words):
+    gen_args = {} if task != "generate" else {"width": 64}
     with pytest.raises(StudioError, match=re.escape(words)):
-        plan_job(task, "a tree", image=photo((64, 64)), mask=painted((64, 64), (20, 20, 40, 40)),
-                 gen_args={} if task != "generate" else {"width": 64}, settings=settings)
+        plan_job(TASKS[task].check({"prompt": "a tree", **gen_args, **settings}, photo((64, 64)),
+                                   painted((64, 64), (20, 20, 40, 40))))
 
 
 def test_the_tabs_take_the_settings_as_controls_and_plan_with_them():
     assert [c.name for c in TASKS["extend"].controls][-7:] == [
         "extend_left", "extend_right", "extend_top", "extend_bottom", "extend_overlap", "mask_padding", "work_side"]
-    plan = TASKS["erase"].plan({"prompt": "", "mask_feather": 3.0, "only_masked": False, "seed": 4},
-                               photo((96, 64)), painted((96, 64), (30, 20, 50, 40)))
+    plan = plan_job(TASKS["erase"].check({"prompt": "", "mask_feather": 3.0, "only_masked": False, "seed": 4},
+                                         photo((96, 64)), painted((96, 64), (30, 20, 50, 40))))
     assert plan.edit.settings["mask_feather"] == 3 and plan.edit.box == (0, 0, 96, 64)
     assert "mask_feather" not in plan.calls[0].gen_args and plan.calls[0].inputs["image"].size == (96, 64)
 
@@ -169,9 +172,10 @@ def client(endpoint) -> StudioClient:
 
 
 def run_edit(client, task, image, mask=None, **settings):
-    plan = plan_job(task, "a stone wall", image=image, mask=mask,
-                    gen_args={"num_inference_steps": STEPS, "seed": 5}, settings=settings)
-    result = client.run_job(plan).raise_for_errors()
+    inputs = TASKS[task].check({"prompt": "a stone wall", "num_inference_steps": STEPS, "seed": 5, **settings},
+                               image, mask)
+    plan = plan_job(inputs)
+    result = run_job(client, plan).raise_for_errors()
     return plan, result
 
 
@@ -233,7 +237,7 @@ def test_the_preview_tints_what_is_repainted_and_outlines_the_box():
     image, mask = photo((96, 64)), painted((96, 64), (40, 20, 60, 40))
     shown = TASKS["erase"].preview({"mask_feather": 2.0, "mask_padding": 8.0}, image, mask)
     assert shown.size == (96, 64)
-    edit = plan_edit(ERASE, image, mask, {"mask_feather": 2, "mask_padding": 8}, 1024)
+    edit = plan_edit(ERASE, image, mask, {**ERASE.defaults(), "mask_feather": 2, "mask_padding": 8}, 1024)
     left, top, right, bottom = edit.box
     assert shown.getpixel((left, top)) == (0, 200, 255)  # the outline
     assert shown.getpixel((5, 5)) == image.getpixel((5, 5))  # untouched outside the box
@@ -250,7 +254,7 @@ def test_an_extended_result_restores_into_extend_with_its_settings(tmp_path):
 
     parameters = {"model": "sd_inpaint", "task": "extend", "seed": 4, "extend_right": 40, "extend_overlap": 8,
                   "prompt": "more sea"}
-    png = png_with_parameters(photo((104, 64)), parameters)
+    png = image_to_png(photo((104, 64)), parameters)
     entry = restore_from_png(ResultStore(tmp_path / "results"), png)
     assert entry["task"] == "extend"
     values = restored_values(TASKS["extend"], entry["parameters"])
@@ -262,9 +266,9 @@ def test_an_extended_result_restores_into_extend_with_its_settings(tmp_path):
 
 def test_a_switch_takes_on_or_off_only():
     only_masked = TASKS["erase"].control("only_masked")
-    assert only_masked.validate(False) is False and only_masked.validate(1) is True
-    with pytest.raises(StudioError, match="must be on or off"):
-        only_masked.validate("yes")
+    assert only_masked.check(False) is False and only_masked.check(1) is True
+    with pytest.raises(StudioError, match="must be true or false"):
+        only_masked.check("yes")
     assert only_masked.restore("yes") is True  # the default, for a forged PNG
 
 
@@ -276,7 +280,7 @@ def test_vary_keeps_the_results_values_and_picks_a_new_variation_seed():
     values = vary_values(TASKS["generate"], parameters, lambda: 77)
     assert (values["seed"], values["variation_seed"], values["variation_strength"]) == (500, 77, VARY_STRENGTH)
     assert values["prompt"] == "a harbour" and values["width"] == 64
-    plan = TASKS["generate"].plan({**values, "num_images_per_prompt": 2})
+    plan = plan_job(TASKS["generate"].check({**values, "num_images_per_prompt": 2}))
     assert [(call.seed, call.gen_args["variation_seed"]) for call in plan.calls] == [(500, 77), (500, 78)]
 
 

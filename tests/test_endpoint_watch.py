@@ -182,3 +182,41 @@ def test_warm_ups_skip_warm_models_and_run_one_per_model_at_a_time(watch):
             break
         threading.Event().wait(0.05)
     assert sent == ["sd_inpaint"] and not warm_ups.in_flight()
+
+
+# --- the local endpoint's listing ------------------------------------------------------------------
+
+
+def test_a_call_is_not_held_for_the_listing_and_is_judged_by_it_when_it_comes():
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    asked, release = threading.Event(), threading.Event()
+
+    class Listing(BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.set()
+            release.wait(10)
+            body = json.dumps({"models": [{"target_model": "sd_base.tar.gz", "state": "loading"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Listing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        watch = EndpointWatch(listing_url=f"http://127.0.0.1:{server.server_port}/models")
+        call = watch.call("sd_base")  # returns while the listing is fetched (a held call would wait 10 s here)
+        assert asked.wait(10) and not call.judged
+        release.set()
+        call.done(30.0, 1)  # the listing said the model was loading: a cold call, not a speed
+        assert call.found_cold and view(watch, "sd_base").seconds_per_image is None
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()

@@ -44,6 +44,7 @@ def assert_handled(figures: dict) -> None:
     assert fault_passed(figures)
 
 
+@pytest.mark.studio
 def test_designers_get_every_answer_under_load(studio):
     figures = run_load(studio, designers=2, seconds=15)
     assert figures["failed"] == 0 and figures["lost"] == 0, figures["messages"]
@@ -54,17 +55,20 @@ def test_designers_get_every_answer_under_load(studio):
     assert any(role.startswith("stub ") for role in figures["memory"])
 
 
+@pytest.mark.studio
 def test_a_killed_model_is_reported_and_loaded_again(studio):
     figures = run_load(studio, designers=2, seconds=10, fault="kill-model", tabs=GENERATE_ONLY)
     assert_handled(figures)
     assert any("crashed" in message for message in figures["messages"]), figures["messages"]
 
 
+@pytest.mark.studio
 def test_a_restarted_endpoint_comes_back_by_itself(studio):
     figures = run_load(studio, designers=2, seconds=10, fault="restart-endpoint", tabs=GENERATE_ONLY)
     assert_handled(figures)
 
 
+@pytest.mark.studio
 def test_a_killed_endpoint_leaves_no_triton_or_stub_behind_and_comes_back(studio):
     figures = run_load(studio, designers=1, seconds=10, fault="kill-endpoint", tabs=GENERATE_ONLY)
     assert figures["children"] >= 2  # tritonserver and at least one model's stub
@@ -72,12 +76,14 @@ def test_a_killed_endpoint_leaves_no_triton_or_stub_behind_and_comes_back(studio
     assert_handled(figures)
 
 
+@pytest.mark.studio
 def test_an_unreadable_model_store_is_named_and_forgotten_once_readable(studio):
     figures = run_load(studio, designers=1, seconds=10, fault="unreadable-store", tabs=GENERATE_ONLY)
     assert any("permission denied" in message for message in figures["messages"]), figures["messages"]
     assert_handled(figures)
 
 
+@pytest.mark.studio
 def test_a_killed_studio_takes_its_endpoint_and_triton_with_it(studio):
     figures = run_load(studio, designers=1, seconds=10, fault="kill-studio", tabs=GENERATE_ONLY)
     assert figures["children"] >= 3  # the endpoint, tritonserver and at least one stub

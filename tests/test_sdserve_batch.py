@@ -3,7 +3,6 @@
 import base64
 import io
 import json
-import time
 
 import numpy as np
 import pytest
@@ -23,6 +22,8 @@ from .samples import (
     max_pixel_difference,
     png_b64,
 )
+
+pytestmark = pytest.mark.pipeline
 
 STEPS = 2
 
@@ -278,16 +279,17 @@ def test_a_call_stops_when_another_step_as_long_would_end_past_the_deadline():
     """Steps of 1.2 s with 2 s left: stopped after the second step, before the deadline, rather
     than a whole step past it; the last step asked for is not stopped for the next."""
     step_ends: list[float] = []
-    deadline = time.monotonic() + 2.0
-    check = _step_callback(False, step_ends, deadline, total=10)["callback"]
+    now = [1000.0]  # the clock the deadline is read against, moved by hand: a step takes 1.2 s exactly
+    deadline = now[0] + 2.0
+    check = _step_callback(False, step_ends, deadline, total=10, clock=lambda: now[0])["callback"]
     check(0, None, None)
-    time.sleep(1.2)
+    now[0] += 1.2
     with pytest.raises(CallStopped) as stopped:
         check(1, None, None)
-    assert time.monotonic() < deadline and (stopped.value.steps_done, stopped.value.steps_total) == (2, 10)
-    last = _step_callback(False, [], time.monotonic() + 2.0, total=2)["callback"]
+    assert now[0] < deadline and (stopped.value.steps_done, stopped.value.steps_total) == (2, 10)
+    last = _step_callback(False, [], now[0] + 2.0, total=2, clock=lambda: now[0])["callback"]
     last(0, None, None)
-    time.sleep(1.2)
+    now[0] += 1.2
     last(1, None, None)  # no step is due after this one: the call decodes and answers
 
 

@@ -59,6 +59,7 @@ def test_a_users_file_is_read_and_refused_when_malformed(tmp_path):
             Users.load(bad)
 
 
+@pytest.mark.process
 def test_the_add_command_writes_a_private_users_file(tmp_path):
     users_file = tmp_path / "users.txt"
     env = {**os.environ, "STUDIO_NEW_PASSWORD": PASSWORD}
@@ -121,6 +122,7 @@ def test_whom_a_request_is_from():
             hf.designer(FakeRequest(session=session))
 
 
+@pytest.mark.studio
 def test_the_studio_refuses_to_face_others_without_a_sign_in():
     env = {key: value for key, value in os.environ.items() if key not in ("SPACE_ID", "OAUTH_CLIENT_ID")}
     done = subprocess.run([sys.executable, "-m", "studio", "--host", "0.0.0.0", "--endpoint-url", "http://127.0.0.1:9"],
@@ -138,6 +140,7 @@ def studio_with_users(tmp_path: Path, *extra: str):
         yield studio.url
 
 
+@pytest.mark.studio
 def test_nothing_answers_without_signing_in_and_quotas_hold_for_the_signed_in(tmp_path):
     with studio_with_users(tmp_path, "--jobs-per-minute", "1") as url:
         with pytest.raises(Exception):

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = 600  # the first start of Triton on a busy 2-core machine
 TINY = {"num_inference_steps": 2, "guidance_scale": 5.0}
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.studio, pytest.mark.triton]
 
 
 @contextlib.contextmanager

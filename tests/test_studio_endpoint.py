@@ -18,6 +18,7 @@ from studio.endpoint_launcher import (
 from .endpoint_support import wait_for
 
 
+@pytest.mark.triton
 def test_the_local_endpoint_is_started_and_stopped():
     with LocalEndpointProcess(startup_timeout_s=120) as endpoint:
         with urllib.request.urlopen(f"{endpoint.url}/ping", timeout=5) as response:
@@ -26,6 +27,7 @@ def test_the_local_endpoint_is_started_and_stopped():
     assert process.poll() is not None
 
 
+@pytest.mark.triton
 def test_an_endpoint_that_exits_unasked_is_started_again_on_its_port():
     with LocalEndpointProcess(startup_timeout_s=120) as endpoint:
         killed = endpoint.process
@@ -38,6 +40,7 @@ def test_an_endpoint_that_exits_unasked_is_started_again_on_its_port():
     assert again.poll() is not None  # and stopped for good with the studio
 
 
+@pytest.mark.triton
 def test_an_endpoint_that_dies_while_starting_is_reported():
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -19,7 +19,7 @@ from tests.endpoint_support import listing, start_endpoint, wait_for
 from tests.test_browser_studio import CALL_TIMEOUT_MS, generate_small, paint_a_mask, run_and_wait, set_number
 from tests.test_studio_api import launched_studio, picture
 
-pytestmark = pytest.mark.triton
+pytestmark = [pytest.mark.studio, pytest.mark.triton]
 LOAD_TIMEOUT_S = 240  # a cold load of a tiny model on two busy cores
 JOBS_PER_MINUTE = 3
 TINY = {"num_inference_steps": 2, "width": 64, "height": 64}

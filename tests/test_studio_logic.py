@@ -1,12 +1,12 @@
-"""The studio's plain logic, without a browser or an endpoint: tasks, masks, PNG metadata, the
-result store, the session history and the status stream."""
+"""The studio's plain logic, without a browser or an endpoint: tasks (and the one check of a job's
+inputs), masks, PNG metadata, the result store, the session history and the status stream."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
-import time
+import os
 
 import botocore.exceptions
 import pytest
@@ -15,12 +15,15 @@ from sdserve.catalog import MODELS
 from sdserve.params import RANDOM_SEED, SEED_MAX
 
 from studio import session
-from studio.client import EndpointConfig, GenerationResult, StudioClient, StudioError
-from studio.jobs import JobResult
+from studio.client import EndpointConfig, StudioClient
+from studio.errors import StudioError
 from studio.masks import brush_layer, editor_value, mask_from_editor, mask_from_layers
 from studio.metadata import embed_parameters, image_to_png, read_parameters
+from studio.planning import plan_job
+from studio.results import GenerationResult
+from studio.runner import Status, Tick, job_events, run_job
 from studio.scheduler import FairScheduler
-from studio.status import run_with_status, status_line
+from studio.status import status_line, with_status
 from studio.store import ResultStore
 from studio.tasks import TASK_BY_MODEL, TASKS, task_of
 
@@ -72,23 +75,56 @@ def control(task: str, name: str):
     return next(control for control in TASKS[task].controls if control.name == name)
 
 
-def test_validate_gives_the_endpoint_its_types_and_refuses_what_is_out_of_range():
+def test_check_gives_the_endpoint_its_types_and_refuses_what_is_out_of_range():
     steps = control("generate", "num_inference_steps")
-    assert steps.validate(50.0) == 50 and isinstance(steps.validate(50.0), int)
-    assert steps.validate(None) == 50
-    for bad, words in ((1000, "from 1 to 150; got 1000"), ("nonsense", "must be a number"), (float("nan"), "finite")):
+    assert steps.check(50.0) == 50 and isinstance(steps.check(50.0), int)
+    assert steps.check(None) == 50
+    for bad, words in ((1000, "from 1 to 150; got 1000"), ("nonsense", "must be an integer"), (float("nan"), "finite"),
+                       (20.5, "must be an integer")):
         with pytest.raises(StudioError, match=words) as raised:
-            steps.validate(bad)
+            steps.check(bad)
         assert str(raised.value).startswith(steps.label)
     seed = control("generate", "seed")
-    assert seed.validate(None) == RANDOM_SEED and seed.validate(SEED_MAX) == SEED_MAX
+    assert seed.check(None) == RANDOM_SEED and seed.check(SEED_MAX) == SEED_MAX
     with pytest.raises(StudioError, match=str(SEED_MAX)):
-        seed.validate(2**40)
+        seed.check(2**40)
     scheduler = control("generate", "scheduler")
-    assert scheduler.validate("euler_a") == "euler_a"
+    assert scheduler.check("euler_a") == "euler_a"
     with pytest.raises(StudioError, match="must be one of default"):
-        scheduler.validate("rm -rf")
-    assert control("restyle", "strength").validate("0.3") == 0.3
+        scheduler.check("rm -rf")
+    assert control("restyle", "strength").check("0.3") == 0.3
+
+
+class Answering:
+    """A sagemaker-runtime stand-in that answers every call with one image and keeps the gen_args sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def invoke_endpoint(self, **request):
+        values = {tensor["name"]: tensor["data"][0] for tensor in json.loads(request["Body"])["inputs"]}
+        self.sent.append(json.loads(values["gen_args"]))
+        png = base64.b64encode(png_with_parameters({"model": "sd_base", "seed": 1})).decode()
+        answer = {"outputs": [{"name": "generated_image", "data": [png]}, {"name": "parameters", "data": ['{"seed": 1}']}]}
+        return {"Body": io.BytesIO(json.dumps(answer).encode())}
+
+
+def test_20_steps_written_20_0_mean_the_same_through_every_entry_point():
+    """One rule (Argument.check): the tab, the client's keywords and the endpoint's own check agree."""
+    spec = MODELS["sd_base"]
+    assert spec.parse_gen_args(json.dumps({"num_inference_steps": 20.0}))["num_inference_steps"] == 20  # the server
+    [call] = plan_job(TASKS["generate"].check({"prompt": "a house", "num_inference_steps": 20.0})).calls  # the tab, its API
+    assert call.gen_args["num_inference_steps"] == 20 and type(call.gen_args["num_inference_steps"]) is int
+    runtime = Answering()
+    client = StudioClient(EndpointConfig("sd-studio", endpoint_url="http://127.0.0.1:9"), runtime=runtime)
+    client.generate("a house", num_inference_steps=20.0, seed=1)  # the client
+    assert runtime.sent == [{"num_inference_steps": 20, "seed": 1}]
+    for refuse in (lambda: spec.parse_gen_args(json.dumps({"num_inference_steps": 20.5})),
+                   lambda: TASKS["generate"].check({"prompt": "a house", "num_inference_steps": 20.5}),
+                   lambda: client.generate("a house", num_inference_steps=20.5)):
+        with pytest.raises((StudioError, ValueError), match="must be an integer from 1 to 150, got 20.5"):
+            refuse()
+    assert len(runtime.sent) == 1, "nothing refused was sent"
 
 
 def test_restore_falls_back_to_the_default_for_unusable_stored_values():
@@ -101,8 +137,14 @@ def test_restore_falls_back_to_the_default_for_unusable_stored_values():
 # --- tasks: running one through the client layer --------------------------------------------
 
 
+def tab_values(task: str, **values):
+    """What a tab hands its handler: every control's value (these given, the others their defaults)."""
+    return {**TASKS[task].defaults(), **values}
+
+
 def test_a_tab_plans_its_job_with_validated_arguments():
-    plan = TASKS["generate"].plan({"prompt": "a house", "num_inference_steps": 2.0, "width": 64.0, "height": 64, "seed": 5.0})
+    values = tab_values("generate", prompt="a house", num_inference_steps=2.0, width=64.0, height=64, seed=5.0)
+    plan = plan_job(TASKS["generate"].check(values))
     [call] = plan.calls
     assert plan.model == "sd_base" and call.inputs["prompt"] == "a house"
     assert call.gen_args["num_inference_steps"] == 2 and call.gen_args["width"] == 64 and call.seed == 5
@@ -110,33 +152,52 @@ def test_a_tab_plans_its_job_with_validated_arguments():
 
 
 def test_a_tab_plans_image_and_mask_as_the_endpoint_takes_them():
-    plan = TASKS["erase"].plan({"prompt": ""}, Image.new("RGBA", (64, 64)), painted_mask())
+    plan = plan_job(TASKS["erase"].check(tab_values("erase", prompt=""), Image.new("RGBA", (64, 64)), painted_mask()))
     [call] = plan.calls
     assert call.inputs["image"].mode == "RGB" and call.inputs["mask_image"].mode == "L"
     assert call.gen_args["strength"] == 1.0
 
 
 def test_several_images_or_a_large_upscale_are_planned_as_several_calls_and_said_so():
-    four = TASKS["generate"].plan({"prompt": "a house", "num_images_per_prompt": 4, "seed": 10})
+    four = plan_job(TASKS["generate"].check({"prompt": "a house", "num_images_per_prompt": 4, "seed": 10}))
     assert [call.seed for call in four.calls] == [10, 11, 12, 13] and four.is_split
-    tiled = TASKS["upscale"].plan({}, Image.new("RGB", (512, 512)))
+    tiled = plan_job(TASKS["upscale"].check({}, Image.new("RGB", (512, 512))))
     assert tiled.call_count == 9 and "9 calls" in tiled.summary and "6 MB" in tiled.summary
 
 
 def test_run_sends_the_plan_through_the_jobs_turn():
+    import threading
+
     sent = []
 
     class Client:
-        def run_job(self, plan, *, submit, cancelled, on_status, on_result):
-            sent.append((plan.model, submit, cancelled))
-            parameters = {"model": plan.model, "seed": 7, "seeds": [7]}
-            return JobResult(model=plan.model, images=[], png=[png_with_parameters(parameters)],
-                             parameters=parameters, plan=plan)
+        def invoke(self, model, inputs, gen_args, *, cancelled, **options):
+            sent.append((model, cancelled, threading.current_thread().name))
+            parameters = {"model": model, "seed": 7, "seeds": [7]}
+            return GenerationResult(model=model, images=[], png=[png_with_parameters(parameters)], parameters=parameters)
 
     scheduler = FairScheduler(capacity=1)
+    plan = plan_job(TASKS["generate"].check({"prompt": "a house"}))
     with scheduler.job("a") as job:
-        result = TASKS["generate"].run(Client(), {"prompt": "a house"}, job=job)
-    assert sent == [("sd_base", job.submit, job.cancelled)] and result.parameters["seed"] == 7
+        result = run_job(Client(), plan, submit=job.submit, cancelled=job.cancelled)
+    # Sent by the scheduler's worker, in the job's turn, cancelled by the job's cancel.
+    assert sent == [("sd_base", job.cancelled, "endpoint-call-0")] and result.parameters["seed"] == 7
+
+
+def test_a_job_queues_its_calls_while_it_waits_its_turn_and_they_go_in_it():
+    """The studio submits a job's calls at once; a session's later job holds them until the earlier
+    one is over (no thread waits for the turn), and a cancel drops them unsent."""
+    scheduler = FairScheduler(capacity=2)
+    first, second, third = scheduler.job("a"), scheduler.job("a"), scheduler.job("a")
+    ran = []
+    waiting = second.submit(lambda: ran.append("second") or "second")
+    dropped = third.submit(lambda: ran.append("third"))
+    assert not waiting.done() and second.waiting_line() == "Queued behind 1 earlier job of yours…"
+    third.cancel()
+    assert dropped.cancelled()
+    with first:
+        pass  # the session's earlier job ends: the next one's queued call goes
+    assert waiting.result(10) == "second" and ran == ["second"]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +215,7 @@ def test_run_sends_the_plan_through_the_jobs_turn():
 )
 def test_bad_inputs_are_refused_before_planning(task, values, image, mask, message):
     with pytest.raises(StudioError, match=message):
-        TASKS[task].plan(values, image, mask)
+        TASKS[task].check(values, image, mask)
 
 
 # --- masks ------------------------------------------------------------------------------------
@@ -245,7 +306,9 @@ def test_store_removes_the_oldest_past_its_limit(tmp_path):
     ids = []
     for color in range(5):
         ids.append(store.save(png_with_parameters(None, color=(color, 0, 0)), "x", owner="ann"))
-        time.sleep(0.01)  # distinct modification times
+        for path in tmp_path.rglob("*"):  # distinct modification times, oldest first: set, not slept for
+            if ids[-1] in path.parts:
+                os.utime(path, ns=(10**18 + color * 10**9,) * 2)
     assert [store.path(result_id) is not None for result_id in ids] == [False, False, True, True, True]
 
 
@@ -338,25 +401,26 @@ def drain(stream) -> tuple[list, object]:
 
 
 def test_status_stream_relays_reports_and_returns_the_result():
-    def call(on_status):
-        on_status("Sending to sd_base…")
-        time.sleep(0.05)
-        on_status("sd_base answered in 0.1 s.")
+    def job():  # a job's events (studio.runner.job_events): its lines, a tick of the clock between them
+        yield Status("Sending to sd_base…")
+        yield Tick()
+        yield Status("sd_base answered in 0.1 s.")
         return "result"
 
-    updates, result = drain(run_with_status(call, present=lambda line: {"status": line}, tick_s=0.01))
+    updates, result = drain(with_status(job(), present=lambda line: {"status": line}))
     assert result == "result"
     lines = [update["status"] for update in updates]
-    assert any("Sending to sd_base" in line for line in lines)
+    assert len(lines) == 3 and "Sending to sd_base" in lines[0] and "Sending to sd_base" in lines[1]
     assert "answered" in lines[-1]
 
 
 def test_status_stream_raises_the_calls_error():
-    def call(on_status):
+    def job():
+        yield Status("Sending to sd_base…")
         raise StudioError("The endpoint is busy.")
 
     with pytest.raises(StudioError, match="busy"):
-        list(run_with_status(call, tick_s=0.01))
+        list(with_status(job()))
 
 
 class LoadingRuntime:
@@ -379,7 +443,7 @@ class LoadingRuntime:
 def test_the_status_line_says_when_the_model_is_loading():
     client = StudioClient(EndpointConfig("sd-studio", endpoint_url="http://127.0.0.1:9", backoff_s=0.01), runtime=LoadingRuntime())
     lines, result = drain(
-        run_with_status(lambda on_status: TASKS["generate"].run(client, {"prompt": "a house"}, on_status=on_status), tick_s=0.01)
+        with_status(job_events(client, plan_job(TASKS["generate"].check({"prompt": "a house"})), tick_s=0.01))
     )
     assert result.seeds == [1]
     assert any("still loading" in line for line in lines), lines

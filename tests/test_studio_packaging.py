@@ -14,6 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +163,7 @@ def run_without_serving_stack(code: str, *args: str, env: dict | None = None) ->
     )
 
 
+@pytest.mark.process
 def test_the_studio_builds_without_the_serving_stack(tmp_path):
     done = run_without_serving_stack(
         f"""
@@ -178,6 +180,7 @@ def test_the_studio_builds_without_the_serving_stack(tmp_path):
             in done.stdout)
 
 
+@pytest.mark.process
 def test_without_an_endpoint_setting_the_image_says_what_to_set():
     clean = {name: "" for name in ("STUDIO_ENDPOINT_URL", "STUDIO_ENDPOINT_NAME")}
     done = run_without_serving_stack(

@@ -39,6 +39,7 @@ def make(loaded, **gen_args) -> tuple[Image.Image, dict]:
     return images(answer)[0], json.loads(answer.parameters[0])
 
 
+@pytest.mark.pipeline
 def test_strength_0_is_the_seeds_image_and_1_the_variation_seeds(text_to_image):
     plain, _ = make(text_to_image)
     other, _ = make(text_to_image, seed=77)
@@ -50,6 +51,7 @@ def test_strength_0_is_the_seeds_image_and_1_the_variation_seeds(text_to_image):
     assert (parameters["seed"], parameters["variation_seed"], parameters["variation_strength"]) == (21, 77, 1.0)
 
 
+@pytest.mark.pipeline
 def test_a_variation_differs_from_both_and_reproduces_alone_or_in_a_batch(text_to_image):
     plain, _ = make(text_to_image)
     other, _ = make(text_to_image, seed=77)
@@ -63,6 +65,7 @@ def test_a_variation_differs_from_both_and_reproduces_alone_or_in_a_batch(text_t
     assert_same_image(images(answers[1])[0], varied)
 
 
+@pytest.mark.pipeline
 def test_several_variations_keep_the_seed_and_count_the_variation_seed(text_to_image):
     [answer] = serve_batch(text_to_image, [request(variation_seed=100, variation_strength=0.5, num_images_per_prompt=2)])
     first, second = images(answer)
@@ -73,6 +76,7 @@ def test_several_variations_keep_the_seed_and_count_the_variation_seed(text_to_i
     assert_same_image(second, alone)
 
 
+@pytest.mark.pipeline
 def test_a_random_variation_seed_is_reported_and_reproduces(text_to_image):
     varied, parameters = make(text_to_image, variation_seed=-1, variation_strength=0.3)
     assert 0 <= parameters["variation_seed"] and parameters["variation_seed"] != -1

@@ -62,6 +62,7 @@ CALLS = {
 }
 
 
+@pytest.mark.pipeline
 @pytest.mark.parametrize("name", list(MODELS))
 def test_tiny_pipeline_loads_with_its_class_and_runs(repository: Path, name: str) -> None:
     import diffusers
@@ -85,12 +86,14 @@ def test_tiny_pipeline_loads_with_its_class_and_runs(repository: Path, name: str
     assert [image.size for image in result.images] == [expected_size]
 
 
+@pytest.mark.pipeline
 def test_every_checkpoint_is_small(repository: Path) -> None:
     for name in MODELS:
         size = sum(path.stat().st_size for path in checkpoint(repository, name).rglob("*") if path.is_file())
         assert size < 15e6, f"{name} is {size / 1e6:.1f} MB"
 
 
+@pytest.mark.pipeline
 def test_building_twice_gives_the_same_bytes(repository: Path, tmp_path: Path) -> None:
     weights.main(["tiny", "--repository", str(tmp_path)])
     for name in MODELS:
@@ -99,6 +102,7 @@ def test_building_twice_gives_the_same_bytes(repository: Path, tmp_path: Path) -
         assert first == second, name
 
 
+@pytest.mark.pipeline
 def test_tokenizer_truncates_long_prompts_and_knows_every_character(repository: Path) -> None:
     from transformers import CLIPTokenizer
 
@@ -116,6 +120,8 @@ def test_tokenizer_truncates_long_prompts_and_knows_every_character(repository: 
     assert tokenizer.unk_token_id not in ids[1:-1]
 
 
+@pytest.mark.pipeline
+@pytest.mark.process
 def test_keep_existing_leaves_current_folders_alone_without_importing_torch(repository: Path) -> None:
     before = modification_times(repository)
     script = (
@@ -129,6 +135,7 @@ def test_keep_existing_leaves_current_folders_alone_without_importing_torch(repo
     assert modification_times(repository) == before
 
 
+@pytest.mark.pipeline
 def test_keep_existing_rebuilds_tiny_weights_of_another_recipe(repository: Path, tmp_path: Path) -> None:
     folder = checkpoint(tmp_path, "sd_base")
     shutil.copytree(checkpoint(repository, "sd_base"), folder)
@@ -142,6 +149,7 @@ def test_keep_existing_rebuilds_tiny_weights_of_another_recipe(repository: Path,
     assert [path.name for path in folder.parent.iterdir()] == [CHECKPOINT_DIR]  # no staging left behind
 
 
+@pytest.mark.pipeline
 def test_hub_weights_are_kept_unless_tiny_is_asked_to_replace_them(tmp_path: Path) -> None:
     folder = checkpoint(tmp_path, "sd_upscale")
     folder.mkdir(parents=True)
@@ -282,6 +290,7 @@ def test_hub_selection_falls_back_to_plain_safetensors_for_a_component_without_f
     assert not [path for path in selected if path.endswith((".bin", ".ckpt"))]
 
 
+@pytest.mark.pipeline
 def test_the_selected_files_load_with_the_marker_variant(repository: Path, tmp_path: Path) -> None:
     """What `hub` writes, made offline: a repository of plain and fp16 files, cut down by the selection."""
     import diffusers
@@ -304,6 +313,7 @@ def test_the_selected_files_load_with_the_marker_variant(repository: Path, tmp_p
     assert loaded.unet.config.in_channels == 4
 
 
+@pytest.mark.process
 def test_hub_without_network_fails_in_one_clear_line(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "serving.weights", "hub", "--models=sd_base", f"--repository={tmp_path}"]
     # Fails at once; without a network huggingface_hub fails the same way after ~20 s of retries.
@@ -318,6 +328,7 @@ def test_hub_without_network_fails_in_one_clear_line(tmp_path: Path) -> None:
     assert list((tmp_path / "sd_base" / "1").iterdir()) == []  # nothing half-downloaded left behind
 
 
+@pytest.mark.pipeline
 def test_removed_transformers_classes_are_renamed_so_real_depth_weights_load(repository: Path, tmp_path: Path) -> None:
     """stable-diffusion-2-depth names DPTFeatureExtractor, which transformers 5 no longer has."""
     import diffusers
@@ -367,6 +378,7 @@ def test_a_source_that_is_not_a_repository_is_refused(given: str) -> None:
         weights.parse_source(given)
 
 
+@pytest.mark.process
 def test_bad_sources_on_the_command_line_and_in_the_environment_say_what_to_write(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "serving.weights", "hub", "--models=sd_base", f"--repository={tmp_path}"]
     bad_flag = subprocess.run([*command, "--source", "sd_base=nonsense"], cwd=REPO_ROOT, capture_output=True,
@@ -379,6 +391,7 @@ def test_bad_sources_on_the_command_line_and_in_the_environment_say_what_to_writ
     assert "SD_STUDIO_WEIGHTS_SD_BASE" in bad_env.stderr and "not a Hub repository" in bad_env.stderr
 
 
+@pytest.mark.process
 def test_help_names_each_models_source_and_how_to_choose_another() -> None:
     result = subprocess.run([sys.executable, "-m", "serving.weights", "hub", "--help"], cwd=REPO_ROOT,
                             capture_output=True, text=True, timeout=60)

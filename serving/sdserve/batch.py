@@ -20,8 +20,8 @@ import numpy as np
 
 from PIL import Image
 
-from .budget import CallOverBudget, ModelBusy, denoising_steps, megapixels, what_to_lower
-from .catalog import INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES
+from .budget import CallOverBudget, ModelBusy, megapixels
+from .catalog import GENERATED_IMAGE, INPUT_NAMES, MAX_IMAGES_PER_CALL, MAX_PAYLOAD_BYTES, PARAMETERS
 from .errors import RequestError
 from .images import encode_within
 from .params import image_seeds, random_seed
@@ -43,8 +43,8 @@ class Answer:
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         return {
-            "generated_image": np.array(self.images, dtype=np.object_),
-            "parameters": np.array(self.parameters, dtype=np.object_).reshape(-1, 1),
+            GENERATED_IMAGE: np.array(self.images, dtype=np.object_),
+            PARAMETERS: np.array(self.parameters, dtype=np.object_).reshape(-1, 1),
         }
 
 
@@ -121,7 +121,7 @@ def serve_batch(
                 break
             request = pending[0][2].request
             count = loaded.budget.rows_that_fit(
-                megapixels(request.size), denoising_steps(request.args), deadline - time.monotonic(),
+                megapixels(request.size), request.steps, deadline - time.monotonic(),
                 min(max_images_per_call, len(pending)),
             )
             if count == 0:
@@ -135,7 +135,7 @@ def serve_batch(
                 _fail(outcomes, chunk, CallOverBudget("gen_args", (
                     f"{loaded.model} stopped at step {stopped.steps_done} of {stopped.steps_total}: the call "
                     f"would run past the {loaded.budget.seconds:.0f} s one invocation may take; lower "
-                    f"{what_to_lower(request.args)}")))
+                    f"{request.spec.what_to_lower(request.args)}")))
                 continue
             except Exception as error:  # the call's requests fail; the rest of the batch goes on
                 log.exception("pipeline call failed for %d image(s)", len(chunk))

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .catalog import MODELS
 from .errors import RequestError
 
 RECENT_CALLS = 8  # the calls of one size the fits are made from
@@ -54,12 +55,6 @@ class RecentBySize:
 
     def __bool__(self) -> bool:
         return bool(self._by_size)
-
-
-def denoising_steps(args: dict[str, Any]) -> int:
-    """The steps a call really runs: image-to-image pipelines skip the first (1 - strength)."""
-    steps = args["num_inference_steps"]
-    return int(steps * args["strength"]) if "strength" in args else steps
 
 
 def megapixels(size: tuple[int, int], images: int = 1) -> float:
@@ -175,13 +170,14 @@ class WorkBudget:
 
     def refusal(self, model: str, args: dict[str, Any], image_megapixels: float) -> RequestError | None:
         """A RequestError naming what to lower when a call alone cannot fit the budget, else None."""
-        predicted = self.predict(image_megapixels, denoising_steps(args), short=True)
+        spec = MODELS[model]
+        predicted = self.predict(image_megapixels, spec.denoising_steps(args), short=True)
         if predicted is None or predicted <= self.seconds or not self.measured:
             return None
         return CallOverBudget(
             "gen_args",
             f"this call would take about {predicted:.0f} s on {model} here, over the {self.seconds:.0f} s one "
-            f"invocation may take; lower {what_to_lower(args)}",
+            f"invocation may take; lower {spec.what_to_lower(args)}",
         )
 
 
@@ -203,15 +199,3 @@ class ModelBusy(Exception):
             f"{model} {BUSY_WORDS}: the calls batched before this one took this invocation's {budget_s:.0f} s"
         )
 
-
-def what_to_lower(args: dict[str, Any]) -> str:
-    """The arguments that make a call shorter, as a designer would lower them, with their values."""
-    levers = [f"num_inference_steps (now {args['num_inference_steps']})"]
-    if "strength" in args:
-        levers.append(f"strength (now {args['strength']:g})")
-    if "width" in args:
-        levers.append(f"width x height (now {args['width']}x{args['height']})")
-    else:
-        levers.append("the image size")
-    levers.append(f"num_images_per_prompt (now {args['num_images_per_prompt']})")
-    return ", ".join(levers[:-1]) + " or " + levers[-1]

@@ -2,12 +2,16 @@
 
 Per model: its Triton name, the studio tab and API endpoint it is (`task`), the diffusers
 pipeline class, where its real weights come from, which inputs it takes with their limits, the
-prompt rules, and every generation argument (see `params.Argument`). Read by:
+prompt rules, every generation argument (see `params.Argument`), and the facts code would
+otherwise branch on the model's or an argument's name for: whether strength scales its steps,
+the side it works best at, how much larger its output is, and how an input too large for one
+answer is tiled. Read by:
 
-* sdserve.request / sdserve.pipelines - what a request may carry, and the pipeline call made of it;
-* serving.derived - the models' config.pbtxt files and the README's argument table (tests check both);
+* sdserve.request / sdserve.pipelines / sdserve.budget - what a request may carry, the pipeline
+  call made of it, and how long that call takes;
+* serving.derived - the models' config.pbtxt files and the docs' argument table (tests check both);
 * serving.weights - the tiny test weights and the real weights' repository and commit;
-* studio.tasks / studio.client - the tabs, their controls, and the client's keywords.
+* studio.tasks / studio.planning / studio.edits - the tabs, their controls and checks, tiling, edits.
 
 Adding a generation argument is one `Argument` here plus the code that uses it.
 Standard library only: the studio imports this without torch.
@@ -15,10 +19,12 @@ Standard library only: the studio imports this without torch.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .params import Argument, parse_gen_args, sampling_arguments, variation_arguments
+from .errors import RequestError
+from .params import STRENGTH, Argument, parse_gen_args, sampling_arguments, strength_argument, variation_arguments
 
 # Inside a model's version folder, where the diffusers pipeline folder lives.
 CHECKPOINT_DIR = "checkpoint"
@@ -50,8 +56,9 @@ QUEUE_TIMEOUT_WORDS = "Request timeout expired"
 # The KServe v2 BYTES inputs of the reference article, in the order the configs list them.
 PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS = "prompt", "negative_prompt", "image", "mask_image", "gen_args"
 INPUT_NAMES = (PROMPT, NEGATIVE_PROMPT, IMAGE, MASK_IMAGE, GEN_ARGS)
-# The outputs: the base64 PNGs ([rows][images]) and each row's parameters (JSON).
-OUTPUT_NAMES = ("generated_image", "parameters")
+# The outputs: the base64 PNGs ([rows][images]) and each row's parameters (JSON). Every PNG also
+# carries its own image's parameters in a text chunk under the same key, PARAMETERS.
+GENERATED_IMAGE, PARAMETERS = "generated_image", "parameters"
 
 SD2_LICENCE = "CreativeML Open RAIL++-M (openrail++)"
 # Stability AI withdrew most SD 2.x repositories from the Hub in November 2025.
@@ -66,6 +73,29 @@ class WeightsSource:
     revision: str  # the pinned commit
     licence: str
     note: str = ""
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How the studio splits an input whose output would not fit one answer (MAX_PAYLOAD_BYTES):
+    overlapping square tiles of `side` input px, each one call, stitched with feathered seams.
+
+    The numbers for the x4 upscaler: a 256 px tile's output, 1024x1024, is at worst (noise does not
+    compress: raw RGB) 3 MiB of pixels, 4 MiB as base64, within 6 MiB with room for the answer's
+    JSON and parameters (tests/test_model_table checks it with sdserve.wire), so every tile comes
+    back as lossless PNG; 1024 px is also the largest image the endpoint makes in one call anyway
+    (generate at 1024 px), so a tile costs no more time or memory than calls sized for the 60 s
+    limit. (The largest side that still fits, 296 px, would leave ~0.4 MB of headroom and heavier
+    calls than any other, for 4 calls instead of 9 at 512 px and the same 25 at 1024 px.) An
+    overlap of 64 px (256 output px of seam) is the most that keeps a 1024 px side at 5 tiles
+    ((1024 - 64) / (256 - 64) = 5): the widest blend that costs no extra call at the largest input.
+    """
+
+    side: int  # input px of one tile
+    overlap: int  # least overlap of neighbouring tiles, input px
+    # The largest input side the studio takes for the model (its output: x output_scale); above
+    # the model's own per-call limit, which holds for each tile.
+    max_input_side: int
 
 
 @dataclass(frozen=True)
@@ -89,10 +119,20 @@ class ModelSpec:
     # (studio.edits) send a box around the mask enlarged (or reduced) to it. None: not used.
     working_side: int | None = None
     output_scale: int = 1  # output side / input side (the upscaler's 4)
+    # An image-to-image pipeline runs int(steps x strength) of its steps (it skips the first ones).
+    strength_scales_steps: bool = False
+    # How the studio tiles an input too large for one answer; None: never tiled.
+    tiling: Tiling | None = None
 
     @property
     def takes_image(self) -> bool:
         return self.max_image_side is not None
+
+    @property
+    def max_input_side(self) -> int | None:
+        """The largest input side the studio takes for this model: a tiled model's is larger than
+        one call's (None for a model that takes no image)."""
+        return self.tiling.max_input_side if self.tiling is not None else self.max_image_side
 
     @property
     def inputs(self) -> tuple[str, ...]:
@@ -117,12 +157,40 @@ class ModelSpec:
 
     def parse_gen_args(self, raw: bytes | str | None) -> dict[str, Any]:
         """A request's `gen_args`, validated against this model's arguments, defaults filled in."""
-        return parse_gen_args(self.arguments, raw, self.name)
+        args = parse_gen_args(self.arguments, raw, self.name)
+        self.check_steps(args)
+        return args
+
+    def denoising_steps(self, args: Mapping[str, Any]) -> int:
+        """The steps a call with these (complete) arguments really runs."""
+        steps = args["num_inference_steps"]
+        return int(steps * args[STRENGTH]) if self.strength_scales_steps else steps
+
+    def check_steps(self, args: Mapping[str, Any]) -> None:
+        """A RequestError when a call with these (complete) arguments would run no step at all."""
+        if self.denoising_steps(args) < 1:
+            raise RequestError(
+                f"gen_args.{STRENGTH}",
+                f"times num_inference_steps must be at least 1 (now {args[STRENGTH]:g} x "
+                f"{args['num_inference_steps']}); raise either",
+            )
+
+    def what_to_lower(self, args: Mapping[str, Any]) -> str:
+        """The arguments that make a call shorter, as a designer would lower them, with their values."""
+        levers = [f"num_inference_steps (now {args['num_inference_steps']})"]
+        if self.strength_scales_steps:
+            levers.append(f"{STRENGTH} (now {args[STRENGTH]:g})")
+        if self.takes_image:
+            levers.append("the image size")
+        else:  # the size is the width and height arguments
+            levers.append(f"width x height (now {args['width']}x{args['height']})")
+        levers.append(f"num_images_per_prompt (now {args['num_images_per_prompt']})")
+        return ", ".join(levers[:-1]) + " or " + levers[-1]
 
 
 def _size(name: str, label: str) -> Argument:
     return Argument(
-        name, int, 512, label, "Pixels; a multiple of 8.", minimum=64, maximum=1024, step=8, multiple_of=8,
+        name, int, 512, label, "Pixels; a multiple of 8.", minimum=64, maximum=1024, step=8, multiple_of=8, main=True,
     )
 
 
@@ -158,11 +226,12 @@ MODELS: dict[str, ModelSpec] = {
             ),
             arguments=(
                 *sampling_arguments(guidance=7.5),
-                Argument("strength", float, 0.8, "Strength", "How far to move from the input.", 0.0, 1.0, 0.05),
+                strength_argument(0.8, "How far to move from the input."),
             ),
             prompt_required=True,
             prompt_help="The new look.",
             max_image_side=1024,
+            strength_scales_steps=True,
         ),
         ModelSpec(
             name="sd_inpaint",
@@ -176,7 +245,7 @@ MODELS: dict[str, ModelSpec] = {
             ),
             arguments=(
                 *sampling_arguments(guidance=7.5),
-                Argument("strength", float, 1.0, "Strength", "1 replaces the painted area entirely.", 0.0, 1.0, 0.05),
+                strength_argument(1.0, "1 replaces the painted area entirely."),
             ),
             prompt_label="What should replace it",
             prompt_help="Leave empty to blend in with the surroundings.",
@@ -184,6 +253,7 @@ MODELS: dict[str, ModelSpec] = {
             takes_mask=True,
             size_from_image=True,
             working_side=512,
+            strength_scales_steps=True,
         ),
         ModelSpec(
             name="sd_upscale",
@@ -197,11 +267,13 @@ MODELS: dict[str, ModelSpec] = {
             ),
             arguments=(
                 *sampling_arguments(guidance=9.0),
-                Argument("noise_level", int, 20, "Noise level", "More noise, more invented detail.", 0, 350, 1),
+                Argument("noise_level", int, 20, "Noise level", "More noise, more invented detail.", 0, 350, 1,
+                         main=True),
             ),
             prompt_help="Describe the image.",
             max_image_side=512,
             output_scale=4,
+            tiling=Tiling(side=256, overlap=64, max_input_side=1024),
         ),
     )
 }

@@ -9,6 +9,7 @@ import warnings
 
 from PIL import Image, PngImagePlugin
 
+from .catalog import PARAMETERS
 from .errors import RequestError
 
 MAX_DECODED_BYTES = 20 * 1024 * 1024  # 20 MB of PNG/JPEG after base64 decoding
@@ -88,7 +89,7 @@ def encode_within(
         return sum(len(data) for row in encoded for data in row)
 
     encoded = [
-        [encode_png(image, {"parameters": text}) for image, text in zip(row, row_texts)]
+        [encode_png(image, {PARAMETERS: text}) for image, text in zip(row, row_texts)]
         for row, row_texts in zip(images, texts)
     ]
     if total(encoded) <= budget_bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -35,6 +36,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]] | None] = {
 }
 
 WIDGETS = ("slider", "number", "dropdown", "checkbox")
+# A number written as text, in JSON's number syntax ("20", "0.3", "1e3"): read as that number.
+NUMBER_TEXT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?")
+# The argument image-to-image pipelines skip the first (1 - strength) of their steps by.
+STRENGTH = "strength"
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Argument:
     choices: tuple[str, ...] = ()
     multiple_of: int | None = None
     widget: str = "slider"  # how the studio shows it: one of WIDGETS
+    main: bool = False  # shown beside the prompts in the studio's tab (the rest: under "Sampling")
     # Passed to the pipeline call under its own name; False for what sdserve applies itself
     # (the seed becomes a generator, the scheduler replaces the pipeline's, images become rows).
     pipeline: bool = True
@@ -60,18 +66,29 @@ class Argument:
     shared_by_batch: bool = True
 
     def check(self, value: Any, field: str | None = None) -> Any:
-        """The value with its proper type, or a RequestError naming `field` and the limit."""
+        """The value with its proper type, or a RequestError naming `field` and the limit.
+
+        The one rule for every way a value comes (the server's gen_args, the studio's controls,
+        its named API, StudioClient's keywords), so that a value means the same everywhere:
+        None (JSON null, an emptied field) is the default; a number may come as a JSON number or
+        as text in JSON's number syntax ("0.3"); an integer argument takes a number equal to an
+        integer (20.0 is 20, 20.5 is refused); a switch takes true/false or 1/0; a boolean is
+        never a number (a designer's `true` is never a step count).
+        """
         field = field or f"gen_args.{self.name}"
-        # bool is an int in Python; a designer's `true` is never a step count.
-        if isinstance(value, bool) != (self.kind is bool):
-            raise RequestError(field, f"must be {self.describe()}, not a boolean" if isinstance(value, bool)
-                               else f"must be {self.describe()}, got {type(value).__name__}")
-        if self.kind is float and isinstance(value, int):
-            value = float(value)
-        if not isinstance(value, self.kind):
-            raise RequestError(field, f"must be {self.describe()}, got {type(value).__name__}")
-        if self.kind is float and not math.isfinite(value):
-            raise RequestError(field, f"must be a finite number {self.describe_range()}")
+        if value is None:
+            return self.default
+        if self.kind is bool:
+            if isinstance(value, bool) or (type(value) is int and value in (0, 1)):
+                return bool(value)
+            raise RequestError(field, f"must be {self.describe()}; got {value!r}")
+        if isinstance(value, bool):
+            raise RequestError(field, f"must be {self.describe()}, not a boolean")
+        if self.kind is str:
+            if not isinstance(value, str):
+                raise RequestError(field, f"must be {self.describe()}, got {type(value).__name__}")
+        else:
+            value = self._number(value, field)
         if self.choices and value not in self.choices:
             raise RequestError(field, f"must be one of {', '.join(self.choices)}; got {value!r}")
         if (self.minimum is not None and value < self.minimum) or (
@@ -81,6 +98,20 @@ class Argument:
         if self.multiple_of and value % self.multiple_of:
             raise RequestError(field, f"must be a multiple of {self.multiple_of}; got {value}")
         return value
+
+    def _number(self, value: Any, field: str) -> int | float:
+        """A numeric argument's value as its kind (int or float); see `check` for the rule."""
+        if isinstance(value, str) and NUMBER_TEXT.fullmatch(value):
+            value = float(value)
+        if not isinstance(value, (int, float)):
+            raise RequestError(field, f"must be {self.describe()}, got {type(value).__name__}")
+        if not math.isfinite(value):
+            raise RequestError(field, f"must be a finite number {self.describe_range()}")
+        if self.kind is float:
+            return float(value)
+        if value != int(value):
+            raise RequestError(field, f"must be {self.describe()}, got {value!r}")
+        return int(value)
 
     def describe(self) -> str:
         names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
@@ -122,6 +153,11 @@ def sampling_arguments(guidance: float) -> tuple[Argument, ...]:
     )
 
 
+def strength_argument(default: float, help: str) -> Argument:
+    """How far an image-to-image model moves from its input; it runs that share of its steps."""
+    return Argument(STRENGTH, float, default, "Strength", help, 0.0, 1.0, 0.05, main=True)
+
+
 def variation_arguments() -> tuple[Argument, ...]:
     """A second seed whose noise is mixed into the seed's (spherically), for variations of an image."""
     return (
@@ -150,7 +186,7 @@ def image_seeds(args: Mapping[str, Any], pick_seed: Callable[[], int]) -> list[d
     are all variations of one image, the seed's: they keep the seed and take consecutive
     variation seeds. -1 is resolved with `pick_seed`, once, so the numbers stay consecutive;
     a variation seed is resolved only when it is used. The server (sdserve.batch) and the
-    studio (which sends N images as N calls, studio.jobs) both count this way.
+    studio (which sends N images as N calls, studio.planning) both count this way.
     """
     def resolved(seed: int) -> int:
         return pick_seed() if seed == RANDOM_SEED else seed

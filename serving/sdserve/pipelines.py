@@ -6,6 +6,7 @@ import importlib.util
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from .budget import WorkBudget, denoising_steps, megapixels
+from .budget import WorkBudget, megapixels
 from .catalog import CALL_BUDGET_S, MODELS
 from .checkpoint import checkpoint_variant, read_marker
 from .params import SCHEDULERS
@@ -134,7 +135,7 @@ def run_call(loaded: LoadedPipeline, rows: list[ImageRow], deadline: float | Non
         call["latents"] = variation_latents(pipe, rows, generators, first.size)
     image_megapixels = sum(megapixels(row.request.size) for row in rows)
     step_ends: list[float] = []
-    call.update(_step_callback(loaded.step_end_callbacks, step_ends, deadline, denoising_steps(args)))
+    call.update(_step_callback(loaded.step_end_callbacks, step_ends, deadline, first.steps))
     started = time.monotonic()
     try:
         with torch.inference_mode():
@@ -183,17 +184,18 @@ def slerp(t: float, start: torch.Tensor, end: torch.Tensor) -> torch.Tensor:
 
 
 def _step_callback(step_end_callbacks: bool, step_ends: list[float], deadline: float | None,
-                   total: int) -> dict[str, Any]:
+                   total: int, *, clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
     """Step-callback arguments that note when each step ends (the model's speed) and raise
     CallStopped once the call cannot end by `deadline`: the deadline has passed, or another step
     as long as the last one would end past it. Stopping then, not a step later, keeps a call of
     long steps (large images on a slow device) from running a whole step past the deadline.
 
     Raising (rather than diffusers' `interrupt`) also skips the VAE decode of an unwanted result.
-    The upscaler has only the older `callback(step, timestep, latents)` form.
+    The upscaler has only the older `callback(step, timestep, latents)` form. `clock` is what
+    `deadline` is read against (tests pass their own).
     """
     def check(step: int) -> None:
-        now = time.monotonic()
+        now = clock()
         last_step_s = now - step_ends[-1] if step_ends else 0.0
         step_ends.append(now)
         if deadline is None:

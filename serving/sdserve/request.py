@@ -7,7 +7,6 @@ from typing import Any, Mapping
 
 from PIL import Image
 
-from .budget import denoising_steps
 from .catalog import MASK_THRESHOLD, MAX_PROMPT_CHARS, MIN_IMAGE_SIDE, MODELS, SIZE_MULTIPLE, ModelSpec
 from .errors import RequestError
 from .images import decode_image
@@ -23,6 +22,11 @@ class GenerationRequest:
     args: dict[str, Any]  # validated gen_args, defaults filled in
     image: Image.Image | None = None
     mask_image: Image.Image | None = None
+
+    @property
+    def steps(self) -> int:
+        """The denoising steps its pipeline call runs (ModelSpec.denoising_steps)."""
+        return self.spec.denoising_steps(self.args)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -57,12 +61,6 @@ def parse_request(model: str, fields: Mapping[str, bytes | None]) -> GenerationR
         negative_prompt=_text(fields.get("negative_prompt"), "negative_prompt"),
         args=spec.parse_gen_args(fields.get("gen_args")),
     )
-    if denoising_steps(request.args) < 1:
-        raise RequestError(
-            "gen_args.strength",
-            f"times num_inference_steps must be at least 1 (now {request.args['strength']:g} x "
-            f"{request.args['num_inference_steps']}); raise either",
-        )
     if spec.takes_image:
         image = _checked_image(spec, fields.get("image"))
         if spec.takes_mask:
