@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("list", run_list, "list the archives under the S3 prefix (key, size, sha256, last modified)")
 
-    invoke = command("invoke", run_invoke, "one smoke request per model through studio.client")
+    invoke = command("invoke", run_invoke, "one smoke request per model (boto3, the request format of sdserve.wire)")
     invoke.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "smoke", help="where the PNGs go")
     invoke.add_argument("--steps", type=int, default=20, help="denoising steps per image (default: 20)")
     invoke.add_argument("--seed", type=int, default=1234, help="seed, for images that can be compared")

@@ -69,7 +69,7 @@ def print_plan(cfg: DeployConfig) -> None:
         ("list", f"the archives under {store}",
          [upload.head_bucket(shown), upload.list_archives_call(shown.bucket, cfg.s3_prefix),
           dataclasses.replace(upload.head_archive(shown.bucket, "<each key>"), note="for its sha256 metadata")]),
-        ("invoke", "one request per model through studio.client, retried while a model loads",
+        ("invoke", "one request per model (boto3, sdserve.wire), retried while a model loads",
          [Call("sagemaker-runtime", "invoke_endpoint",
                {"EndpointName": cfg.endpoint_name, "TargetModel": archive_name(model),
                 "ContentType": "application/json", "Body": "<KServe v2 JSON>"}) for model in cfg.models]),
