@@ -9,9 +9,6 @@ import logging
 import subprocess
 import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,16 +116,13 @@ class LocalEndpointProcess:
             log.info("the local endpoint is back at %s (restart %d)", self.url, self.restarts)
 
     def _wait_until_up(self, process: subprocess.Popen) -> None:
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline and not self._stopping.is_set():
-            if process.poll() is not None:
-                raise EndpointStartError(f"the local endpoint exited with status {process.returncode} while starting")
-            if _pings(f"{self.url}/ping"):
-                return
-            time.sleep(0.5)
-        if self._stopping.is_set():
-            raise EndpointStartError("the studio is stopping")
-        raise EndpointStartError(f"the local endpoint did not answer {self.url}/ping within {self.startup_timeout_s:.0f} s")
+        from serving.processes import ServerStartError, wait_until_answers
+
+        try:
+            wait_until_answers(f"{self.url}/ping", process, timeout_s=self.startup_timeout_s,
+                               what="the local endpoint", stopping=self._stopping)
+        except ServerStartError as error:
+            raise EndpointStartError(str(error)) from None
 
     def stop(self) -> None:
         with self._lock:
@@ -136,20 +130,7 @@ class LocalEndpointProcess:
         self._terminate()
 
     def _terminate(self) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()  # it stops its Triton server on SIGTERM
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        from serving.processes import stop_process
 
-
-def _pings(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+        if self.process is not None:
+            stop_process(self.process)  # it stops its Triton server on SIGTERM
