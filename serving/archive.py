@@ -44,6 +44,8 @@ IGNORED_SUFFIXES = (".pyc", ".pyo")
 # few percent in size, which matters for multi-GB archives.
 GZIP_LEVEL = 1
 CHUNK = 1 << 20
+# A tar ends with zero blocks padded to its record size (10 KiB by default): far less than this.
+MAX_TRAILING_BYTES = 1 << 20
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -195,9 +197,11 @@ def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int, max_members
 def _extract_members(archive: Path, staging: Path, *, max_total_bytes: int, max_members: int) -> None:
     budget = _Budget(max_total_bytes)
     try:
-        # Stream mode ("r|gz") reads members in order without seeking, so sizes are counted as the
-        # data is decompressed and a gzip bomb is stopped at the limit.
-        with tarfile.open(archive, mode="r|gz") as tar:
+        # Stream mode ("r|") reads members in order without seeking, so sizes are counted as the
+        # data is decompressed and a gzip bomb is stopped at the limit. The gzip module, unlike
+        # tarfile's own "r|gz", checks the stream's end (length and CRC), which is what finds an
+        # archive cut short between two members.
+        with gzip.open(archive, "rb") as unzipped, tarfile.open(fileobj=unzipped, mode="r|") as tar:
             for count, member in enumerate(tar, start=1):
                 if count > max_members:
                     raise UnsafeArchiveError(f"{archive.name}: more than {max_members} members")
@@ -206,6 +210,14 @@ def _extract_members(archive: Path, staging: Path, *, max_total_bytes: int, max_
                     _write_member(tar, member, target, budget)
                 except (FileExistsError, NotADirectoryError):
                     raise UnsafeArchiveError(f"member {member.name!r}: clashes with an earlier member") from None
+            # The members end at the first zero block; what follows (a tar's padding) is read to
+            # the gzip trailer, so an archive cut short there is still found out, and bounded, so a
+            # bomb of trailing zeros is not.
+            trailing = 0
+            while chunk := unzipped.read(CHUNK):
+                trailing += len(chunk)
+                if trailing > MAX_TRAILING_BYTES:
+                    raise UnsafeArchiveError(f"{archive.name}: more than {MAX_TRAILING_BYTES} bytes after its last member")
     except (tarfile.ReadError, tarfile.CompressionError, gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise CorruptArchiveError(f"{archive}: not a readable .tar.gz ({error})") from error
 

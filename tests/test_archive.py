@@ -252,6 +252,27 @@ def test_member_count_limit(tmp_path):
         safe_extract(archive, tmp_path / "cache/x", max_total_bytes=100, max_members=4)
 
 
+def test_an_archive_cut_between_two_members_is_found_out(tmp_path):
+    whole = craft(tmp_path / "whole.tar.gz", ("a", "file", b"first" * 100), ("b", "file", b"second" * 100))
+    with tarfile.open(whole) as tar:
+        end_of_a = tar.getmember("b").offset  # where b's header starts, in the tar stream
+    cut = tmp_path / "cut.tar.gz"
+    with gzip.open(whole) as source, gzip.open(cut, "wb") as target:
+        target.write(source.read(end_of_a))
+    data = cut.read_bytes()
+    cut.write_bytes(data[:-8])  # the members up to b are whole; the gzip trailer is gone
+    with pytest.raises(CorruptArchiveError, match="not a readable .tar.gz"):
+        safe_extract(cut, tmp_path / "cache/x", max_total_bytes=10_000)
+
+
+def test_zeros_after_the_last_member_are_bounded(tmp_path):
+    archive = tmp_path / "padded.tar.gz"
+    with gzip.open(archive, "wb") as out:
+        out.write(b"\0" * (2 * 1024 * 1024))  # an empty tar, then far more zeros than any padding
+    with pytest.raises(UnsafeArchiveError, match="after its last member"):
+        safe_extract(archive, tmp_path / "cache/x", max_total_bytes=10_000)
+
+
 @pytest.mark.parametrize("content", ["garbage", "plain tar", "truncated"])
 def test_corrupt_archive_is_a_clear_error(repo, tmp_path, content):
     path = tmp_path / "bad.tar.gz"
