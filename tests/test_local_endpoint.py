@@ -29,6 +29,7 @@ from .endpoint_support import (
     EVIL_TRICKS,
     SIZE,
     STEPS,
+    HeldCalls,
     answer_image,
     answer_parameters,
     bomb_archive,
@@ -210,9 +211,13 @@ def test_model_errors_carry_the_original_status_and_message(endpoint, runtime, s
     assert response["LogStreamArn"].startswith("arn:aws:logs:")
     assert 'Received client error (400) from model sd_base.tar.gz with message "prompt: must not be empty' \
         in response["Error"]["Message"]
+    # The model's own words reach the designer: sent past the studio's own check of the prompt...
     with pytest.raises(StudioError, match="^prompt: must not be empty for sd_base$"):
+        studio.invoke("sd_base", {"prompt": ""}, {"num_inference_steps": STEPS, "width": SIZE, "height": SIZE})
+    # ...which refuses the same prompt before sending it.
+    with pytest.raises(StudioError, match="^Write a prompt: Generate needs one.$"):
         studio.generate("", num_inference_steps=STEPS, width=SIZE, height=SIZE)
-    with pytest.raises(StudioError, match="num_inference_steps"):
+    with pytest.raises(StudioError, match="^Steps: must be from 1 to 150; got 500.$"):
         studio.generate("a cat", num_inference_steps=500, width=SIZE, height=SIZE)
 
 
@@ -435,13 +440,17 @@ def test_tritonserver_killed_then_restarted(endpoint, runtime, studio, archive_s
     assert endpoint.registry.entry(broken).attempt == 2
 
 
-def test_client_timeout_sends_the_request_once(endpoint, runtime):
+def test_client_timeout_sends_the_request_once(endpoint, runtime, monkeypatch):
     invoke(runtime, "sd_base.tar.gz")  # loaded
+    held = HeldCalls(endpoint, monkeypatch)  # still in flight when the client stops waiting, on any machine
     client = StudioClient(EndpointConfig(endpoint_name=ENDPOINT_NAME, endpoint_url=endpoint.url, read_timeout_s=1))
     before = endpoint.invocations_total
-    with pytest.raises(StudioError, match="The endpoint did not answer within 1 s"):
-        client.generate("a slow one", num_inference_steps=40, width=SIZE, height=SIZE)
-    assert endpoint.invocations_total - before == 1  # botocore did not send it again
+    try:
+        with pytest.raises(StudioError, match="The endpoint did not answer within 1 s"):
+            client.generate("a slow one", num_inference_steps=STEPS, width=SIZE, height=SIZE)
+        assert endpoint.invocations_total - before == 1  # botocore did not send it again
+    finally:
+        held.release.set()
     wait_for(lambda: endpoint.registry.entry("sd_base.tar.gz").in_flight == 0, timeout=120)
 
 

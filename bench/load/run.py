@@ -66,9 +66,12 @@ def sample_memory(studio: Studio, memory: dict, stop: threading.Event) -> None:
         now = time.monotonic()
         for role, process in studio.processes().items():
             try:
-                memory.setdefault(role, []).append((now, process.pid, process.memory_info().rss))
+                rss = process.memory_info().rss
             except psutil.Error:
                 continue
+            # Zero: it exited (a zombie) since the tree was listed; nothing left to judge.
+            if rss:
+                memory.setdefault(role, []).append((now, process.pid, rss))
         if stop.wait(MEMORY_SAMPLE_S):
             return
 
