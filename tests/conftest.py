@@ -1,7 +1,13 @@
 """Fixtures shared by the test modules, by area: the model repository and artifacts (all), the
 local endpoint's archive store, a browser page (the browser tests), and the deploy tests' AWS
-fixtures (defined in deploy_support)."""
+fixtures (defined in deploy_support); and the tiers' guard (process_support): a test that starts
+a process or a pipeline without the mark that says so fails.
 
+The suite runs in parallel (`make test`: pytest-xdist, one file per worker at a time): what a
+fixture shares lives in the worker's own temporary folder, ports are the system's free ones, and
+the checkout's tiny weights are built before pytest starts (or once, under a lock)."""
+
+import fcntl
 import os
 import shutil
 import subprocess
@@ -19,6 +25,7 @@ from serving.archive import build_model_archive
 
 # The deploy tests' fixtures, offered to every test from here so that no test imports a fixture.
 from tests.deploy_support import clean_env, deploy, moto, moto_url, repository, tripwire  # noqa: F401
+from tests.process_support import guarded, starts_something
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,12 +40,58 @@ MODEL_REPOSITORY = ROOT / "serving" / "models"
 ARTIFACTS = ROOT / "test-artifacts"
 
 
+# --- the tiers: an unmarked test may start no process and no pipeline (tests/process_support.py) ---
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    with guarded(item):  # the fixtures too: a session fixture that starts a server counts
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    with guarded(item):
+        return (yield)
+
+
+# --- the order of the files under xdist (`make test`) -------------------------------------------
+# Each worker takes one file at a time, in the collected order: the longest files go first, so that
+# none of them starts last while the other workers sit idle. The slowest files' seconds (alone, on
+# the 2-core machine; `make test` prints the slowest tests) are written here; any other file counts
+# a few seconds for each test that starts something and little for the others.
+SLOW_FILE_SECONDS = {
+    "test_local_endpoint.py": 315, "test_browser_studio.py": 290, "test_load_faults.py": 265,
+    "test_local_endpoint_eviction.py": 220, "test_studio_endpoint_panel.py": 190,
+    "test_triton_models.py": 105, "test_studio_api.py": 95, "test_edits.py": 95,
+    "test_client_jobs.py": 85, "test_sdserve_batch.py": 65, "test_local_endpoint_cli.py": 55,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if not hasattr(config, "workerinput"):  # only where xdist's workers collect
+        return
+    seconds: dict[Path, float] = {}
+    for item in items:
+        seconds[item.path] = seconds.get(item.path, 0.0) + (3.0 if starts_something(item) else 0.1)
+    for path in seconds:
+        seconds[path] = SLOW_FILE_SECONDS.get(path.name, seconds[path])
+    items.sort(key=lambda item: -seconds[item.path])  # stable: each file's own order is kept
+
+
 @pytest.fixture(scope="session")
 def model_repository() -> Path:
-    """The checkout's model repository with weights in place (tiny ones unless real are there)."""
-    subprocess.run(
-        [sys.executable, "-m", "serving.weights", "tiny", "--keep-existing"], cwd=ROOT, check=True
-    )
+    """The checkout's model repository with weights in place (tiny ones unless real are there).
+
+    `make test` builds them before pytest starts, so this only checks; otherwise the first worker
+    here builds them while the others wait on the lock (they then find them in place)."""
+    lock = ROOT / "build" / "tiny-models.lock"
+    lock.parent.mkdir(exist_ok=True)
+    with open(lock, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        subprocess.run(
+            [sys.executable, "-m", "serving.weights", "tiny", "--keep-existing"], cwd=ROOT, check=True
+        )
     return MODEL_REPOSITORY
 
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -97,6 +98,25 @@ def copy_archive(store: Path, model: str, target: str) -> str:
     destination.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(store / archive_name(model), destination)
     return target
+
+
+class HeldCalls:
+    """While a test runs, the in-process endpoint's calls wait on their way to Triton, in flight as
+    the endpoint counts them, until `release` is set: a call exactly as long as the test needs,
+    instead of a long call timed against the machine's speed (and the model's work budget, which
+    refuses a call it predicts too long on a slow or busy machine). `arrived` is set by the first."""
+
+    def __init__(self, endpoint: LocalEndpoint, monkeypatch) -> None:
+        self.arrived, self.release = threading.Event(), threading.Event()
+        forward = endpoint.triton.invoke
+
+        def held(*args, **kwargs):
+            self.arrived.set()
+            if not self.release.wait(300):
+                raise TimeoutError("a held call was never released")
+            return forward(*args, **kwargs)
+
+        monkeypatch.setattr(endpoint.triton, "invoke", held)
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):

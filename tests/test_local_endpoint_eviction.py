@@ -9,12 +9,14 @@ import time
 import pytest
 
 from serving.archive import archive_name
+from serving.local_endpoint import State
 from studio.client import EndpointConfig, StudioClient
 
 from .endpoint_support import (
     ENDPOINT_NAME,
     SIZE,
     STEPS,
+    HeldCalls,
     answer_image,
     copy_archive,
     invoke,
@@ -142,38 +144,51 @@ def test_a_gigabyte_budget_is_kept(endpoint, studio, archive_store):
         limits.max_models, limits.max_bytes = 2, None
 
 
-def test_a_model_with_a_call_in_flight_is_never_evicted(endpoint, archive_store):
+def test_a_model_with_a_call_in_flight_is_never_evicted(endpoint, archive_store, monkeypatch):
     runtime = runtime_client(endpoint.url)
     limits = endpoint.registry.limits
     limits.max_models = 1
+    held = None
     try:
         busy = "sd_base.tar.gz"
         invoke(runtime, busy)
         # A lowered budget applies from the next load on: any other model still loaded (idle)
         # goes first, then the load waits for the busy one.
         assert busy in loaded(endpoint)
+        held = HeldCalls(endpoint, monkeypatch)  # the busy call stays in flight until released
         outcome: dict = {}
 
-        def long_call() -> None:
+        def busy_call() -> None:
             try:
-                outcome["answer"] = invoke(runtime, busy, kserve_body(num_inference_steps=60, width=96, height=96))
+                outcome["answer"] = invoke(runtime, busy, kserve_body(width=96, height=96))
             except Exception as error:  # noqa: BLE001 - checked below
                 outcome["error"] = error
             outcome["ended"] = time.time()
 
-        thread = threading.Thread(target=long_call)
+        thread = threading.Thread(target=busy_call)
         thread.start()
-        assert wait_for(lambda: endpoint.registry.entry(busy).in_flight == 1, timeout=10)
-        _, answer = invoke(runtime, "sd_depth.tar.gz", _depth_body())  # needs the only slot
+        assert held.arrived.wait(60) and endpoint.registry.entry(busy).in_flight == 1
+        depth: dict = {}
+        needs_the_slot = threading.Thread(target=lambda: depth.update(
+            answer=invoke(runtime, "sd_depth.tar.gz", _depth_body())[1]))
+        needs_the_slot.start()
+        assert wait_for(lambda: getattr(endpoint.registry.entry("sd_depth.tar.gz"), "state", None) is State.LOADING,
+                        timeout=60)
+        assert set(loaded(endpoint)) == {busy}  # sd_depth waits for the slot: the busy model stays
+        held.release.set()
         thread.join(300)
+        needs_the_slot.join(300)
         assert "error" not in outcome, outcome
         assert answer_image(outcome["answer"][1]).size == (96, 96)
+        answer = depth["answer"]
         assert answer_image(answer).size == (SIZE, SIZE)
         # sd_depth's load (which evicted sd_base) finished only after the busy call had ended.
         assert endpoint.registry.entry("sd_depth.tar.gz").loaded_at >= outcome["ended"] - 0.5
         assert set(loaded(endpoint)) == {"sd_depth.tar.gz"}
         assert model_info(endpoint, busy)["evictions"] >= 1
     finally:
+        if held is not None:
+            held.release.set()
         limits.max_models = 2
 
 
