@@ -59,7 +59,7 @@ real-weights: $(INSTALLED)
 FAST_TIER := not (triton or pipeline or studio or browser or aws or process)
 
 check: $(INSTALLED)
-	$(PY) -m pytest -m "$(FAST_TIER)" --durations=15
+	$(PY) -m pytest -n 2 -m "$(FAST_TIER)" --durations=15
 
 # Everything, on TEST_WORKERS pytest-xdist workers: one test file to a worker at a time (a file's
 # servers start once), the heaviest files first (tests/conftest.py orders them).
