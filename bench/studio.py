@@ -58,7 +58,8 @@ def running_studio(endpoint_url: str, work: Path, name: str = "studio") -> Studi
     studio`), so that its work and the harness's do not share one interpreter; no quota in the way.
     Its results and log in `work` under `name`. Use it as a context manager; its URL is `.url`."""
     return StudioProcess("--endpoint-url", endpoint_url, "--results-dir", str(work / f"{name}-results"),
-                         "--jobs-per-minute", "1000", "--images-per-day", "100000", log=work / f"{name}.log")
+                         "--jobs-per-minute", "1000", "--work-per-day", "10000000",
+                         "--daily-budget", "10000000", "--jobs-at-once", "64", log=work / f"{name}.log")
 
 
 def at_once(functions: list[Callable[[], object]]) -> float:

@@ -5,9 +5,10 @@
     python -m studio --endpoint-name NAME --region REGION   # a SageMaker endpoint
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
-STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR,
-STUDIO_USERS_FILE, STUDIO_JOBS_PER_MINUTE, STUDIO_IMAGES_PER_DAY, STUDIO_INSTANCE_TYPE,
-STUDIO_PRICE_PER_HOUR), which is how a container or a Hugging Face Space sets them. AWS
+STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_MIN_FREE_DISK_MB,
+STUDIO_USERS_FILE, STUDIO_ALLOW, STUDIO_INSTANCE_TYPE, STUDIO_PRICE_PER_HOUR, and the quotas'
+STUDIO_JOBS_AT_ONCE, STUDIO_JOBS_PER_MINUTE, STUDIO_WORK_PER_DAY and STUDIO_DAILY_BUDGET, see
+studio/quotas.py), which is how a container or a Hugging Face Space sets them. AWS
 credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
 sign-in (see studio/access.py) or --public-without-login.
 """
@@ -27,7 +28,7 @@ from pathlib import Path
 from sdserve.files import atomic_file
 from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 
-from studio.access import Quotas, choose_access
+from studio.access import choose_access, visitor_key_beside
 from studio.app import build_app
 from studio.client import StudioClient
 from studio.endpoint_launcher import (
@@ -36,8 +37,10 @@ from studio.endpoint_launcher import (
     own_endpoint_available,
 )
 from studio.endpoint_watch import EndpointWatch, Pricing
+from studio.gate import launch_options
+from studio.quotas import Quotas
 from studio.session import MAX_UPLOAD_BYTES
-from studio.store import ResultStore
+from studio.store import DEFAULT_MIN_FREE_BYTES, ResultStore
 
 DEFAULT_RESULTS_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-studio" / "results"
 
@@ -66,6 +69,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="where result images are kept",
     )
     parser.add_argument(
+        "--min-free-disk-mb", type=int, metavar="MB",
+        default=int(env.get("STUDIO_MIN_FREE_DISK_MB") or DEFAULT_MIN_FREE_BYTES // 2**20),
+        help="new jobs are refused while the results folder's disk has less free than this "
+             f"(STUDIO_MIN_FREE_DISK_MB; default {DEFAULT_MIN_FREE_BYTES // 2**20})",
+    )
+    parser.add_argument(
         "--users-file", type=Path, default=env.get("STUDIO_USERS_FILE") or None,
         help="designers who may sign in (`python -m studio.access add NAME` makes it)",
     )
@@ -73,9 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--public-without-login", action="store_true",
         help="serve beyond 127.0.0.1 with no sign-in: anyone who finds it can use the endpoint",
     )
-    quotas = Quotas.from_env()
-    parser.add_argument("--jobs-per-minute", type=int, default=quotas.jobs_per_minute, help="per designer")
-    parser.add_argument("--images-per-day", type=int, default=quotas.images_per_day, help="per designer")
+    parser.add_argument(
+        "--allow", default=env.get("STUDIO_ALLOW") or None, metavar="NAMES",
+        help="with Hugging Face sign-in: the accounts and organisations that may use the studio, e.g. "
+             "alice,bob,org:acme (STUDIO_ALLOW; default: any Hugging Face account)",
+    )
+    try:
+        Quotas.from_env().add_arguments(parser)  # --jobs-at-once, --jobs-per-minute, --work-per-day, --daily-budget
+    except ValueError as error:
+        parser.error(str(error))
     parser.add_argument(
         "--instance-type", default=env.get("STUDIO_INSTANCE_TYPE") or DEFAULT_INSTANCE_TYPE,
         help=f"the endpoint's instance type, whose on-demand price the cost per image is estimated with "
@@ -87,11 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     try:
+        args.quotas = Quotas.from_args(args)
         args.pricing = Pricing(args.instance_type, args.price_per_hour)
     except ValueError as error:
         parser.error(str(error))
     try:
-        args.access = choose_access(args.host, args.users_file, args.public_without_login)
+        args.access = choose_access(args.host, args.users_file, args.public_without_login, allow=args.allow)
     except (ValueError, OSError) as error:
         parser.error(str(error))
     if args.endpoint_url and args.endpoint_name:
@@ -109,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM (docker stop, a test ending) unwinds like Ctrl+C, so the local endpoint is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    store = ResultStore(args.results_dir)
+    store = ResultStore(args.results_dir, min_free_bytes=args.min_free_disk_mb * 2**20)
     with contextlib.ExitStack() as stack:
         tiny_weights = False
         listing_url = None  # AWS has none: the panel judges from the studio's own calls
@@ -126,23 +142,28 @@ def main(argv: list[str] | None = None) -> None:
             listing_url = f"{url.rstrip('/')}/models"  # the local endpoint's: which models are loaded
             client_factory = lambda: StudioClient.for_local(url)  # noqa: E731
         logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
+        if args.access.notice:
+            logging.getLogger("studio").warning("%s", args.access.notice)
+        args.access = args.access.with_visitor_key(visitor_key_beside(store.root))
         demo = build_app(
             client_factory, store=store, tiny_weights=tiny_weights, history_secret=_history_secret(store.root),
-            access=args.access, quotas=Quotas(args.jobs_per_minute, args.images_per_day),
+            access=args.access, quotas=args.quotas,
             watch=EndpointWatch(args.pricing, listing_url=listing_url),
         )
-        auth = args.access.users.check if args.access.mode == "password" else None
         demo.queue().launch(
-            server_name=args.host, server_port=args.port, auth=auth,
+            server_name=args.host, server_port=args.port,
+            **launch_options(args.access, owns_file=store.link_owner_matches),  # studio/gate.py
             # Uploads are refused past what the studio can take (the largest PNG it makes), before
-            # Gradio stores them; the store's bookkeeping is never served.
-            max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(store.root / ".owners")],
+            # Gradio stores them; nothing in the results folder is served (the page gets links to
+            # results made for their owner, ResultStore.link).
+            max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(store.root)],
         )
 
 
 def _history_secret(results_dir: Path) -> str:
     """The key the browser's copy of the history is encrypted with, kept beside the results folder
-    (not in it: Gradio serves that folder's files).
+    (not in it: the store owns that folder). It is sent to the page (BrowserState), so it proves
+    nothing; the server's own signature on each entry does (studio/signing.py).
 
     Gradio picks a new one at every start otherwise, and the history would be lost with every
     restart although its images are still here.

@@ -5,30 +5,43 @@ Sign-in fits where the studio runs:
 * on 127.0.0.1 (the default), nobody else can reach it: no sign-in;
 * as a server beyond 127.0.0.1, Gradio's own sign-in, with designers from a users file
   (STUDIO_USERS_FILE or --users-file): one `name:pbkdf2_sha256$rounds$salt$hash` line each, made
-  with `python -m studio.access add NAME` (the password is asked for, never stored);
-* as a Hugging Face Space with `hf_oauth: true` in its README, "Sign in with Hugging Face"
-  (the Space sets OAUTH_CLIENT_ID; every event checks the signed-in profile, the named API too).
+  with `python -m studio.access add NAME` (the password is asked for, never stored); each password
+  is checked in a thread off the event loop (`PasswordChecks`), and studio/gate.py throttles
+  sign-ins per address and per name;
+* as a Hugging Face Space with `hf_oauth: true` in its README, "Sign in with Hugging Face", only
+  where the Space's real OAuth is present (SPACE_OAUTH_VARIABLES; elsewhere Gradio would sign
+  everyone in as the machine's own account), for the accounts and organisations of --allow
+  (STUDIO_ALLOW), or any account when none is given (said at start-up).
 
 Binding beyond 127.0.0.1 with none of these is refused unless told so (--public-without-login).
-Quotas count per designer (the signed-in name, else the browser session): jobs per minute and
-images per day, each refused with a message saying when the designer may go on.
+Whom a request is from is decided in one place, `Access.designer_of`, which both the gate (for
+every route that takes data or serves files) and each event handler (`Access.designer`) ask:
+the signed-in name; without a sign-in a visitor cookie the studio signed itself, and on
+127.0.0.1 only, the browser session when there is none (never a session id a client chose).
+What each designer may send (jobs at once, per minute, work per day) is in studio/quotas.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
+import dataclasses
 import functools
 import getpass
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import sys
 import threading
 import time
-from collections import deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdserve.files import atomic_file
 
@@ -37,7 +50,6 @@ from studio.errors import StudioError
 PBKDF2_ROUNDS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-@")
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-DAY_S, MINUTE_S = 86_400, 60
 
 
 # --- designers from a file ------------------------------------------------------------------
@@ -83,7 +95,8 @@ class Users:
         return cls(hashes)
 
     def check(self, name: str, password: str) -> bool:
-        """Gradio's `auth` callable: as slow for an unknown name as for a known one."""
+        """Whether `password` is `name`'s: as slow for an unknown name as for a known one (it
+        blocks for a PBKDF2; Gradio is given `PasswordChecks(users.check).check`)."""
         stored = self.hashes.get(name) or _unknown_name_hash()
         return password_matches(password, stored) and name in self.hashes
 
@@ -93,57 +106,164 @@ def _unknown_name_hash() -> str:
     return hash_password(secrets.token_hex(16))
 
 
+# Password checks running at once. Each is a PBKDF2 of PBKDF2_ROUNDS (~120 ms of one core), run in
+# these threads, off the event loop, so that sign-ins never stall pages, streams and API calls;
+# two leave the other cores to everything else.
+PASSWORD_CHECK_THREADS = 2
+# Checks that may wait for a thread; a sign-in past these is refused at once ("busy", not
+# counted as a failure) rather than queued: a flood from many addresses costs at most
+# PASSWORD_CHECK_THREADS cores, and a designer's sign-in waits behind at most this many checks
+# (about half a second).
+PASSWORD_CHECKS_WAITING = 8
+
+
+class SignInBusy(StudioError):
+    """More sign-ins are being checked than PasswordChecks takes; the gate answers 503."""
+
+
+class PasswordChecks:
+    """Gradio's `auth` for a users file: `check` is a coroutine function (Gradio awaits it) that
+    runs the blocking `check_password(name, password)` in a bounded pool of threads."""
+
+    def __init__(self, check_password: Callable[[str, str], bool], threads: int = PASSWORD_CHECK_THREADS,
+                 waiting: int = PASSWORD_CHECKS_WAITING):
+        self._check_password = check_password
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="password-check")
+        self._most = threads + waiting
+        self._in_flight = 0  # running or waiting for a thread; freed when the check ends, not when its caller gives up
+        self._lock = threading.Lock()
+
+    async def check(self, name: str, password: str) -> bool:
+        with self._lock:
+            if self._in_flight >= self._most:
+                raise SignInBusy("The studio is checking many sign-ins just now; try again in a moment.")
+            self._in_flight += 1
+        future = self._pool.submit(self._check_password, name, password)
+        future.add_done_callback(self._finished)
+        return await asyncio.wrap_future(future)
+
+    def _finished(self, _future: Any) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+
 def valid_name(name: str) -> bool:
     return 0 < len(name) <= 64 and set(name) <= NAME_CHARACTERS
 
 
-# --- how much each designer may send -------------------------------------------------------------
+# --- who a request is from -------------------------------------------------------------------------
+
+# Without a sign-in, a visitor is this cookie, which the gate sets (signed with the studio's own key,
+# HttpOnly, SameSite=Lax): a client cannot pick another visitor's, as it could a session id.
+VISITOR_COOKIE = "sd-studio-visitor"
+VISITOR_COOKIE_MAX_LENGTH = 128  # ours are 66 characters; longer ones are not read
+# A designer named by its browser session: on 127.0.0.1 only, for a client that keeps no cookies.
+SESSION_DESIGNER = "session:"
+# Hugging Face user and organisation names, as --allow takes them.
+HF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+# The scope under which a Space's sign-in lists the user's organisations (`hf_oauth_scopes` in its README).
+HF_ORGANISATIONS_SCOPE = "read-memberships"
+# What Gradio needs to run Hugging Face's real sign-in (gradio/oauth.py). Without SYSTEM=spaces it
+# mocks the sign-in, signing everyone in as the machine's own Hugging Face account, with a session
+# key made from an empty secret when OAUTH_CLIENT_SECRET is missing.
+SPACE_OAUTH_VARIABLES = {"SYSTEM": "spaces", "SPACE_ID": None, "OAUTH_CLIENT_ID": None, "OAUTH_CLIENT_SECRET": None,
+                         "OAUTH_SCOPES": None, "OPENID_PROVIDER_URL": None}
+
+
+class NotSignedIn(StudioError):
+    """The caller is nobody the studio may serve; the gate answers `status` with the message."""
+
+    status = 401
+
+
+class NotAllowed(NotSignedIn):
+    """Signed in, but not among those the studio serves (--allow)."""
+
+    status = 403
 
 
 @dataclass(frozen=True)
-class Quotas:
-    jobs_per_minute: int = 10
-    images_per_day: int = 500
+class Caller:
+    """What a request says about who sent it, read from an ASGI scope (the gate) or a gr.Request
+    (an event handler), for `Access.designer_of`."""
+
+    username: str | None = None  # password sign-in: the name Gradio's access-token cookie stands for
+    session: Mapping | None = None  # Hugging Face sign-in: the signed session cookie's content
+    cookies: Mapping[str, str] = field(default_factory=dict)
+    session_hash: str | None = None  # the browser session Gradio names; chosen by the client
 
     @classmethod
-    def from_env(cls) -> Quotas:
-        env = os.environ
-        return cls(int(env.get("STUDIO_JOBS_PER_MINUTE", cls.jobs_per_minute)),
-                   int(env.get("STUDIO_IMAGES_PER_DAY", cls.images_per_day)))
+    def of_request(cls, request: Any) -> Caller:
+        """From a gr.Request: its Starlette request's own cookies and session where it still has one
+        (gr.Request hands dicts out converted to objects). A route of the studio's own asks
+        studio.gate.scope_designer with its Starlette request's scope instead."""
+        raw = getattr(request, "request", None)
+        scope = getattr(raw, "scope", None)
+        if isinstance(scope, Mapping):
+            cookies, session = dict(raw.cookies), scope.get("session")
+        else:
+            cookies, session = dict(getattr(request, "cookies", None) or {}), getattr(request, "session", None)
+        return cls(getattr(request, "username", None), session, cookies, getattr(request, "session_hash", None))
 
 
-@dataclass
-class QuotaBook:
-    """What each designer has sent lately; `charge` refuses a job over a quota before it is sent."""
+@dataclass(frozen=True)
+class AllowList:
+    """The Hugging Face accounts that may use the studio: user names and `org:NAME` organisations."""
 
-    quotas: Quotas
-    clock: object = time.monotonic
-    _jobs: dict[str, deque] = field(default_factory=dict)  # designer -> times of recent jobs
-    _images: dict[str, deque] = field(default_factory=dict)  # designer -> (time, images) today
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    users: frozenset[str] = frozenset()
+    organisations: frozenset[str] = frozenset()
 
-    def charge(self, designer: str, images: int) -> None:
-        now = self.clock()
-        with self._lock:
-            jobs = _recent(self._jobs.setdefault(designer, deque()), now - MINUTE_S, key=lambda when: when)
-            made = _recent(self._images.setdefault(designer, deque()), now - DAY_S, key=lambda entry: entry[0])
-            if len(jobs) >= self.quotas.jobs_per_minute:
-                wait = jobs[0] + MINUTE_S - now
-                raise StudioError(f"You have sent {len(jobs)} jobs in the last minute, the most a designer "
-                                  f"may; go on in {max(1, round(wait))} s.")
-            used = sum(count for _, count in made)
-            if used + images > self.quotas.images_per_day:
-                left = self.quotas.images_per_day - used
-                raise StudioError(f"This job makes {images} images; you have {max(0, left)} left of the "
-                                  f"{self.quotas.images_per_day} a designer may make in a day.")
-            jobs.append(now)
-            made.append((now, images))
+    @classmethod
+    def parse(cls, text: str) -> AllowList:
+        """From `alice,bob,org:acme` (--allow, STUDIO_ALLOW); names compare without case."""
+        users, organisations = set(), set()
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            kind, _, name = item.rpartition(":")
+            if kind not in ("", "org") or not HF_NAME.fullmatch(name):
+                raise ValueError(f"--allow: {item!r} is neither a Hugging Face user name nor org:NAME")
+            (organisations if kind else users).add(name.casefold())
+        if not users and not organisations:
+            raise ValueError("--allow names nobody; give user names and org:NAME, separated by commas")
+        return cls(frozenset(users), frozenset(organisations))
+
+    def admits(self, userinfo: Mapping) -> bool:
+        if str(userinfo.get("preferred_username") or "").casefold() in self.users:
+            return True
+        orgs = userinfo.get("orgs")
+        return isinstance(orgs, list) and any(
+            isinstance(org, Mapping) and str(org.get("preferred_username") or "").casefold() in self.organisations
+            for org in orgs)
 
 
-def _recent(entries: deque, since: float, key) -> deque:
-    while entries and key(entries[0]) < since:
-        entries.popleft()
-    return entries
+def new_visitor_cookie(key: bytes) -> str:
+    visitor = secrets.token_urlsafe(16)
+    return f"{visitor}.{_visitor_mac(key, visitor)}"
+
+
+def visitor_of(cookie: str | None, key: bytes) -> str | None:
+    """The visitor a cookie names, when the studio signed it with `key`; else None."""
+    if not cookie or len(cookie) > VISITOR_COOKIE_MAX_LENGTH:
+        return None
+    visitor, _, mac = cookie.partition(".")
+    if not visitor or not hmac.compare_digest(mac.encode(), _visitor_mac(key, visitor).encode()):
+        return None
+    return visitor
+
+
+def _visitor_mac(key: bytes, visitor: str) -> str:
+    digest = hmac.new(key, b"sd-studio visitor " + visitor.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def visitor_key_beside(results_dir: Path) -> bytes:
+    """The key visitor cookies are signed with, kept beside the results folder (not in it: Gradio
+    serves that folder), so that visitors stay who they were when the studio restarts."""
+    path = results_dir.parent / f".{results_dir.name}-visitor-key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(path, mode=0o600) as staging:
+            staging.write_text(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text().strip())
 
 
 # --- how the studio is reached ---------------------------------------------------------------------
@@ -151,48 +271,117 @@ def _recent(entries: deque, since: float, key) -> deque:
 
 @dataclass(frozen=True)
 class Access:
-    mode: str  # "local" (no sign-in), "password" (users file), "huggingface" (a Space's OAuth)
+    # "local": 127.0.0.1, no sign-in; "public": beyond it with no sign-in (--public-without-login);
+    # "password": a users file; "huggingface": a Space's OAuth.
+    mode: str
     users: Users | None = None
+    allow: AllowList | None = None  # Hugging Face sign-in: who may use the studio (None: any account)
+    visitor_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    notice: str | None = None  # said at start-up: who may use the studio, where that is wider than it may seem
 
     @property
     def signs_in(self) -> bool:
-        return self.mode != "local"
+        return self.mode in ("password", "huggingface")
 
-    def designer(self, request: object) -> str:
-        """Whom a request is from: the signed-in name, or (no sign-in) the browser session.
+    @property
+    def names_visitors(self) -> bool:
+        """Whether visitors are told apart by VISITOR_COOKIE (no sign-in)."""
+        return not self.signs_in
 
-        `request` is a gr.Request; with Hugging Face sign-in its session holds what Gradio's
-        OAuth routes stored there (the same data gr.OAuthProfile is made from).
-        """
-        if self.mode == "password" and getattr(request, "username", None):
-            return str(request.username)
+    def with_visitor_key(self, key: bytes) -> Access:
+        return dataclasses.replace(self, visitor_key=key)
+
+    def designer(self, request: Any) -> str:
+        """Whom a gr.Request is from (see `designer_of`)."""
+        return self.designer_of(Caller.of_request(request))
+
+    def designer_of(self, caller: Caller) -> str:
+        """Whom a request is from: the signed-in name (`hf:NAME` for Hugging Face), else the
+        visitor its cookie names (`visitor:ID`), else on 127.0.0.1 only its browser session
+        (`session:HASH`: clients there may keep no cookies). NotSignedIn (NotAllowed) when the
+        studio may not serve it; the gate and every handler ask here."""
+        if self.mode == "password":
+            if caller.username:
+                return str(caller.username)
+            raise NotSignedIn("Sign in first.")
         if self.mode == "huggingface":
-            info = (getattr(request, "session", None) or {}).get("oauth_info") or {}
-            expired = info.get("expires_at") is not None and info["expires_at"] < time.time()
-            name = (info.get("userinfo") or {}).get("preferred_username")
-            if not name or expired:
-                raise StudioError("Sign in with Hugging Face first (the button at the top of the page).")
-            return f"hf:{name}"
-        if self.signs_in:
-            raise StudioError("Sign in first.")
-        return f"session:{getattr(request, 'session_hash', None) or 'local'}"
+            return self._hugging_face_designer(caller.session)
+        visitor = visitor_of(caller.cookies.get(VISITOR_COOKIE), self.visitor_key)
+        if visitor is not None:
+            return f"visitor:{visitor}"
+        if self.mode == "public":
+            raise NotSignedIn("The studio tells its visitors apart by a cookie it sets: open its page first "
+                              "(an API client: keep the cookies the studio sends).")
+        return f"{SESSION_DESIGNER}{caller.session_hash or 'local'}"
+
+    def _hugging_face_designer(self, session: Mapping | None) -> str:
+        info = (session or {}).get("oauth_info") or {}
+        expires_at = info.get("expires_at")
+        userinfo = info.get("userinfo") or {}
+        name = userinfo.get("preferred_username")
+        if not name or (expires_at is not None and expires_at < time.time()):
+            raise NotSignedIn("Sign in with Hugging Face first (the button at the top of the page).")
+        if self.allow is not None and not self.allow.admits(userinfo):
+            raise NotAllowed(f"The Hugging Face account {name} may not use this studio; its owner can add it "
+                             "to the studio's allow-list.")
+        return f"hf:{name}"
 
 
 def choose_access(host: str, users_file: Path | None, public_without_login: bool,
-                  environ: dict[str, str] | None = None) -> Access:
-    """The sign-in that fits; ValueError when the studio would face others without one."""
+                  environ: Mapping[str, str] | None = None, allow: str | None = None) -> Access:
+    """The sign-in that fits; ValueError when the studio would face others without one, or would
+    run Hugging Face sign-in without a Space's real OAuth.
+
+    `allow`: --allow / STUDIO_ALLOW, the Hugging Face users and organisations who may use the
+    studio (`alice,bob,org:acme`); only with Hugging Face sign-in."""
     env = os.environ if environ is None else environ
+    allow_list = AllowList.parse(allow) if allow and allow.strip() else None
+    local = host in LOCAL_HOSTS
+    # A Space's OAuth app (hf_oauth: true) sets OAUTH_CLIENT_ID; a Space container beyond
+    # 127.0.0.1 with no other sign-in can only mean to use it.
+    wants_hugging_face = bool(env.get("OAUTH_CLIENT_ID")) or bool(
+        env.get("SPACE_ID") and not local and not public_without_login)
     if users_file is not None:
-        return Access("password", Users.load(users_file))
-    if env.get("SPACE_ID") and env.get("OAUTH_CLIENT_ID"):
-        return Access("huggingface")
-    if host in LOCAL_HOSTS or public_without_login:
-        return Access("local")
-    raise ValueError(
-        f"--host {host} lets others reach the studio, and it has no sign-in: give --users-file "
-        "(STUDIO_USERS_FILE; `python -m studio.access add NAME` makes one), run it as a Hugging Face "
-        "Space with `hf_oauth: true`, or say --public-without-login to serve anyone who finds it"
-    )
+        access = Access("password", Users.load(users_file))
+    elif wants_hugging_face:
+        return _hugging_face_access(env, allow_list)
+    elif local:
+        access = Access("local")
+    elif public_without_login:
+        access = Access("public", notice=(
+            f"--public-without-login: anyone who reaches {host} may use the studio and its endpoint, "
+            "within the quotas of a visitor (a cookie; a new one is a new visitor)."))
+    else:
+        raise ValueError(
+            f"--host {host} lets others reach the studio, and it has no sign-in: give --users-file "
+            "(STUDIO_USERS_FILE; `python -m studio.access add NAME` makes one), run it as a Hugging Face "
+            "Space with `hf_oauth: true`, or say --public-without-login to serve anyone who finds it"
+        )
+    if allow_list is not None:
+        raise ValueError("--allow (STUDIO_ALLOW) names Hugging Face accounts: it applies only to Hugging Face "
+                         "sign-in, on a Space with `hf_oauth: true`")
+    return access
+
+
+def _hugging_face_access(env: Mapping[str, str], allow: AllowList | None) -> Access:
+    missing = [name if value is None else f"{name}={value}" for name, value in SPACE_OAUTH_VARIABLES.items()
+               if not env.get(name) or (value is not None and env.get(name) != value)]
+    if missing:
+        raise ValueError(
+            f"Hugging Face sign-in needs a Space's real OAuth, and {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing: elsewhere Gradio signs everyone in as this "
+            "machine's own Hugging Face account. Run the studio as a Space with `hf_oauth: true` in its README, "
+            "or give it --users-file"
+        )
+    notice = None
+    if allow is None:
+        notice = ("Any Hugging Face account may use this studio: give --allow (STUDIO_ALLOW), e.g. "
+                  "alice,bob,org:acme, to name who may.")
+    elif allow.organisations and HF_ORGANISATIONS_SCOPE not in env.get("OAUTH_SCOPES", "").split():
+        notice = (f"--allow names organisations, which the Space's sign-in lists only with the "
+                  f"{HF_ORGANISATIONS_SCOPE} scope (hf_oauth_scopes in its README); without it only the "
+                  "user names of --allow get in.")
+    return Access("huggingface", allow=allow, notice=notice)
 
 
 # --- python -m studio.access add NAME ----------------------------------------------------------------

@@ -27,14 +27,15 @@ from PIL import Image
 from sdserve.catalog import MAX_BATCH_SIZE
 from sdserve.params import random_seed
 
-from studio.access import Access, QuotaBook, Quotas
+from studio.access import Access
 from studio.client import StudioClient
 from studio.endpoint_watch import EndpointWatch, WarmUps, describe_endpoint
 from studio.errors import PartialJobError, StudioError
 from studio.masks import editor_value, mask_from_editor
 from studio.planning import JobPlan, plan_job
+from studio.quotas import QuotaBook, Quotas
 from studio.runner import job_events, run_job
-from studio.scheduler import FairScheduler
+from studio.scheduler import FairScheduler, Job
 from studio.session import (
     Entry,
     add_to_history,
@@ -47,12 +48,14 @@ from studio.session import (
     restore_from_png,
     restored_inputs,
     restored_values,
+    result_image,
     shows_tiny_weights,
     valid_history,
     vary_values,
+    with_inputs,
 )
 from studio.status import TICK_S, with_status
-from studio.store import ResultStore
+from studio.store import ResultStore, owner_key
 from studio.tasks import TASKS, JobInputs, Task
 from studio.ui import EDITOR_CANVAS_SIZE, TaskPanel, brush, task_panel
 
@@ -112,36 +115,53 @@ class Handlers:
         self.warm_ups = WarmUps(self.watch, lambda model: self.client().warm_up(model))
 
     def admit(self, task: Task, request: gr.Request | None, values: dict, image=None,
-              mask=None) -> tuple[str, JobInputs, JobPlan]:
-        """(designer, inputs, plan) of a job the designer may send: signed in, inputs checked (the
-        one check, Task.check), planned, within quota."""
+              mask=None) -> tuple[str, JobInputs, JobPlan, Job]:
+        """(designer, inputs, plan, job) of a job the designer may send: signed in, inputs checked
+        (the one check, Task.check), planned, given its place in the scheduler (the designer's jobs
+        at once, the studio's) and charged its work (studio.quotas); nothing is sent before. The
+        caller runs the job `with job:`; a job a quota refuses gives its place back at once."""
         designer = self.access.designer(request)
+        self.store.check_room()  # below the disk watermark, no new job (ResultStore.check_room)
         inputs = task.check(values, image, mask)
         plan = plan_job(inputs)
-        self.quotas.charge(designer, plan.image_count)
-        return designer, inputs, plan
+        job = self.scheduler.job(designer)
+        try:
+            self.quotas.charge(designer, plan.work)
+        except BaseException:
+            job.end()
+            raise
+        return designer, inputs, plan, job
 
-    def show_results(self, panel: TaskPanel, entries: list[Entry]) -> dict:
-        return {panel.gallery: gallery_items(entries, self.store), panel.results: entries,
-                **self.show_current(panel, entries[0])}
+    def reader(self, request: gr.Request | None) -> str:
+        """Whose results a request may see: the designer (a gr.Error when nobody signed in)."""
+        try:
+            return self.access.designer(request)
+        except StudioError as error:
+            raise gr.Error(str(error), print_exception=False) from None
 
-    def show_current(self, panel: TaskPanel, entry: Entry) -> dict:
+    def show_results(self, panel: TaskPanel, entries: list[Entry], owner: str) -> dict:
+        return {panel.gallery: gallery_items(entries, self.store, owner=owner), panel.results: entries,
+                **self.show_current(panel, entries[0], owner)}
+
+    def show_current(self, panel: TaskPanel, entry: Entry, owner: str) -> dict:
+        """An entry of `owner`'s as the tab's current result: its links are made for `owner` only."""
         seed = effective_seed(entry)
-        path = download_path(entry, self.store)  # None for a dropped PNG kept as parameters only
+        path = download_path(entry, self.store, owner=owner)  # None for a dropped PNG kept as parameters only
+        compare = before_after(entry, self.store, owner=owner) if panel.before_after is not None else None
         return {
             panel.current: entry,
             panel.parameters: entry["parameters"],
             panel.seed_used: "" if seed is None else str(seed),
             panel.download: gr.DownloadButton(value=path, interactive=path is not None),
-            **({panel.before_after: before_after(entry, self.store)} if panel.before_after is not None else {}),
+            **({panel.before_after: compare} if panel.before_after is not None else {}),
         }
 
-    def restore(self, entry: Entry) -> dict:
+    def restore(self, entry: Entry, owner: str) -> dict:
         """The entry's parameters and inputs back into its tab, shown there as the current result."""
         page, panel = self.page, self.page.panels[entry["task"]]
         values = restored_values(panel.task, entry["parameters"])
         updates = {panel.controls[name]: value for name, value in values.items()}
-        inputs = restored_inputs(entry, self.store)
+        inputs = restored_inputs(entry, self.store, owner=owner)
         message = f"Restored into {panel.task.title}: seed {effective_seed(entry)}."
         if panel.source is not None and "image" in inputs:
             source = _source_update(panel, inputs["image"], inputs.get("mask"))
@@ -149,7 +169,7 @@ class Handlers:
                 message += " Paint the mask again: the editor shows masks only on 512×512 images."
             updates.update(source)
         return {page.tabs: gr.Tabs(selected=panel.task.name), page.status: message, **updates,
-                **self.show_results(panel, [entry])}
+                **self.show_results(panel, [entry], owner)}
 
     def run(self, panel: TaskPanel) -> Callable:
         """A tab's button: the job in the session's turn, its status streamed, its result shown."""
@@ -166,14 +186,14 @@ class Handlers:
                 update = {page.status: line}
                 if len(made) != shown[0]:  # the images of a split job, shown as their calls answer
                     shown[0] = len(made)
-                    update[panel.gallery] = gallery_items(_in_order(made), self.store)
+                    update[panel.gallery] = gallery_items(_in_order(made), self.store, owner=designer)
                 return update
 
             problem = None
             try:
                 image, mask = _source_images(task, source)
-                designer, inputs, plan = self.admit(task, request, values, image, mask)
-                with self.scheduler.job(designer) as job:
+                designer, inputs, plan, job = self.admit(task, request, values, image, mask)
+                with job:
                     events = job_events(self.client(), plan, submit=job.submit, cancelled=job.cancelled, tick_s=TICK_S)
                     result = yield from with_status(
                         events, present=present, on_image=record, waiting=job.waiting_line,
@@ -189,18 +209,18 @@ class Handlers:
             entries = _in_order(made)
             images = {name: value for name, value in (("image", inputs.image), ("mask", inputs.mask)) if value is not None}
             input_ids = keep_inputs(self.store, task, images, owner=designer)  # for restoring, once per job
-            for entry in entries:
-                entry["inputs"] = input_ids
-            history_entries = add_to_history(valid_history(history_entries, self.store), entries)
-            done = f"{task.title}, {_count(len(entries))} in {result.seconds:.1f} s."
+            entries = with_inputs(self.store, entries, input_ids, owner=designer)
+            history_entries = add_to_history(valid_history(history_entries, self.store, owner=designer), entries)
+            done = (f"{task.title}, {_count(len(entries))} in {result.seconds:.1f} s. "
+                    f"{self.quotas.done_line(designer, plan.work)}")
             if problem is not None:
                 gr.Warning(problem)
             yield {
                 page.status: f"**Partly done:** {done} {problem}" if problem else f"**Done:** {done}",
                 page.history: history_entries,
-                page.history_gallery: gallery_items(history_entries, self.store),
+                page.history_gallery: gallery_items(history_entries, self.store, owner=designer),
                 page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
-                **self.show_results(panel, entries),
+                **self.show_results(panel, entries, designer),
             }
 
         return run
@@ -234,19 +254,20 @@ class Handlers:
 
         def call(image=None, mask=None, request: gr.Request = None, **values: Any) -> tuple[list, dict]:
             try:
-                designer, _, plan = self.admit(task, request, values, image, mask)
-                with self.scheduler.job(designer) as job:
+                designer, _, plan, job = self.admit(task, request, values, image, mask)
+                with job:
                     result = run_job(self.client(), plan, submit=job.submit, cancelled=job.cancelled)
                 result.raise_for_errors()
             except Exception as error:
                 raise gr.Error(_designer_message(error), print_exception=False) from None
-            return gallery_items(record_result(self.store, task, result, owner=designer), self.store), result.parameters
+            entries = record_result(self.store, task, result, owner=designer)
+            return gallery_items(entries, self.store, owner=designer), result.parameters
 
         return call
 
     def send_to(self, target: TaskPanel) -> Callable:
-        def send(entry: Entry | None) -> dict:
-            image = self.store.open(entry["id"]) if entry else None
+        def send(entry: Entry | None, request: gr.Request = None) -> dict:
+            image = result_image(entry, self.store, owner=self.reader(request))
             if image is None:
                 gr.Warning("Nothing to send yet: make or pick a result first.")
                 return {}
@@ -262,23 +283,25 @@ class Handlers:
         return send
 
     def pick_result(self, panel: TaskPanel) -> Callable:
-        def pick(results: list[Entry], selected: gr.SelectData) -> dict:
-            return self.show_current(panel, results[selected.index])
+        def pick(results: list[Entry], selected: gr.SelectData, request: gr.Request = None) -> dict:
+            return self.show_current(panel, results[selected.index], self.reader(request))
 
         return pick
 
-    def pick_from_history(self, history_entries: list, selected: gr.SelectData) -> dict:
-        entries = valid_history(history_entries, self.store)
-        return self.restore(entries[selected.index]) if selected.index < len(entries) else {}
+    def pick_from_history(self, history_entries: list, selected: gr.SelectData, request: gr.Request = None) -> dict:
+        owner = self.reader(request)
+        entries = valid_history(history_entries, self.store, owner=owner)
+        return self.restore(entries[selected.index], owner) if selected.index < len(entries) else {}
 
     def open_png(self, png: bytes | None, request: gr.Request = None) -> dict:
         """A dropped PNG's parameters (and, within the tabs' limits, its image) back in its tab;
         the upload itself is never kept."""
         try:
-            entry = restore_from_png(self.store, png or b"", owner=self.access.designer(request))
+            owner = self.access.designer(request)
+            entry = restore_from_png(self.store, png or b"", owner=owner)
         except StudioError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        return self.restore(entry)
+        return self.restore(entry, owner)
 
     def warm_up(self, task: str, request: gr.Request = None) -> str:
         """Load a tab's model on the endpoint now, in the background (what "Send to" does).
@@ -309,11 +332,17 @@ class Handlers:
             raise gr.Error(str(error), print_exception=False) from None
         return entry["task"], restored_values(TASKS[entry["task"]], entry["parameters"])
 
-    def show_history(self, history_entries: Any) -> dict:
-        entries = valid_history(history_entries, self.store)
+    def show_history(self, history_entries: Any, request: gr.Request = None) -> dict:
+        """The page's history on load: the entries signed for this designer; nothing shown (and the
+        browser's copy left as it is) before anyone signed in."""
+        try:
+            owner = self.access.designer(request)
+        except StudioError:
+            return {self.page.history: gr.skip(), self.page.history_gallery: [], self.page.banner: gr.skip()}
+        entries = valid_history(history_entries, self.store, owner=owner)
         return {
             self.page.history: entries,
-            self.page.history_gallery: gallery_items(entries, self.store),
+            self.page.history_gallery: gallery_items(entries, self.store, owner=owner),
             self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
         }
 
@@ -460,6 +489,15 @@ def wire_endpoint_panel(demo: gr.Blocks, page: Page, handlers: Handlers, events:
     gr.api(handlers.endpoint_status, api_name="endpoint_status", queue=False)
 
 
+# Gradio's cache (uploads, its copies of what the page shows, the store's links to results) is
+# cleaned every CACHE_CLEAN_EVERY_S of the files older than CACHE_MAX_AGE_S: a working day's
+# page keeps its images, and what a stranger uploads is gone within hours. A page open longer
+# shows its links again when a result is picked or the page is reloaded.
+CACHE_CLEAN_EVERY_S = 15 * 60
+CACHE_MAX_AGE_S = 6 * 60 * 60
+SERVED_LINKS_FOLDER = "sd-studio-results"  # in Gradio's cache: the store's links (ResultStore.link)
+
+
 def build_app(
     client_factory: Callable[[], StudioClient],
     *,
@@ -477,13 +515,17 @@ def build_app(
     Sign-in by password is Gradio's (`launch(auth=access.users.check)`, see __main__); every
     handler asks `access` whom a request is from, and refuses it when nobody signed in.
     """
-    # Results and samples are served from where they are, not copied into Gradio's cache.
-    gr.set_static_paths([store.root, assets_dir])
-    with gr.Blocks(title="SD Studio", analytics_enabled=False) as demo:
+    # The samples are served from where they are. The results folder is never served: the page
+    # gets its owner's links to results, made in Gradio's cache (one folder per results folder).
+    gr.set_static_paths([assets_dir])
+    store.serve_links_in(Path(gr.utils.get_upload_folder()) / SERVED_LINKS_FOLDER / owner_key(str(store.root)))
+    with gr.Blocks(title="SD Studio", analytics_enabled=False,
+                   delete_cache=(CACHE_CLEAN_EVERY_S, CACHE_MAX_AGE_S)) as demo:
         page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir, access=access)
         watch = watch or EndpointWatch()
         handlers = Handlers(page, functools.cache(lambda: _watched(client_factory(), watch)), store,
-                            FairScheduler(endpoint_concurrency), access, QuotaBook(quotas), watch)
+                            FairScheduler(endpoint_concurrency, jobs_per_session=quotas.jobs_at_once), access,
+                            QuotaBook(quotas), watch)
         wire(demo, page, handlers)
     return demo
 

@@ -19,7 +19,15 @@ before it is reported (`JobPlan.edit`).
         Pure (no network), on inputs already checked: resolves seed -1, cuts tiles and says how
         many calls the job takes and why, naming the limit: `plan.call_count`, `plan.seeds`,
         `plan.summary` ("Upscale: sent as 9 calls at once. The 512×512 px image becomes
-        2048×2048 px; one answer from the endpoint may carry at most 6 MB ...").
+        2048×2048 px; one answer from the endpoint may carry at most 6 MB ..."), and what the job
+        costs, `plan.work` (below), what the studio's quotas charge (studio.quotas).
+
+A job's work is what its calls make the endpoint do: for each call, its rows (images) x the
+denoising steps it really runs x the megapixels of its output; one unit is one step over one
+megapixel (WORK_UNIT). It is counted from the calls as planned, so a 1024 px upscale of 4 images
+(100 calls of 1024×1024 px output tiles) costs what its 100 calls cost, not 4 images; an
+image-to-image model runs int(steps x strength) steps (ModelSpec.strength_scales_steps); the
+time of a step grows with its megapixels (sdserve.budget fits it so).
 
 studio.runner sends a plan's calls and puts the answers together.
 """
@@ -31,6 +39,7 @@ from random import Random
 from typing import Any
 
 from PIL import Image
+from sdserve.budget import megapixels
 from sdserve.catalog import (
     IMAGE,
     INVOCATION_SECONDS,
@@ -40,6 +49,7 @@ from sdserve.catalog import (
     NEGATIVE_PROMPT,
     PROMPT,
     SIZE_MULTIPLE,
+    ModelSpec,
 )
 from sdserve.params import SEED_MAX, image_seeds, random_seed
 from sdserve.wire import worst_case_answer_bytes
@@ -47,6 +57,11 @@ from sdserve.wire import worst_case_answer_bytes
 from studio.edits import EditPlan, plan_edit
 from studio.tasks import JobInputs
 from studio.tiles import TileLayout, cut_tiles
+
+# What a job's work is counted in: one denoising step over one megapixel (10^6 px, as
+# sdserve.budget counts) of output. A 512×512 Generate at the default 50 steps is about 13.
+WORK_UNIT = "units of work"
+WORK_UNIT_MEANING = "one unit is one denoising step over one megapixel of output"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class PlannedCall:
     label: str  # "image 2 of 4", "tile 3 of 9", "image 2 of 4, tile 3 of 9", or "the call"
     inputs: dict[str, str | Image.Image]
     gen_args: dict[str, Any]
+    work: float  # rows x steps run x output megapixels (WORK_UNIT); call_work
 
     @property
     def seed(self) -> int:
@@ -92,6 +108,11 @@ class JobPlan:
         return len(self.calls) > 1
 
     @property
+    def work(self) -> float:
+        """What the job makes the endpoint do, in WORK_UNIT: its calls' work together."""
+        return sum(call.work for call in self.calls)
+
+    @property
     def unit(self) -> str:
         """What one call makes, for progress lines: "tile", "image" or (images of tiles) "call"."""
         if self.layout is None:
@@ -111,6 +132,28 @@ class JobPlan:
 
 def _megabytes(size: int) -> str:
     return f"{size / 2**20:g} MB"
+
+
+def describe_work(units: float) -> str:
+    """An amount of work as a designer reads it: "5,243 units of work", "0.41 units of work"."""
+    number = f"{units:,.0f}" if units >= 10 else f"{units:.2g}"
+    return f"1 {WORK_UNIT.replace('units', 'unit')}" if number == "1" else f"{number} {WORK_UNIT}"
+
+
+def call_work(spec: ModelSpec, image: Image.Image | None, gen_args: dict[str, Any]) -> float:
+    """One call's work (WORK_UNIT): its rows x the steps it runs x its output megapixels.
+
+    `image` is the image the call sends (a tile, an edit's box), None for a model that takes
+    none (its size is then the width and height arguments); the server works on it cut down to
+    multiples of SIZE_MULTIPLE, and its output is that times the model's output_scale.
+    """
+    args = {**spec.defaults(), **gen_args}
+    if image is not None:
+        width, height = (side - side % SIZE_MULTIPLE for side in image.size)
+    else:
+        width, height = args["width"], args["height"]
+    output = (width * spec.output_scale, height * spec.output_scale)
+    return spec.denoising_steps(args) * megapixels(output, args["num_images_per_prompt"])
 
 
 def plan_job(inputs: JobInputs, *, tile_side: int | None = None, tile_overlap: int | None = None,
@@ -175,12 +218,14 @@ def plan_job(inputs: JobInputs, *, tile_side: int | None = None, tile_overlap: i
         if layout is None:
             # One image: sent as the caller gave it, only the seeds resolved (the same request as unsplit).
             args = {**gen_args, **image_seed} if count == 1 else {**gen_args, **image_seed, "num_images_per_prompt": 1}
-            calls.append(PlannedCall(len(calls), image_index, None, image_label or "the call", sent, args))
+            calls.append(PlannedCall(len(calls), image_index, None, image_label or "the call", sent, args,
+                                     call_work(spec, sent.get(IMAGE), args)))
             continue
         args = {**gen_args, **image_seed, "num_images_per_prompt": 1}  # every tile: its image's seeds
         for tile_index, tile in enumerate(tiles):
             label = ", ".join(filter(None, (image_label, f"tile {tile_index + 1} of {layout.count}")))
-            calls.append(PlannedCall(len(calls), image_index, tile_index, label, {**sent, IMAGE: tile}, args))
+            calls.append(PlannedCall(len(calls), image_index, tile_index, label, {**sent, IMAGE: tile}, args,
+                                     call_work(spec, tile, args)))
     return JobPlan(task.name, spec.name, task.title, seeds, tuple(calls), layout, tuple(reasons), edit,
                    variation_seeds)
 

@@ -5,7 +5,9 @@ studio keeps that many calls in flight, for all designers together, and decides 
 next: sessions take turns, call by call, each with at most `calls_per_session` calls in flight
 (default 1). A job (one click: one image, four images, nine tiles) belongs to a session; a
 session has one job running, the next ones wait their turn, and a job that waits is told its
-place. Triton batches the calls of different designers that are in flight together; a GPU
+place; a session may have at most `jobs_per_session` jobs waiting or running (a designer's
+quota, studio.quotas.JOBS_AT_ONCE), so no one designer fills the studio's `max_jobs`. Triton
+batches the calls of different designers that are in flight together; a GPU
 runs one batch at a time, so a designer's one-image job waits for at most one call of another
 designer's nine-tile upscale, never for all nine batched together.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from studio.errors import StudioBusy, StudioError
+from studio.quotas import JOBS_AT_ONCE
 from studio.runner import CancelSignal
 
 # Jobs at once (running or waiting), all sessions together, before the studio says it is busy.
@@ -79,23 +82,30 @@ class Job:
         """
         self.scheduler._wait_for_turn(self, on_wait, poll_s)
 
+    def end(self) -> None:
+        """The job is over (done, failed, cancelled or refused): the session's next job may start."""
+        self.scheduler._finish(self)
+
     def __enter__(self) -> Job:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.scheduler._finish(self)
+        self.end()
 
 
 class FairScheduler:
     """At most `capacity` calls in flight, `calls_per_session` of them per session; sessions
-    served in turn, one job each at a time."""
+    served in turn, one job each at a time; at most `max_jobs` jobs waiting or running, and
+    `jobs_per_session` of them per session."""
 
-    def __init__(self, capacity: int, max_jobs: int = DEFAULT_MAX_JOBS, calls_per_session: int = 1):
-        if capacity < 1 or calls_per_session < 1:
-            raise ValueError("capacity and calls_per_session must be at least 1")
+    def __init__(self, capacity: int, max_jobs: int = DEFAULT_MAX_JOBS, calls_per_session: int = 1,
+                 jobs_per_session: int = JOBS_AT_ONCE):
+        if capacity < 1 or calls_per_session < 1 or jobs_per_session < 1:
+            raise ValueError("capacity, calls_per_session and jobs_per_session must be at least 1")
         self.capacity = capacity
         self.max_jobs = max_jobs
         self.calls_per_session = calls_per_session
+        self.jobs_per_session = jobs_per_session
         self._lock = threading.Condition()  # its waiters: the workers, for a call to send
         self._jobs_changed = threading.Condition(self._lock)  # a job started or was cancelled
         self._numbers = itertools.count(1)
@@ -113,8 +123,14 @@ class FairScheduler:
     # --- jobs ---------------------------------------------------------------------------------
 
     def job(self, session: str) -> Job:
-        """A new job of `session`: it starts when the session's earlier jobs are done."""
+        """A new job of `session`: it starts when the session's earlier jobs are done. A StudioError
+        when the session has its `jobs_per_session` already; StudioBusy when the studio is full."""
         with self._lock:
+            own = len(self._jobs.get(session, ()))
+            if own >= self.jobs_per_session:
+                jobs = f"{own} job{'s' if own != 1 else ''}"
+                raise StudioError(f"You have {jobs} waiting or running, the most a designer may at once; send "
+                                  f"this one when one of them is over (or cancel one). Nothing was sent.")
             jobs_now = sum(len(jobs) for jobs in self._jobs.values())
             if jobs_now >= self.max_jobs:
                 raise StudioBusy(

@@ -4,10 +4,15 @@ An entry is a small JSON object (the browser keeps the history, so it must stay 
 
     {"id": "<store id of the PNG>", "task": "erase",
      "parameters": {...what the endpoint reported for this one image, its own seed included...},
-     "inputs": {"image": "<store id>", "mask": "<store id>"}}     # the task's input images, if any
+     "inputs": {"image": "<store id>", "mask": "<store id>"},     # the task's input images, if any
+     "signature": "<64 hex digits>"}   # HMAC of owner, id, task and inputs (studio/signing.py)
 
-An entry made from a dropped PNG whose image the studio does not keep has "id": None (see
-`entry_from_png`); it restores parameters only and never enters the history.
+Every entry is its owner's (the designer it was made for): the studio signs it for them, and
+reads an entry's images only for an owner whose signature it carries and whom the store keeps
+them for (`entry_is_owned`), so an entry copied or forged in the browser reads nothing.
+
+An entry made from a dropped PNG whose image the studio does not keep has "id": None and no
+signature (see `entry_from_png`); it restores parameters only and never enters the history.
 
 Also here: the limits on what the studio decodes, in one place (see "Upload limits" below).
 """
@@ -23,6 +28,7 @@ from PIL import Image
 from sdserve.images import ALLOWED_FORMATS
 from sdserve.params import SEED_MAX
 
+from studio import signing
 from studio.errors import StudioError
 from studio.metadata import (
     MAX_PARAMETERS_BYTES,
@@ -36,7 +42,7 @@ from studio.metadata import (
     read_png_head,
 )
 from studio.results import GenerationResult
-from studio.store import DEFAULT_OWNER, ResultStore
+from studio.store import DEFAULT_OWNER, ID_PATTERN, ResultStore
 from studio.tasks import TASKS, Task, check_side, task_of
 
 HISTORY_LIMIT = 50
@@ -110,7 +116,7 @@ def record_result(
     *, owner: str = DEFAULT_OWNER,
 ) -> list[Entry]:
     """Keep a result's PNGs (parameters embedded) and its inputs in the store, as `owner`'s;
-    one entry per image. Each PNG is read, and saved (hashed), once."""
+    one entry per image, signed for `owner`. Each PNG is read, and saved (hashed), once."""
     input_ids = keep_inputs(store, task, inputs, owner=owner)
     entries = []
     for index, png in enumerate(result.png):
@@ -120,8 +126,21 @@ def record_result(
             parameters = {**result.parameters, "seed": _nth_seed(result, index)}
             png = embed_parameters(png, parameters)
         result_id = store.save(png, _file_name(task, parameters), owner=owner)
-        entries.append({"id": result_id, "task": task.name, "parameters": parameters, "inputs": input_ids})
+        entries.append(signed_entry(store, {"id": result_id, "task": task.name, "parameters": parameters,
+                                            "inputs": input_ids}, owner=owner))
     return entries
+
+
+def signed_entry(store: ResultStore, entry: Entry, *, owner: str) -> Entry:
+    """`entry` (id, task, parameters, inputs) signed for `owner`, as every entry the studio hands out
+    is: the store must keep its images for `owner` too (save them as theirs) for it to read any."""
+    return signing.signed(store.key, owner, entry)
+
+
+def with_inputs(store: ResultStore, entries: list[Entry], input_ids: dict[str, str], *,
+                owner: str = DEFAULT_OWNER) -> list[Entry]:
+    """The entries with these inputs (`keep_inputs`' ids), signed anew for `owner`."""
+    return [signed_entry(store, {**entry, "inputs": input_ids}, owner=owner) for entry in entries]
 
 
 def keep_inputs(store: ResultStore, task: Task, inputs: dict[str, Image.Image] | None, *,
@@ -154,8 +173,9 @@ def restore_from_png(
     kept as it came (it could carry anything after or around its pixels). The image is kept,
     as `owner`'s, only when a tab could take it as an input (at most its task's input side, or
     MAX_INPUT_SIDE): then it is decoded and written anew, with its parameters and nothing else,
-    so it shows as the restored result and can be sent on. A larger image (an upscale) restores
-    its parameters only: the entry's "id" is None, and the designer has the file already.
+    so it shows as the restored result and can be sent on (the entry is signed for `owner`). A
+    larger image (an upscale) restores its parameters only: the entry's "id" is None, and the
+    designer has the file already.
     """
     try:
         head = read_png_head(png)
@@ -169,12 +189,13 @@ def restore_from_png(
     task = task_of(parameters)
     if task is None:
         raise StudioError("That PNG's parameters are not from a model of this studio.")
-    result_id = None
     if max(head.width, head.height) <= (task.max_image_side or MAX_INPUT_SIDE):
         image = _decode_png(png, head)
         if image is not None:
             result_id = store.save(image_to_png(image, parameters), _file_name(task, parameters), owner=owner)
-    return {"id": result_id, "task": task.name, "parameters": parameters, "inputs": {}}
+            return signed_entry(store, {"id": result_id, "task": task.name, "parameters": parameters, "inputs": {}},
+                                owner=owner)
+    return {"id": None, "task": task.name, "parameters": parameters, "inputs": {}}
 
 
 def entry_from_png(store: ResultStore, png: Any, *, owner: str = DEFAULT_OWNER) -> Entry | None:
@@ -202,9 +223,36 @@ def _decode_png(png: Any, head: Any) -> Image.Image | None:
         return None
 
 
-def download_path(entry: Entry | None, store: ResultStore) -> str | None:
-    """The file a DownloadButton offers for an entry; None when the studio keeps no image for it."""
-    path = store.path(entry.get("id")) if isinstance(entry, dict) else None
+def entry_is_owned(entry: Any, store: ResultStore, *, owner: str) -> bool:
+    """Whether `entry` is one the studio signed for `owner`, and the store keeps its image for them:
+    the check before any of an entry's images is read or served."""
+    return (
+        isinstance(entry, dict)
+        and _well_formed(entry)
+        and signing.signature_matches(store.key, owner, entry)
+        and store.keeps(entry["id"], owner=owner)
+    )
+
+
+def _well_formed(entry: dict) -> bool:
+    """An entry's id, task and inputs have their types (so they can be hashed and looked up)."""
+    result_id, task, inputs = entry.get("id"), entry.get("task"), entry.get("inputs", {})
+    return (
+        isinstance(result_id, str)
+        and ID_PATTERN.fullmatch(result_id) is not None
+        and isinstance(task, str)
+        and task in TASKS
+        and isinstance(inputs, dict)
+        and all(name in INPUT_NAMES and isinstance(value, str) for name, value in inputs.items())
+    )
+
+
+def download_path(entry: Entry | None, store: ResultStore, *, owner: str = DEFAULT_OWNER) -> str | None:
+    """The file a DownloadButton (or the gallery) offers for an entry of `owner`'s: their link to
+    it (ResultStore.link); None when the entry is not theirs or the studio keeps no image for it."""
+    if not entry_is_owned(entry, store, owner=owner):
+        return None
+    path = store.link(entry["id"], owner=owner)
     return str(path) if path is not None else None
 
 
@@ -213,8 +261,9 @@ def add_to_history(history: list[Entry] | None, entries: list[Entry], limit: int
     return [*entries, *(history or [])][:limit]
 
 
-def valid_history(history: Any, store: ResultStore) -> list[Entry]:
-    """The entries that are well-formed and whose images are still in the store.
+def valid_history(history: Any, store: ResultStore, *, owner: str = DEFAULT_OWNER) -> list[Entry]:
+    """The entries that are well-formed, signed for `owner`, and whose images the store still
+    keeps for them.
 
     The history comes back from the browser, so it is checked like any other input. Only the first HISTORY_LIMIT entries are looked at (the studio never writes more), so a
     forged history of any length costs no more than a full one; each valid entry comes back
@@ -222,25 +271,22 @@ def valid_history(history: Any, store: ResultStore) -> list[Entry]:
     """
     if not isinstance(history, list):
         return []
-    entries = (_valid_entry(entry, store) for entry in history[:HISTORY_LIMIT])
+    entries = (_valid_entry(entry, store, owner) for entry in history[:HISTORY_LIMIT])
     return [entry for entry in entries if entry is not None]
 
 
-def _valid_entry(entry: Any, store: ResultStore) -> Entry | None:
+def _valid_entry(entry: Any, store: ResultStore, owner: str) -> Entry | None:
     if not isinstance(entry, dict):
         return None
-    task, parameters, inputs = entry.get("task"), entry.get("parameters"), entry.get("inputs", {})
+    parameters = entry.get("parameters")
     if not (
-        isinstance(task, str)
-        and task in TASKS
-        and isinstance(parameters, dict)
-        and isinstance(inputs, dict)
-        and all(name in INPUT_NAMES and isinstance(value, str) for name, value in inputs.items())
+        isinstance(parameters, dict)
         and json_within(parameters, max_chars=MAX_PARAMETERS_BYTES, max_depth=MAX_PARAMETERS_DEPTH)
-        and store.path(entry.get("id")) is not None
+        and entry_is_owned(entry, store, owner=owner)
     ):
         return None
-    return {"id": entry["id"], "task": task, "parameters": parameters, "inputs": inputs}
+    return {"id": entry["id"], "task": entry["task"], "parameters": parameters, "inputs": entry.get("inputs", {}),
+            signing.SIGNATURE_FIELD: entry[signing.SIGNATURE_FIELD]}
 
 
 def caption(entry: Entry) -> str:
@@ -254,9 +300,10 @@ def caption(entry: Entry) -> str:
     return " · ".join(part for part in parts if part)
 
 
-def gallery_items(entries: list[Entry], store: ResultStore) -> list[tuple[str, str]]:
-    """(image path, caption) pairs, as gr.Gallery shows them (entries without an image left out)."""
-    paths = [(download_path(entry, store), entry) for entry in entries]
+def gallery_items(entries: list[Entry], store: ResultStore, *, owner: str = DEFAULT_OWNER) -> list[tuple[str, str]]:
+    """(image path, caption) pairs, as gr.Gallery shows them: `owner`'s links to the images of
+    their entries (others, and entries without an image, left out)."""
+    paths = [(download_path(entry, store, owner=owner), entry) for entry in entries]
     return [(path, caption(entry)) for path, entry in paths if path is not None]
 
 
@@ -276,17 +323,27 @@ def vary_values(task: Task, parameters: dict[str, Any], pick_seed: Callable[[], 
     return {**restored_values(task, parameters), "variation_seed": pick_seed(), "variation_strength": VARY_STRENGTH}
 
 
-def restored_inputs(entry: Entry, store: ResultStore) -> dict[str, Image.Image]:
-    """The entry's input images still in the store, by name ("image", "mask")."""
-    images = {name: store.open(result_id) for name, result_id in (entry.get("inputs") or {}).items()}
+def restored_inputs(entry: Entry, store: ResultStore, *, owner: str = DEFAULT_OWNER) -> dict[str, Image.Image]:
+    """The input images of an entry of `owner`'s still in the store, by name ("image", "mask")."""
+    if not entry_is_owned(entry, store, owner=owner):
+        return {}
+    images = {name: store.open(result_id, owner=owner) for name, result_id in (entry.get("inputs") or {}).items()}
     return {name: image for name, image in images.items() if image is not None}
 
 
-def before_after(entry: Entry, store: ResultStore) -> tuple[str, str] | None:
-    """(input image path, result path) to compare, while the store keeps both; None otherwise."""
-    before = store.path((entry.get("inputs") or {}).get("image"))
-    after = download_path(entry, store)
-    return (str(before), after) if before is not None and after is not None else None
+def result_image(entry: Entry | None, store: ResultStore, *, owner: str = DEFAULT_OWNER) -> Image.Image | None:
+    """The image of an entry of `owner`'s (what "Send to" sends on); None when it is not theirs."""
+    return store.open(entry["id"], owner=owner) if entry_is_owned(entry, store, owner=owner) else None
+
+
+def before_after(entry: Entry, store: ResultStore, *, owner: str = DEFAULT_OWNER) -> tuple[str, str] | None:
+    """(input image link, result link) of an entry of `owner`'s to compare, while the store keeps
+    both; None otherwise."""
+    after = download_path(entry, store, owner=owner)
+    if after is None:
+        return None
+    before = store.link((entry.get("inputs") or {}).get("image"), owner=owner)
+    return (str(before), after) if before is not None else None
 
 
 def effective_seed(entry: Entry) -> int | None:

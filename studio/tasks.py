@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from PIL import Image
-from sdserve.catalog import MASK_THRESHOLD, MIN_IMAGE_SIDE, MODELS, ModelSpec
+from sdserve.catalog import MASK_THRESHOLD, MAX_PROMPT_CHARS, MIN_IMAGE_SIDE, MODELS, ModelSpec
 from sdserve.errors import RequestError
 from sdserve.params import Argument
 
@@ -36,6 +36,8 @@ class Control:
     default: Any
     info: str | None = None
     argument: Argument | None = None  # None for the text inputs
+    # A text input's longest value: the server's (MAX_PROMPT_CHARS), refused here before planning.
+    max_chars: int | None = None
 
     @property
     def minimum(self) -> float | None:
@@ -64,9 +66,13 @@ class Control:
 
     def check(self, value: Any) -> Any:
         """`value` as the endpoint wants it, or a StudioError naming the control and its limits:
-        the table's `Argument.check` (sdserve.params has the rule); a text's None is empty."""
+        the table's `Argument.check` (sdserve.params has the rule); a text's None is empty, and a
+        text is at most `max_chars` long (the server's limit, so nothing it would refuse is sent)."""
         if self.argument is None:
-            return self.default if value is None else str(value)
+            text = self.default if value is None else str(value)
+            if self.max_chars is not None and len(text) > self.max_chars:
+                raise StudioError(f"{self.label}: at most {self.max_chars:,} characters; got {len(text):,}.")
+            return text
         try:
             return self.argument.check(value, field=self.label)
         except RequestError as error:
@@ -108,8 +114,9 @@ class Task:
     @classmethod
     def for_model(cls, spec: ModelSpec, tool: EditTool | None = None) -> Task:
         text = (
-            Control("prompt", spec.prompt_label, "text", "", spec.prompt_help or None),
-            Control("negative_prompt", "Negative prompt", "text", "", "What to steer away from."),
+            Control("prompt", spec.prompt_label, "text", "", spec.prompt_help or None, max_chars=MAX_PROMPT_CHARS),
+            Control("negative_prompt", "Negative prompt", "text", "", "What to steer away from.",
+                    max_chars=MAX_PROMPT_CHARS),
         )
         settings = tool.settings if tool is not None else ()
         return cls(spec, (*text, *map(Control.for_argument, (*spec.arguments, *settings))), tool)

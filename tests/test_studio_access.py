@@ -1,4 +1,4 @@
-"""Sign-in and quotas (studio/access.py), and `python -m studio` refusing to face others without
+"""Sign-in (studio/access.py) and quotas (studio/quotas.py, more in test_studio_quotas), and `python -m studio` refusing to face others without
 a sign-in; the last tests run the real studio (Gradio) and reach it with gradio_client."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from gradio_client import Client
 from serving.processes import find_free_port
 from studio.access import (
     Access,
-    QuotaBook,
-    Quotas,
+    AllowList,
+    NotAllowed,
+    NotSignedIn,
     Users,
     choose_access,
     hash_password,
@@ -26,6 +27,7 @@ from studio.access import (
 )
 from studio.client import StudioError
 from studio.process import StudioProcess
+from studio.quotas import QuotaBook, Quotas
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
@@ -74,21 +76,26 @@ def test_the_add_command_writes_a_private_users_file(tmp_path):
     assert short.returncode == 2 and "at least 12 characters" in short.stderr
 
 
-def test_jobs_per_minute_and_images_per_day_are_counted_per_designer():
+def test_jobs_per_minute_and_work_per_day_are_counted_per_designer():
     clock = Clock()
-    book = QuotaBook(Quotas(jobs_per_minute=2, images_per_day=5), clock=clock)
+    book = QuotaBook(Quotas(jobs_per_minute=2, work_per_day=5), clock=clock)
     book.charge("alice", 1)
     book.charge("alice", 1)
     with pytest.raises(StudioError, match="2 jobs in the last minute.*go on in 60 s"):
         book.charge("alice", 1)
     book.charge("bob", 4)  # someone else's quota is their own
     clock.now += 61
-    book.charge("alice", 3)  # a minute later: 5 images today
+    book.charge("alice", 3)  # a minute later: 5 units of work today
     clock.now += 61
-    with pytest.raises(StudioError, match="makes 1 images; you have 0 left of the 5"):
+    with pytest.raises(StudioError, match="This job is 1 unit of work .*you have 0 units of work left of the 5 "):
         book.charge("alice", 1)
     clock.now += 86_400
     book.charge("alice", 4)  # a day later
+
+
+# What a Space with `hf_oauth: true` runs with: Gradio runs Hugging Face's real sign-in only here.
+SPACE = {"SYSTEM": "spaces", "SPACE_ID": "team/sd-studio", "OAUTH_CLIENT_ID": "x", "OAUTH_CLIENT_SECRET": "y",
+         "OAUTH_SCOPES": "openid profile", "OPENID_PROVIDER_URL": "https://huggingface.co"}
 
 
 def test_the_sign_in_fits_where_the_studio_runs(tmp_path):
@@ -97,10 +104,36 @@ def test_the_sign_in_fits_where_the_studio_runs(tmp_path):
     assert choose_access("127.0.0.1", None, False, environ={}).mode == "local"
     with pytest.raises(ValueError, match="--users-file.*hf_oauth.*--public-without-login"):
         choose_access("0.0.0.0", None, False, environ={})
-    assert choose_access("0.0.0.0", None, True, environ={}).mode == "local"
+    public = choose_access("0.0.0.0", None, True, environ={})
+    assert public.mode == "public" and "anyone who reaches 0.0.0.0" in public.notice
     assert choose_access("0.0.0.0", users_file, False, environ={}).mode == "password"
-    space = {"SPACE_ID": "team/sd-studio", "OAUTH_CLIENT_ID": "x"}
-    assert choose_access("0.0.0.0", None, False, environ=space).mode == "huggingface"
+    assert choose_access("0.0.0.0", None, False, environ=SPACE).mode == "huggingface"
+
+
+def test_hugging_face_sign_in_needs_the_space_s_real_oauth():
+    """Elsewhere Gradio mocks the sign-in: everyone is the machine's own Hugging Face account."""
+    for partial in ({"SPACE_ID": "team/sd-studio", "OAUTH_CLIENT_ID": "x"}, {**SPACE, "SYSTEM": "local"},
+                    {key: value for key, value in SPACE.items() if key != "OAUTH_CLIENT_SECRET"}):
+        with pytest.raises(ValueError, match="real OAuth.*missing.*machine's own Hugging Face account"):
+            choose_access("0.0.0.0", None, False, environ=partial)
+    with pytest.raises(ValueError, match="OAUTH_CLIENT_SECRET, OAUTH_SCOPES, OPENID_PROVIDER_URL are missing"):
+        choose_access("0.0.0.0", None, False, environ={"SYSTEM": "spaces", "SPACE_ID": "s", "OAUTH_CLIENT_ID": "x"})
+
+
+def test_an_allow_list_names_hugging_face_users_and_organisations():
+    anyone = choose_access("0.0.0.0", None, False, environ=SPACE)
+    assert anyone.allow is None and "Any Hugging Face account may use this studio" in anyone.notice
+    named = choose_access("0.0.0.0", None, False, environ=SPACE, allow="Alice, bob")
+    assert named.notice is None and named.allow == AllowList(frozenset({"alice", "bob"}))
+    organisation = choose_access("0.0.0.0", None, False, environ=SPACE, allow="org:acme")
+    assert "read-memberships" in organisation.notice
+    assert choose_access("0.0.0.0", None, False, environ={**SPACE, "OAUTH_SCOPES": "openid profile read-memberships"},
+                         allow="org:acme").notice is None
+    for bad in ("al ice", "team:acme", " , "):
+        with pytest.raises(ValueError, match="--allow"):
+            AllowList.parse(bad)
+    with pytest.raises(ValueError, match="only to Hugging Face sign-in"):
+        choose_access("127.0.0.1", None, False, environ={}, allow="alice")
 
 
 class FakeRequest:
@@ -108,18 +141,31 @@ class FakeRequest:
         self.username, self.session, self.session_hash = username, session, session_hash
 
 
+def signed_in(name: str, *, orgs=(), expires_in: float = 60) -> dict:
+    """A session as Gradio's Hugging Face sign-in leaves it."""
+    userinfo = {"preferred_username": name, "orgs": [{"preferred_username": org} for org in orgs]}
+    return {"oauth_info": {"userinfo": userinfo, "expires_at": time.time() + expires_in}}
+
+
 def test_whom_a_request_is_from():
     assert Access("local").designer(FakeRequest()) == "session:abc"
     assert Access("password").designer(FakeRequest(username="alice")) == "alice"
-    with pytest.raises(StudioError, match="Sign in first"):
+    with pytest.raises(NotSignedIn, match="Sign in first"):
         Access("password").designer(FakeRequest())
     hf = Access("huggingface")
-    signed_in = {"oauth_info": {"userinfo": {"preferred_username": "alice"}, "expires_at": time.time() + 60}}
-    assert hf.designer(FakeRequest(session=signed_in)) == "hf:alice"
-    expired = {"oauth_info": {"userinfo": {"preferred_username": "alice"}, "expires_at": time.time() - 1}}
-    for session in ({}, expired, None):
-        with pytest.raises(StudioError, match="Sign in with Hugging Face"):
+    assert hf.designer(FakeRequest(session=signed_in("alice"))) == "hf:alice"
+    for session in ({}, signed_in("alice", expires_in=-1), None):
+        with pytest.raises(NotSignedIn, match="Sign in with Hugging Face"):
             hf.designer(FakeRequest(session=session))
+
+
+def test_a_hugging_face_account_outside_the_allow_list_is_refused_by_name():
+    hf = Access("huggingface", allow=AllowList.parse("alice,org:acme"))
+    assert hf.designer(FakeRequest(session=signed_in("ALICE"))) == "hf:ALICE"
+    assert hf.designer(FakeRequest(session=signed_in("carol", orgs=("acme",)))) == "hf:carol"
+    with pytest.raises(NotAllowed, match="account bob may not use this studio") as refused:
+        hf.designer(FakeRequest(session=signed_in("bob", orgs=("other",))))
+    assert refused.value.status == 403
 
 
 @pytest.mark.studio

@@ -22,7 +22,7 @@ from PIL import Image, ImageFile
 from sdserve import files as sdserve_files
 from sdserve.images import MAX_SIDE as ENDPOINT_MAX_SIDE
 
-from studio import metadata, session
+from studio import metadata, session, signing
 from studio import store as store_module
 from studio.errors import StudioError
 from studio.metadata import (
@@ -135,7 +135,7 @@ def test_a_dropped_png_is_kept_only_as_its_pixels_and_parameters(store):
     clean = png_with_parameters(GENERATE, extra_text={"Comment": "x" * 1000})
     dropped = clean + b"\0junk" * (1024 * 1024)  # 5 MB after IEND
     entry = session.restore_from_png(store, dropped, owner="ann")
-    kept = store.path(entry["id"]).read_bytes()
+    kept = store.path(entry["id"], owner="ann").read_bytes()
     assert entry["task"] == "generate" and entry["parameters"] == GENERATE
     assert len(kept) < len(clean) and b"junk" not in kept
     assert read_parameters(kept) == GENERATE and Image.open(io.BytesIO(kept)).text == {"parameters": json.dumps(GENERATE)}
@@ -239,8 +239,8 @@ def test_each_owner_is_pruned_on_its_own_oldest_first(tmp_path):
     store = ResultStore(tmp_path, max_items=3)
     ann = [store.save(png, "a", owner="ann") for png in pngs(2)]
     bob = [store.save(png, "b", owner="bob") for png in pngs(12)[2:]]  # ten free saves
-    assert all(store.path(result_id) for result_id in ann), "another owner's saves remove none of ann's"
-    assert [store.path(result_id) is not None for result_id in bob] == [False] * 7 + [True] * 3
+    assert all(store.path(result_id, owner="ann") for result_id in ann), "another owner's saves remove none of ann's"
+    assert [store.path(result_id, owner="bob") is not None for result_id in bob] == [False] * 7 + [True] * 3
     assert store.usage("ann")[0] == 2 and store.usage("bob")[0] == 3
 
 
@@ -251,7 +251,7 @@ def test_saving_again_makes_an_image_its_owners_newest(tmp_path):
     store.save(second, "x", owner="ann")
     store.save(first, "x", owner="ann")  # now the newest
     store.save(third, "x", owner="ann")
-    assert store.path(kept) is not None and store.usage("ann")[0] == 2
+    assert store.path(kept, owner="ann") is not None and store.usage("ann")[0] == 2
 
 
 def test_each_owner_has_a_byte_quota(tmp_path):
@@ -259,7 +259,7 @@ def test_each_owner_has_a_byte_quota(tmp_path):
     size = max(map(len, images))
     store = ResultStore(tmp_path, max_bytes=2 * size + size // 2)
     ids = [store.save(png, "x", owner="ann") for png in images]
-    assert [store.path(result_id) is not None for result_id in ids] == [False, False, True, True]
+    assert [store.path(result_id, owner="ann") is not None for result_id in ids] == [False, False, True, True]
     assert store.usage("ann")[1] <= store.max_bytes
     with pytest.raises(StudioError, match="more than the"):
         ResultStore(tmp_path / "small", max_bytes=10).save(images[0], "x", owner="ann")
@@ -271,9 +271,10 @@ def test_an_image_two_owners_keep_stays_until_both_let_it_go(tmp_path):
     result_id = store.save(shared, "x", owner="ann")
     assert store.save(shared, "x", owner="bob") == result_id
     store.save(other_a, "x", owner="ann")
-    assert store.path(result_id) is not None, "bob still keeps it"
+    assert store.path(result_id, owner="bob") is not None, "bob still keeps it"
+    assert store.path(result_id, owner="ann") is None, "ann let it go"
     store.save(other_b, "x", owner="bob")
-    assert store.path(result_id) is None and result_id not in folders(store)
+    assert store.path(result_id, owner="bob") is None and result_id not in folders(store)
 
 
 def test_owners_are_stored_as_a_hash_of_their_name(tmp_path):
@@ -294,19 +295,20 @@ def test_the_bookkeeping_survives_a_restart_and_old_images_are_adopted(tmp_path)
     assert restarted.usage("ann") == store.usage("ann")
     assert not (tmp_path / ("b" * 32)).exists()
     restarted.save(pngs(3)[2], "x", owner="bob")  # four images: past the folder's three
-    assert restarted.path("a" * 32) is None, "images without an owner go first"
-    assert all(restarted.path(result_id) for result_id in ann)
+    assert "a" * 32 not in folders(restarted), "images without an owner go first"
+    assert all(restarted.path(result_id, owner="ann") for result_id in ann)
 
 
-def test_past_the_folders_limit_the_least_recently_active_owners_go_first(tmp_path):
-    store = ResultStore(tmp_path, max_items=3, max_total_items=4)
-    images = pngs(6)
-    idle = [store.save(png, "x", owner="idle session") for png in images[:2]]
-    active = [store.save(png, "x", owner="active") for png in images[2:4]]
-    store.save(images[4], "x", owner="active")
-    store.save(images[5], "x", owner="new")
-    assert [store.path(result_id) is None for result_id in idle] == [True, True]
-    assert all(store.path(result_id) for result_id in active)
+def test_past_the_folders_limit_the_largest_holders_go_first(tmp_path):
+    store = ResultStore(tmp_path, max_items=3, max_total_items=5)
+    images = pngs(7)
+    small = [store.save(png, "x", owner="small") for png in images[:2]]
+    large = [store.save(png, "x", owner="large") for png in images[2:5]]
+    store.save(images[5], "x", owner="new")  # six images: the largest holder lets go of its oldest
+    assert all(store.path(result_id, owner="small") for result_id in small)
+    assert [store.path(result_id, owner="large") is not None for result_id in large] == [False, True, True]
+    store.save(images[6], "x", owner="small")  # small and large hold 3 and 2: small is the larger now
+    assert store.path(small[0], owner="small") is None and store.usage("large")[0] == 2
 
 
 def test_concurrent_saves_of_the_same_result_all_succeed_and_the_file_is_whole(tmp_path):
@@ -326,7 +328,7 @@ def test_concurrent_saves_of_the_same_result_all_succeed_and_the_file_is_whole(t
 
     def read() -> None:
         while not stop.is_set():
-            path = store.path(expected)
+            path = store.path(expected, owner="owner 0")
             if path is not None:
                 try:
                     data = path.read_bytes()
@@ -345,7 +347,7 @@ def test_concurrent_saves_of_the_same_result_all_succeed_and_the_file_is_whole(t
     stop.set()
     reader.join()
     assert errors == [] and results == [expected] * 16 and torn == []
-    assert store.path(expected).read_bytes() == png
+    assert store.path(expected, owner="owner 0").read_bytes() == png
     assert [path.name for path in (tmp_path / expected).iterdir()] == ["generate-seed-42.png"]  # no temporary left
     assert all(store.usage(f"owner {index}")[0] == 1 for index in range(4))
 
@@ -398,10 +400,11 @@ def test_a_forged_history_of_200000_entries_is_cut_before_it_is_checked(store, m
             read.add(id(self))
             return super().get(key, default)
 
-    forged = [Watched(id="f" * 32, task="generate", parameters={"seed": n}, inputs={}) for n in range(200_000)]
+    forged = [Watched(id="f" * 32, task="generate", parameters={"seed": n}, inputs={}, signature="0" * 64)
+              for n in range(200_000)]
     looked_up = []
-    path = store.path
-    monkeypatch.setattr(store, "path", lambda result_id: looked_up.append(result_id) or path(result_id))
+    keeps = store.keeps
+    monkeypatch.setattr(store, "keeps", lambda result_id, owner: looked_up.append(result_id) or keeps(result_id, owner=owner))
     assert session.valid_history([good, *forged], store) == [good]
     # Counted, not timed: at most HISTORY_LIMIT entries are read, whatever the history's length.
     assert len(read) < session.HISTORY_LIMIT and len(looked_up) <= session.HISTORY_LIMIT
@@ -416,6 +419,9 @@ def test_a_forged_history_of_200000_entries_is_cut_before_it_is_checked(store, m
     {"parameters": {"prompt": "x" * (MAX_PARAMETERS_BYTES + 1)}},
     {"parameters": {"nested": json.loads("[" * 50 + "]" * 50)}},
     {"id": ["a" * 32]},
+    {"signature": None},
+    {"signature": "é" * 64},
+    {"signature": "0" * 64},  # well-formed, but not the studio's
 ])
 def test_forged_entries_are_dropped_not_raised(store, forged):
     [good] = session.record_result(store, TASKS["generate"], GenerationResult(
@@ -583,6 +589,18 @@ else:
         ids = [store.save(png, "x") for png in pngs(3)]
         return store, ids
 
+    def signed_like(store, ids: list[str]):
+        """Entries the studio signed (for its default owner), some then changed in any field."""
+        signed = st.builds(
+            lambda result_id, task, inputs: signing.signed(store.key, store_module.DEFAULT_OWNER, {
+                "id": result_id, "task": task, "parameters": {}, "inputs": inputs}),
+            st.sampled_from(ids), st.sampled_from(list(TASKS)),
+            st.dictionaries(st.sampled_from(["image", "mask"]), st.sampled_from(ids), max_size=2),
+        )
+        changed = st.tuples(signed, st.sampled_from(["id", "task", "parameters", "inputs", "signature"]),
+                            json_values).map(lambda change: {**change[0], change[1]: change[2]})
+        return signed | changed
+
     def entry_like(ids: list[str]):
         return st.fixed_dictionaries(
             {},
@@ -600,15 +618,19 @@ else:
     @given(st.data())
     def test_any_history_validates_to_at_most_fifty_valid_entries(shared_store, data):
         store, ids = shared_store
+        good = signing.signed(store.key, store_module.DEFAULT_OWNER, {"id": ids[0], "task": "generate",
+                                                                     "parameters": {}, "inputs": {}})
         history = data.draw(
-            st.lists(entry_like(ids) | json_values, max_size=120)
+            st.lists(entry_like(ids) | signed_like(store, ids) | json_values, max_size=120)
             | json_values
-            | st.lists(st.just({"id": ids[0], "task": "generate", "parameters": {}}), min_size=51, max_size=300)
+            | st.lists(st.just(good), min_size=51, max_size=300)
         )
         entries = session.valid_history(history, store)
         assert isinstance(entries, list) and len(entries) <= session.HISTORY_LIMIT
+        assert session.valid_history(history, store, owner="another designer") == []
         for entry in entries:
-            assert set(entry) == {"id", "task", "parameters", "inputs"}
+            assert set(entry) == {"id", "task", "parameters", "inputs", "signature"}
+            assert signing.signature_matches(store.key, store_module.DEFAULT_OWNER, entry)
             assert entry["task"] in TASKS and store.path(entry["id"]) is not None
             assert isinstance(entry["parameters"], dict) and isinstance(entry["inputs"], dict)
             session.caption(entry)  # shows without raising

@@ -309,7 +309,7 @@ def test_store_removes_the_oldest_past_its_limit(tmp_path):
         for path in tmp_path.rglob("*"):  # distinct modification times, oldest first: set, not slept for
             if ids[-1] in path.parts:
                 os.utime(path, ns=(10**18 + color * 10**9,) * 2)
-    assert [store.path(result_id) is not None for result_id in ids] == [False, False, True, True, True]
+    assert [store.path(result_id, owner="ann") is not None for result_id in ids] == [False, False, True, True, True]
 
 
 # --- the session history ----------------------------------------------------------------------

@@ -165,6 +165,38 @@ def test_a_full_studio_says_so_and_takes_jobs_again_when_one_ends():
     assert scheduler.job("c").started.is_set()
 
 
+def test_one_designer_cannot_fill_the_studios_queue():
+    """10 jobs of one designer at once: the first few are queued, the rest refused before they are,
+    with why; another designer still gets in, and an ended job makes room for the next."""
+    scheduler = FairScheduler(capacity=1, max_jobs=64, jobs_per_session=3)
+    accepted, refused = [], []
+    for _ in range(10):
+        try:
+            accepted.append(scheduler.job("alice"))
+        except StudioError as error:
+            refused.append(str(error))
+    assert len(accepted) == 3 and len(refused) == 7
+    assert refused[0] == ("You have 3 jobs waiting or running, the most a designer may at once; send this one "
+                          "when one of them is over (or cancel one). Nothing was sent.")
+    assert scheduler.stats()["jobs"] == 3
+    assert scheduler.job("bob").started.is_set()
+    accepted[0].end()
+    assert accepted[1].started.is_set()
+    scheduler.job("alice")  # room again
+    with pytest.raises(StudioError, match="3 jobs waiting or running"):
+        scheduler.job("alice")
+    with pytest.raises(ValueError, match="jobs_per_session"):
+        FairScheduler(capacity=1, jobs_per_session=0)
+
+
+def test_the_studios_limit_still_holds_for_all_designers_together():
+    scheduler = FairScheduler(capacity=1, max_jobs=4, jobs_per_session=3)
+    for designer in ("a", "a", "b", "c"):
+        scheduler.job(designer)
+    with pytest.raises(StudioBusy, match="studio is busy: 4 jobs"):
+        scheduler.job("d")
+
+
 def test_a_failing_call_fails_its_future_and_the_worker_goes_on():
     scheduler = FairScheduler(capacity=1)
     job = scheduler.job("a")
