@@ -29,11 +29,14 @@ from deploy import image, sagemaker_endpoint, upload
 from serving.archive import REPO_ROOT, archive_name
 from deploy.aws import Aws, DeployError, redact
 from deploy.config import (
+    UNPINNED_FLAG,
     ConfigError,
     DeployConfig,
     add_config_arguments,
+    check_base_image_digest,
     check_bucket,
     check_endpoint_settings,
+    check_image_uri,
     check_prefix,
     check_project,
     check_region,
@@ -95,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     package.add_argument("--image", action="store_true",
                          help="first build deploy/triton_image and push it to ECR (needs docker)")
     package.add_argument("--no-upload", action="store_true", help="only build the archives")
+    unpinned(package, "with --image: build on the Triton image its tag names now when no "
+                      "--triton-image-digest is set")
 
-    command("up", run_up, "create the endpoint, or update it in place when the configuration changed")
+    up = command("up", run_up, "create the endpoint, or update it in place when the configuration changed")
+    unpinned(up, "accept an --image-uri named by tag rather than by digest")
 
     add_model = command("add-model", run_add_model, "upload one more model archive for the live endpoint")
     add_model.add_argument("name", help="a Triton model folder in the repository, with weights")
@@ -118,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "studio: the studio's IAM user (InvokeEndpoint for the model archives only)")
     policy.add_argument("--account", help="the 12-digit AWS account id to write into the ARNs (default: ACCOUNT)")
     return parser
+
+
+def unpinned(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(UNPINNED_FLAG, dest="allow_unpinned_images", action="store_true",
+                        help=f"{what} (a tag can be moved to other contents; a digest cannot)")
 
 
 def connect(cfg: DeployConfig) -> Aws:
@@ -152,12 +163,13 @@ def run_package(cfg: DeployConfig, args: argparse.Namespace) -> int:
         check_bucket(cfg)
         check_prefix(cfg)
     if args.image:
+        check_base_image_digest(cfg, allow_unpinned=args.allow_unpinned_images)
         image.require_docker()
     aws = connect(cfg)
     if not args.no_upload:
         upload.ensure_bucket(cfg, aws)  # before minutes of packing, not after
     if args.image:
-        image.build_and_push(cfg, aws)
+        image.build_and_push(cfg, aws, allow_unpinned=args.allow_unpinned_images)
     archives = upload.build_archives(cfg, cfg.models)
     if not args.no_upload:
         upload.upload_all(cfg, aws, archives)
@@ -167,6 +179,7 @@ def run_package(cfg: DeployConfig, args: argparse.Namespace) -> int:
 def run_up(cfg: DeployConfig, args: argparse.Namespace) -> int:
     for check in (check_project, check_region, check_endpoint_settings, check_bucket, check_prefix, check_role):
         check(cfg)
+    check_image_uri(cfg, allow_unpinned=args.allow_unpinned_images)
     if not cfg.gpu_instance:
         print(f"warning: {cfg.instance_type} has no GPU, and the archives' config.pbtxt asks for KIND_GPU")
     aws = connect(cfg)

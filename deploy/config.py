@@ -37,6 +37,11 @@ VARIANT_NAME = "AllTraffic"
 PROJECT_PATTERN = re.compile(r"^[a-z0-9](-?[a-z0-9])*$")
 PROJECT_MAX = 40
 ROLE_ARN_PATTERN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:role/[\w+=,.@/-]+$")
+# Images are named by digest: a tag can be moved to other contents (AWS moves the Triton image's
+# tags when it patches them), a digest cannot. `--allow-unpinned-images` is the way around.
+DIGEST_PATTERN = re.compile(r"^sha256:[0-9a-f]{64}$")
+PINNED_IMAGE_PATTERN = re.compile(r"^[^\s@]+@sha256:[0-9a-f]{64}$")
+UNPINNED_FLAG = "--allow-unpinned-images"
 BUCKET_PATTERN = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # The archives' S3 prefix ends up in every archive key, the endpoint's ModelDataUrl and the IAM
 # policies' resource ARNs, so it is kept to plain relative path segments: nothing that S3, an IAM
@@ -74,7 +79,11 @@ class DeployConfig:
                                   + " (a GPU family for the KIND_GPU configs)")
     instance_count: int = _setting(1, "initial instance count (2+ recommended for availability)")
     triton_version: str = _setting("25.04", "SageMaker Triton container version, resolved by the sagemaker SDK")
-    image_uri: str | None = _setting(None, "prebuilt container image; default: the extended image `package --image` pushes")
+    triton_image_digest: str | None = _setting(
+        None, "sha256:<64 hex> digest of the SageMaker Triton image `package --image` builds on, for this "
+              "region, version and instance kind (docs/deploy.md: reading it)")
+    image_uri: str | None = _setting(None, "prebuilt container image by digest (<registry>/<repository>@sha256:<64 hex>); "
+                                           "default: the extended image `package --image` pushes")
     models: tuple[str, ...] = _setting(tuple(MODELS), "models to package, upload and smoke-test")
     repository: Path = _setting(REPO_ROOT / "serving" / "models", "Triton model repository")
     build_dir: Path = _setting(REPO_ROOT / "build", "where archives (build/model-store) and the SDK environment go")
@@ -338,6 +347,33 @@ def check_role(cfg: DeployConfig) -> None:
     if not ROLE_ARN_PATTERN.match(cfg.role_arn):
         # The value is not repeated: a mistyped ARN still holds an account id, which logs should not.
         raise ConfigError(f"{flag('role_arn')} is not an IAM role ARN (arn:aws:iam::<account>:role/<name>)")
+
+
+def check_base_image_digest(cfg: DeployConfig, *, allow_unpinned: bool = False) -> None:
+    """`package --image` builds FROM the Triton image by digest; without one only when told."""
+    if cfg.triton_image_digest is None:
+        if allow_unpinned:
+            return
+        raise ConfigError(
+            f"no Triton image digest: `package --image` builds on the sagemaker-tritonserver {cfg.triton_version} "
+            f"image by digest, since its tag can be moved. Read the digest (docs/deploy.md: `aws ecr batch-get-image`), "
+            f"check it, and set {flag('triton_image_digest')}, ${env_var('triton_image_digest')} or "
+            f"triton_image_digest in deploy.toml; or pass {UNPINNED_FLAG} to build on whatever the tag names now"
+        )
+    if not DIGEST_PATTERN.match(cfg.triton_image_digest):
+        raise ConfigError(f"{flag('triton_image_digest')} {cfg.triton_image_digest!r}: not a digest "
+                          "(sha256: then 64 lowercase hexadecimal digits)")
+
+
+def check_image_uri(cfg: DeployConfig, *, allow_unpinned: bool = False) -> None:
+    """A prebuilt serving image is named by digest; by tag only when told."""
+    if cfg.image_uri is None or allow_unpinned or PINNED_IMAGE_PATTERN.match(cfg.image_uri):
+        return
+    # The value is not repeated: an ECR image URI holds the account id.
+    raise ConfigError(
+        f"{flag('image_uri')} must name the image by digest, <registry>/<repository>@sha256:<64 hex> "
+        f"(`aws ecr describe-images` shows it), since a tag can be moved; or pass {UNPINNED_FLAG}"
+    )
 
 
 def check_weights(cfg: DeployConfig, models: tuple[str, ...] | None = None) -> None:

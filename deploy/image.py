@@ -6,9 +6,10 @@ environment (it pins importlib-metadata<7; nvidia-pytriton needs >=7.0.1), so it
 interpreter: this one when it has the SDK, `sdk_python` when set, else build/sagemaker-sdk, a
 virtual environment made from deploy/sdk-requirements.txt on first use.
 
-The extended image (deploy/triton_image) adds diffusers & co. It is tagged by content, from the
-base image and the Dockerfile and requirements, so `up` finds the image `package --image` pushed
-without any state kept between the two.
+The extended image (deploy/triton_image) adds diffusers & co. It is built FROM the base image by
+digest (the `triton_image_digest` setting), tagged by content, from the base image reference and
+the Dockerfile and lock, so `up` finds the image `package --image` pushed without any state kept
+between the two, and serves it by the digest ECR reports for that tag.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 
 from deploy.aws import Aws, Call, DeployError, redact
-from deploy.config import DeployConfig
+from deploy.config import DeployConfig, check_base_image_digest
 
 HERE = Path(__file__).resolve().parent
 IMAGE_CONTEXT = HERE / "triton_image"
@@ -85,15 +86,21 @@ def base_image_uri(cfg: DeployConfig, *, create_sdk_env: bool = True) -> str | N
     return lines[-1]
 
 
+def pinned_base_image(cfg: DeployConfig, base_image: str) -> str:
+    """`<uri>:<tag>@<digest>` (docker pulls the digest; the tag stays for people), or the bare URI
+    where no digest is set (`package --image` allows that only with --allow-unpinned-images)."""
+    return f"{base_image}@{cfg.triton_image_digest}" if cfg.triton_image_digest else base_image
+
+
 # --- the extended image ----------------------------------------------------------------------
 
 
 def image_tag(base_image: str) -> str:
-    """`<base tag>-<hash>`: the same base, Dockerfile and requirements give the same tag."""
+    """`<base tag>-<hash>`: the same base (its digest included), Dockerfile and lock give the same tag."""
     digest = hashlib.sha256(base_image.split("/", 1)[-1].encode())  # the registry differs per region
     for path in sorted(IMAGE_CONTEXT.iterdir()):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
-    return f"{base_image.rsplit(':', 1)[-1]}-{digest.hexdigest()[:12]}"
+    return f"{base_image.split('@', 1)[0].rsplit(':', 1)[-1]}-{digest.hexdigest()[:12]}"
 
 
 def describe_repository(cfg: DeployConfig) -> Call:
@@ -137,10 +144,11 @@ def require_docker() -> str:
     return docker
 
 
-def build_and_push(cfg: DeployConfig, aws: Aws) -> str:
-    """Build deploy/triton_image on the SDK's base image and push it to ECR; returns its URI."""
+def build_and_push(cfg: DeployConfig, aws: Aws, *, allow_unpinned: bool = False) -> str:
+    """Build deploy/triton_image on the SDK's base image, by digest, and push it to ECR; returns its URI."""
+    check_base_image_digest(cfg, allow_unpinned=allow_unpinned)
     docker = require_docker()
-    base = base_image_uri(cfg)
+    base = pinned_base_image(cfg, base_image_uri(cfg))
     tag = image_tag(base)
     repository = aws.read(describe_repository(cfg)) or aws.run(create_repository(cfg))
     uri = f"{_repository_uri(repository)}:{tag}"
@@ -158,15 +166,16 @@ def build_and_push(cfg: DeployConfig, aws: Aws) -> str:
 
 
 def extended_image_uri(cfg: DeployConfig, aws: Aws) -> str:
-    """The URI of the image `package --image` pushed for this configuration, checked to exist."""
-    tag = image_tag(base_image_uri(cfg))
+    """The image `package --image` pushed for this configuration, by the digest ECR reports for its tag."""
+    tag = image_tag(pinned_base_image(cfg, base_image_uri(cfg)))
     repository = aws.read(describe_repository(cfg))
-    if repository is None or aws.read(describe_image(cfg, tag)) is None:
+    described = None if repository is None else aws.read(describe_image(cfg, tag))
+    if described is None:
         raise DeployError(
             f"no image {cfg.ecr_repository}:{tag} in ECR: run `python -m deploy package --image` (needs docker), "
             "or pass a prebuilt image with --image-uri"
         )
-    return f"{_repository_uri(repository)}:{tag}"
+    return f"{_repository_uri(repository)}@{described['imageDetails'][0]['imageDigest']}"
 
 
 def _repository_uri(described: dict) -> str:

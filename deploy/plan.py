@@ -17,8 +17,10 @@ from deploy.aws import Call, DeployError
 from deploy.config import (
     ConfigError,
     DeployConfig,
+    check_base_image_digest,
     check_bucket,
     check_endpoint_settings,
+    check_image_uri,
     check_prefix,
     check_project,
     check_region,
@@ -28,6 +30,7 @@ from deploy.config import (
 
 CHECKS: tuple[Callable[[DeployConfig], None], ...] = (
     check_project, check_region, check_endpoint_settings, check_bucket, check_prefix, check_role, check_weights,
+    check_image_uri,
 )
 
 
@@ -39,9 +42,10 @@ def print_plan(cfg: DeployConfig) -> None:
         bucket=cfg.bucket or "<bucket>",
         role_arn=cfg.role_arn or "<execution-role-arn>",
     )
-    base = _base_image(cfg, problems)
-    extended = f"<account>.dkr.ecr.{shown.region}.amazonaws.com/{cfg.ecr_repository}:<base tag>-<hash>"
-    serving_image = cfg.image_uri or extended
+    base = _base_image(cfg, problems) + "@" + (cfg.triton_image_digest or "<triton_image_digest>")
+    repository = f"<account>.dkr.ecr.{shown.region}.amazonaws.com/{cfg.ecr_repository}"
+    extended = f"{repository}:<base tag>-<hash>"
+    serving_image = cfg.image_uri or f"{repository}@<digest of :<base tag>-<hash>>"
     store = f"s3://{shown.bucket}/{cfg.s3_prefix}/"
     print(f"Plan for project {cfg.project!r} in {shown.region}: the AWS calls each command makes, in order,")
     print("for a first deployment. Nothing is called now; <values> are known only when a command runs.\n")
@@ -93,7 +97,8 @@ def print_plan(cfg: DeployConfig) -> None:
 
 def _problems(cfg: DeployConfig) -> list[str]:
     problems = []
-    for check in CHECKS:
+    # `package --image` builds the serving image only when no prebuilt one is given.
+    for check in CHECKS + (() if cfg.image_uri else (check_base_image_digest,)):
         try:
             check(cfg)
         except ConfigError as error:

@@ -46,6 +46,16 @@ GZIP_LEVEL = 1
 CHUNK = 1 << 20
 # A tar ends with zero blocks padded to its record size (10 KiB by default): far less than this.
 MAX_TRAILING_BYTES = 1 << 20
+# tarfile reads an extended header (pax 'x'/'g', GNU long name 'L' / long link 'K') into memory
+# whole, at the size its own header claims, before anything else sees it. What a model archive
+# needs there is a path (Linux's PATH_MAX is 4,096 bytes) and a few numbers (size, mtime), so 64 KiB
+# is far above any honest header and keeps a hostile one from costing more than that.
+MAX_EXTENDED_HEADER_BYTES = 64 * 1024
+# An honest member has at most a global pax header, a pax header and GNU long name and link
+# headers before it; each one is a nested call in tarfile, so a chain of them is bounded too.
+MAX_EXTENDED_HEADERS_PER_MEMBER = 4
+EXTENDED_HEADER_TYPES = frozenset({tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE,
+                                   tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK})
 
 
 class MissingCheckpointError(FileNotFoundError):
@@ -173,8 +183,10 @@ def safe_extract(archive: Path, dest: Path, *, max_total_bytes: int, max_members
     symbolic or hard link (model archives never need one, and refusing them all is simpler to
     trust than resolving targets), devices, FIFOs and anything else that is not a plain file or
     folder, duplicate names, more than `max_members` members, and more than `max_total_bytes` of
-    file data, counted while decompressing rather than trusted from headers. A file that is not
-    a gzip-compressed tar raises CorruptArchiveError.
+    file data and extended headers, counted while decompressing rather than trusted from headers.
+    An extended (pax or GNU) header over MAX_EXTENDED_HEADER_BYTES, or more than
+    MAX_EXTENDED_HEADERS_PER_MEMBER of them before one member, is refused before tarfile reads it,
+    and so is every sparse file. A file that is not a gzip-compressed tar raises CorruptArchiveError.
 
     Everything is written into a fresh temporary folder beside `dest` and renamed into place
     only once the whole archive has been read, so a refused archive leaves nothing behind, and
@@ -201,7 +213,9 @@ def _extract_members(archive: Path, staging: Path, *, max_total_bytes: int, max_
         # data is decompressed and a gzip bomb is stopped at the limit. The gzip module, unlike
         # tarfile's own "r|gz", checks the stream's end (length and CRC), which is what finds an
         # archive cut short between two members.
-        with gzip.open(archive, "rb") as unzipped, tarfile.open(fileobj=unzipped, mode="r|") as tar:
+        with gzip.open(archive, "rb") as unzipped, tarfile.open(
+            fileobj=unzipped, mode="r|", tarinfo=_header_checks(archive.name, budget)
+        ) as tar:
             for count, member in enumerate(tar, start=1):
                 if count > max_members:
                     raise UnsafeArchiveError(f"{archive.name}: more than {max_members} members")
@@ -236,6 +250,54 @@ class _Budget:
     def spend(self, name: str, size: int) -> None:
         self.check(name, size)
         self.used += size
+
+
+def _header_checks(archive_name: str, budget: _Budget) -> type[tarfile.TarInfo]:
+    """A TarInfo class that checks each header before tarfile acts on it.
+
+    `_proc_member` is tarfile's documented hook for a subclass; it runs once per raw header with
+    only the 512-byte header parsed, so an extended header's size is checked, and counted in the
+    archive's budget, before tarfile reads its data into memory. Sparse files are refused there
+    and in their pax forms, whose maps tarfile would otherwise read without bound.
+    """
+    chain = 0  # extended headers seen since the last member
+
+    class CheckedInfo(tarfile.TarInfo):
+        def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+            nonlocal chain
+            if self.type in EXTENDED_HEADER_TYPES:
+                chain += 1
+                if chain > MAX_EXTENDED_HEADERS_PER_MEMBER:
+                    raise UnsafeArchiveError(
+                        f"{archive_name}: more than {MAX_EXTENDED_HEADERS_PER_MEMBER} extended headers before one member"
+                    )
+                if self.size > MAX_EXTENDED_HEADER_BYTES:
+                    raise UnsafeArchiveError(
+                        f"{archive_name}: an extended (pax/GNU) header of {self.size:,} bytes; "
+                        f"at most {MAX_EXTENDED_HEADER_BYTES:,}"
+                    )
+                budget.spend(self.name or "extended header", self.size)
+            else:
+                chain = 0
+                if self.type == tarfile.GNUTYPE_SPARSE:
+                    _refuse_sparse(self)
+            return super()._proc_member(tar)
+
+        # tarfile calls these for the pax forms of GNU sparse files (0.0, 0.1 and 1.0).
+        def _proc_gnusparse_00(self, next, pax_headers, buf):
+            _refuse_sparse(next)
+
+        def _proc_gnusparse_01(self, next, pax_headers):
+            _refuse_sparse(next)
+
+        def _proc_gnusparse_10(self, next, pax_headers, tarfile):
+            _refuse_sparse(next)
+
+    return CheckedInfo
+
+
+def _refuse_sparse(member: tarfile.TarInfo) -> None:
+    raise UnsafeArchiveError(f"member {member.name!r}: sparse files are refused")
 
 
 def _write_member(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, budget: _Budget) -> None:

@@ -25,7 +25,7 @@ from tests.test_archive import make_model
 ACCOUNT = "123456789012"  # moto's default account
 REGION = "us-east-1"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/sd-studio-sagemaker"
-IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-studio-triton:25.04-py3-test"
+IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-studio-triton@sha256:{'1' * 64}"  # by digest, as up wants
 BUCKET = "sd-studio-test-bucket"
 
 

@@ -7,12 +7,15 @@ import hashlib
 import io
 import os
 import tarfile
+import tracemalloc
 from pathlib import Path
 
 import pytest
 
 from serving.archive import (
     DEFAULT_SDSERVE_DIR,
+    MAX_EXTENDED_HEADER_BYTES,
+    MAX_EXTENDED_HEADERS_PER_MEMBER,
     CorruptArchiveError,
     MissingCheckpointError,
     UnsafeArchiveError,
@@ -305,3 +308,111 @@ def test_cli_reports_missing_weights(repo, tmp_path, capsys):
     (repository / "sd_base/1/checkpoint/model_index.json").unlink()
     code = main(["--repository", str(repository), "--out", str(tmp_path / "store"), "--sdserve", str(sdserve)])
     assert code == 1 and "make tiny-models" in capsys.readouterr().out
+
+
+# --- extended (pax/GNU) headers: tarfile reads them whole, so they are checked first ---------
+
+
+def extended_header_archive(path: Path, headers: list[tuple[bytes, int]], *, last: str = "sd_base/config.pbtxt") -> Path:
+    """A .tar.gz of the given extended headers (typeflag, claimed size) before one small file.
+
+    A pax header's data is a `path` record then zeros, a GNU long name's is the name then zeros,
+    to the size claimed: zeros compress about 1,000 to 1, so 100 MB claimed is ~100 KB on disk.
+    """
+    with gzip.open(path, "wb", compresslevel=9) as out:
+        for typeflag, claimed in headers:
+            info = tarfile.TarInfo("././@PaxHeader" if typeflag in (tarfile.XHDTYPE, tarfile.XGLTYPE) else "././@LongLink")
+            info.type, info.size = typeflag, claimed
+            out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+            if typeflag in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+                data = pax_record("path", last)
+            else:
+                data = last.encode() + b"\0"
+            out.write(data)
+            remaining = claimed - len(data) + (-claimed % tarfile.BLOCKSIZE)
+            while remaining > 0:
+                out.write(b"\0" * min(remaining, 1 << 20))
+                remaining -= min(remaining, 1 << 20)
+        info = tarfile.TarInfo(last)
+        info.size = 2
+        out.write(info.tobuf(format=tarfile.USTAR_FORMAT) + b"ok".ljust(tarfile.BLOCKSIZE, b"\0"))
+        out.write(b"\0" * (2 * tarfile.BLOCKSIZE))
+    return path
+
+
+def pax_record(keyword: str, value: str) -> bytes:
+    """'<length> keyword=value\\n', the length counting its own digits."""
+    rest = f" {keyword}={value}\n".encode()
+    length = len(rest) + len(str(len(rest)))
+    length += len(str(length)) - len(str(len(rest)))
+    return str(length).encode() + rest
+
+
+EXTENDED_TYPES = [pytest.param(tarfile.XHDTYPE, id="pax"), pytest.param(tarfile.XGLTYPE, id="pax-global"),
+                  pytest.param(tarfile.GNUTYPE_LONGNAME, id="gnu-longname"),
+                  pytest.param(tarfile.GNUTYPE_LONGLINK, id="gnu-longlink")]
+
+
+@pytest.mark.parametrize("typeflag", EXTENDED_TYPES)
+def test_an_oversized_extended_header_is_refused_before_it_is_read(tmp_path, typeflag):
+    claimed = 100 * 1024 * 1024
+    bomb = extended_header_archive(tmp_path / "bomb.tar.gz", [(typeflag, claimed)])
+    assert bomb.stat().st_size < 150_000
+    cache = tmp_path / "cache"
+    tracemalloc.start()
+    try:
+        # No total limit to hide behind: the per-header limit alone refuses it.
+        with pytest.raises(UnsafeArchiveError, match=rf"bomb.tar.gz: an extended \(pax/GNU\) header of {claimed:,} bytes; "
+                                                      rf"at most {MAX_EXTENDED_HEADER_BYTES:,}"):
+            safe_extract(bomb, cache / "x", max_total_bytes=1 << 40)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The header's data was never read: far less memory than the 100 MB it claims.
+    assert peak < 8 * 1024 * 1024, f"peak {peak:,} bytes"
+    assert list(cache.iterdir()) == []
+
+
+def test_extended_headers_count_toward_the_archive_limit(tmp_path):
+    under_each_limit = MAX_EXTENDED_HEADER_BYTES - 1024
+    archive = extended_header_archive(tmp_path / "a.tar.gz", [(tarfile.XHDTYPE, under_each_limit)])
+    with pytest.raises(UnsafeArchiveError, match=r"PaxHeader.*more than 10000 bytes"):
+        safe_extract(archive, tmp_path / "cache/x", max_total_bytes=10_000)
+    dest = safe_extract(archive, tmp_path / "cache/x", max_total_bytes=under_each_limit + 2)
+    assert (dest / "sd_base/config.pbtxt").read_bytes() == b"ok"
+
+
+def test_a_chain_of_extended_headers_is_bounded(tmp_path):
+    chain = [(tarfile.XHDTYPE, 512)] * (MAX_EXTENDED_HEADERS_PER_MEMBER + 1)
+    archive = extended_header_archive(tmp_path / "chain.tar.gz", chain)
+    with pytest.raises(UnsafeArchiveError, match=f"more than {MAX_EXTENDED_HEADERS_PER_MEMBER} extended headers"):
+        safe_extract(archive, tmp_path / "cache/x", max_total_bytes=10**6)
+    allowed = extended_header_archive(tmp_path / "ok.tar.gz", chain[1:])
+    assert (safe_extract(allowed, tmp_path / "cache/y", max_total_bytes=10**6) / "sd_base/config.pbtxt").is_file()
+
+
+def test_sparse_files_are_refused(tmp_path):
+    # GNU's old sparse member ('S'), and its pax form 1.0, whose map tarfile reads without bound.
+    old = tmp_path / "old.tar.gz"
+    info = tarfile.TarInfo("sd_base/sparse")
+    info.type = tarfile.GNUTYPE_SPARSE
+    with gzip.open(old, "wb") as out:
+        out.write(info.tobuf(format=tarfile.GNU_FORMAT) + b"\0" * (2 * tarfile.BLOCKSIZE))
+    pax = tmp_path / "pax.tar.gz"
+    with tarfile.open(pax, "w:gz", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("sd_base/GNUSparseFile.0/sparse")
+        info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                            "GNU.sparse.name": "sd_base/sparse", "GNU.sparse.realsize": "4"}
+        body = b"1\n0\n4\n".ljust(tarfile.BLOCKSIZE, b"\0") + b"data"
+        info.size = len(body)
+        tar.addfile(info, io.BytesIO(body))
+    for archive in (old, pax):
+        with pytest.raises(UnsafeArchiveError, match="sparse files are refused"):
+            safe_extract(archive, tmp_path / "cache" / archive.stem, max_total_bytes=10**6)
+
+
+def test_honest_pax_headers_still_extract(tmp_path):
+    long_name = "sd_base/1/checkpoint/" + "d" * 150 + "/ünet.safetensors"  # pax: over 100 bytes, not ASCII
+    archive = craft(tmp_path / "long.tar.gz", (long_name, "file", b"weights"))
+    dest = safe_extract(archive, tmp_path / "cache/x", max_total_bytes=10**6)
+    assert (dest / long_name).read_bytes() == b"weights"

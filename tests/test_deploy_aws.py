@@ -169,11 +169,11 @@ def test_up_with_a_new_instance_count_updates_in_place(deploy, s3, sagemaker, se
 def test_up_with_a_new_image_replaces_the_model(deploy, s3, sagemaker, settings):
     deploy("up", *settings)
     (old_model,), _ = names(sagemaker)
-    code, _, _ = deploy("up", *settings, "--image-uri", IMAGE.replace("-test", "-test2"))
+    code, _, _ = deploy("up", *settings, "--image-uri", IMAGE.replace("1" * 64, "2" * 64))
     assert code == 0
     (model,), (config,) = names(sagemaker)
     assert model != old_model
-    assert sagemaker.describe_model(ModelName=model)["PrimaryContainer"]["Image"].endswith("-test2")
+    assert sagemaker.describe_model(ModelName=model)["PrimaryContainer"]["Image"].endswith("2" * 64)
     assert sagemaker.describe_endpoint(EndpointName="sd-studio")["EndpointConfigName"] == config
 
 

@@ -15,6 +15,7 @@ from deploy.config import ConfigError, DeployConfig, check_prefix, load_config
 from deploy.sagemaker_endpoint import wait_for_endpoint
 from tests.deploy_support import (
     # noqa: F401
+    ACCOUNT,
     BUCKET,
     REGION,
     ROLE,
@@ -95,6 +96,14 @@ COMPLETE = ("--region", REGION, "--bucket", BUCKET, "--role-arn", ROLE)
     pytest.param(["package", *COMPLETE, "--models", "sd_turbo"], {}, "unknown model(s) sd_turbo", id="unknown-model"),
     pytest.param(["down", "--region", REGION, "--delete-artifacts"], {}, "no S3 bucket configured",
                  id="down-artifacts-no-bucket"),
+    # Images by digest: a tag can be moved to other contents.
+    pytest.param(["up", *COMPLETE, "--image-uri", f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-studio-triton:25.04-py3-x"],
+                 {}, "--image-uri must name the image by digest", id="image-uri-by-tag"),
+    pytest.param(["package", "--image", *COMPLETE], {}, "no Triton image digest", id="base-image-without-digest"),
+    pytest.param(["package", "--image", *COMPLETE], {"SD_DEPLOY_TRITON_IMAGE_DIGEST": "sha256:abc"},
+                 "--triton-image-digest 'sha256:abc': not a digest", id="base-image-digest-malformed"),
+    pytest.param(["package", "--image", "--allow-unpinned-images", *COMPLETE],
+                 {"SD_DEPLOY_TRITON_IMAGE_DIGEST": "25.04-py3"}, "not a digest", id="malformed-even-when-unpinned-allowed"),
 ])
 def test_bad_configuration_stops_before_any_aws_call(deploy, tripwire, monkeypatch, argv, env, message):
     for name, value in env.items():
@@ -114,10 +123,29 @@ def test_missing_weights_stop_package_before_any_aws_call(deploy, tripwire, repo
 
 def test_package_image_without_docker_stops_before_any_aws_call(deploy, tripwire, repository, monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
-    code, _, err = deploy("package", "--image", *COMPLETE, "--repository", str(repository),
-                          "--aws-endpoint-url", tripwire.url)
+    code, _, err = deploy("package", "--image", *COMPLETE, "--triton-image-digest", "sha256:" + "a" * 64,
+                          "--repository", str(repository), "--aws-endpoint-url", tripwire.url)
     assert code == 1 and "needs the docker CLI" in err and "--image-uri" in err
     assert tripwire.connections == 0
+
+
+def test_unpinned_images_go_through_only_when_told(deploy, tripwire, repository, monkeypatch, tmp_path):
+    # Told, the refusal of the digest's absence goes: the next check (docker) is what stops it.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    code, _, err = deploy("package", "--image", "--allow-unpinned-images", *COMPLETE, "--repository", str(repository),
+                          "--aws-endpoint-url", tripwire.url)
+    assert code == 1 and "needs the docker CLI" in err
+    by_tag = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/sd-studio-triton:25.04-py3-x"
+    code, _, err = deploy("up", *COMPLETE, "--image-uri", by_tag, "--allow-unpinned-images",
+                          "--aws-endpoint-url", tripwire.url)
+    assert code == 1 and "must name the image by digest" not in err
+    assert tripwire.connections >= 1  # past the checks, to its first AWS call
+
+
+def test_a_refused_image_uri_is_not_repeated(deploy, tripwire):
+    code, _, err = deploy("up", *COMPLETE, "--image-uri", f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/x:latest",
+                          "--aws-endpoint-url", tripwire.url)
+    assert code == 2 and ACCOUNT not in err and "x:latest" not in err
 
 
 def test_tripwire_does_see_a_request(deploy, tripwire):

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from serving.local_endpoint import MAX_REQUEST_BYTES, EndpointSettings, LocalEndpoint
-from serving.local_endpoint.front import REQUEST_TIMEOUT_S
+from serving.local_endpoint.front import MAX_CONNECTIONS, REQUEST_TIMEOUT_S
 
 from .endpoint_support import invoke, runtime_client
 
@@ -323,6 +323,58 @@ def test_twenty_invocations_run_at_once(front):
         thread.join(TIMEOUT + 5)
     assert [a.status_code for a in answers] == [200] * calls
     assert [a.json()["i"] for a in answers] == list(range(calls))
+
+
+def test_connections_past_the_cap_get_a_quick_503_and_the_front_recovers(front):
+    cap = 4
+    endpoint = front(max_connections=cap)
+    inside, release = threading.Semaphore(0), threading.Event()
+
+    def held_invoke(name, headers, body):
+        inside.release()
+        release.wait(TIMEOUT)  # held until the refusal below has been answered
+        return 200, {"Content-Type": "application/json"}, body, "sd_base.tar.gz"
+
+    endpoint.invoke = held_invoke
+    request = (f"POST {INVOCATIONS} HTTP/1.1\r\nHost: h\r\nX-Amzn-SageMaker-Target-Model: sd_base.tar.gz\r\n"
+               f"Content-Length: 2\r\nConnection: close\r\n\r\n{{}}").encode()
+    held = [connect(endpoint) for _ in range(cap)]
+    try:
+        for sock in held:
+            sock.sendall(request)
+        for _ in range(cap):
+            assert inside.acquire(timeout=TIMEOUT), "the calls under the cap all run"
+        with connect(endpoint) as extra:
+            # Headers only: a route that read the body would wait for it until the request timeout
+            # (then 408); the refusal comes first, while every call under the cap is still held.
+            extra.sendall(request.replace(b"Content-Length: 2", b"Content-Length: 100000")[:-2])
+            status, headers, body = parse(read_until_closed(extra))
+        assert not release.is_set()
+        assert status == 503 and error_code(headers) == "ServiceUnavailable"
+        assert headers["connection"] == "close"
+        message = json.loads(body)["Message"]
+        assert f"its limit of {cap} connections open (--max-connections)" in message
+    finally:
+        release.set()
+        answers = [parse(read_until_closed(sock)) for sock in held]
+        for sock in held:
+            sock.close()
+    assert [status for status, _, _ in answers] == [200] * cap
+    # Each held connection was closed by the front before its client read the end of it, so the
+    # slots are free again: a new connection is served.
+    with connect(endpoint) as after:
+        after.sendall(request)
+        status, _, body = parse(read_until_closed(after))
+    assert (status, body) == (200, b"{}")
+
+
+def test_the_connection_cap_is_a_flag_of_at_least_one(capsys):
+    from serving.local_endpoint.__main__ import build_parser, main
+
+    assert build_parser().parse_args([]).max_connections == MAX_CONNECTIONS
+    assert build_parser().parse_args(["--max-connections", "16"]).max_connections == 16
+    assert main(["--max-connections", "0"]) == 2  # refused before anything starts
+    assert "--max-connections: at least 1; got 0." in capsys.readouterr().err
 
 
 def test_the_request_timeout_does_not_cut_a_slow_answer(front):

@@ -12,6 +12,7 @@ from serving.triton_install import TritonLaunchError
 
 from .server import (
     DEFAULT_CACHE,
+    MAX_CONNECTIONS,
     DEFAULT_LOG_DIR,
     DEFAULT_REPOSITORY,
     DEFAULT_STORE,
@@ -80,12 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compute-threads", type=int, metavar="N",
                         help="CPU threads each model computes with (default: torch's, every core); fewer "
                              "leave cores to a studio or clients on the same machine")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help=f"connections open at once; a request on one opened past this gets "
+                             f"ServiceUnavailable (503) at once and its connection is closed "
+                             f"(default {MAX_CONNECTIONS})")
     parser.add_argument("-v", "--verbose", action="store_true", help="also log /ping requests")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.max_connections < 1:
+        print(f"error: --max-connections: at least 1; got {args.max_connections}.", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         load_wait_s=args.load_wait, load_timeout_s=args.load_timeout, invoke_timeout_s=args.invoke_timeout,
         max_answer_bytes=args.max_answer_bytes,
         retry_failed_after_s=args.retry_failed_after, max_archive_gb=args.max_archive_gb,
-        log_dir=args.log_dir, compute_threads=args.compute_threads,
+        log_dir=args.log_dir, compute_threads=args.compute_threads, max_connections=args.max_connections,
         model_config_name=None if args.model_config_name.lower() == "none" else args.model_config_name)
     try:
         return serve_until_signalled(LocalEndpoint(settings))

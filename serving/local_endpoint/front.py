@@ -54,7 +54,14 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from sdserve.catalog import MAX_PAYLOAD_BYTES
 
-from .errors import EndpointError, InternalFailure, RequestTimeout, UnknownOperation, ValidationError
+from .errors import (
+    EndpointError,
+    InternalFailure,
+    RequestTimeout,
+    ServiceUnavailable,
+    UnknownOperation,
+    ValidationError,
+)
 from .triton import TARGET_HEADER
 
 
@@ -81,17 +88,27 @@ KEEP_ALIVE_S = 60  # an idle connection is closed after this; long, so pooled cl
 SHUTDOWN_GRACE_S = 5  # stop() waits this long for answers in progress, then cuts them
 LINGER_S = 2.0  # a refused request's connection: from the answer (and FIN) to closing the socket
 THREADS = 256  # blocking calls at once (a call waits up to --load-wait for its model)
+# Connections open at once, idle keep-alive ones included (--max-connections). Each can hold a
+# request body of up to 6 MB in memory and a thread waiting for its model, so without a cap one
+# client opening connections in a loop exhausts memory and threads for everyone. A connection
+# opened past it gets 503 ServiceUnavailable for its request at once (the studio retries that),
+# its body unread, and is closed. The studio sends at most 8 calls at once and botocore pools 10
+# connections a client: 64 leaves room for a few studios and a benchmark's clients.
+MAX_CONNECTIONS = 64
 SERVER_NAME = "sd-studio-local-endpoint"
 # Set in a request's ASGI scope["state"] when the protocol answered it (a 400 for a bad chunk, a
 # 408) while the route was still reading the body: the route then neither answers nor logs it.
 ANSWERED_BY_PROTOCOL = "local_endpoint.answered_by_protocol"
+# Set in scope["state"] of every request on a connection opened past the cap: the route refuses it.
+OVER_CAPACITY = "local_endpoint.over_capacity"
 
 T = TypeVar("T")
 
 
 # -- the routes ------------------------------------------------------------------------------
 
-def build_app(endpoint: LocalEndpoint, limiter: anyio.CapacityLimiter) -> Starlette:
+def build_app(endpoint: LocalEndpoint, limiter: anyio.CapacityLimiter,
+              max_connections: int = MAX_CONNECTIONS) -> Starlette:
     """The ASGI app: thin routes around ``endpoint``; blocking work runs in ``limiter``'s threads."""
 
     async def blocking(function: Callable[..., T], *args: Any) -> T:
@@ -132,11 +149,11 @@ def build_app(endpoint: LocalEndpoint, limiter: anyio.CapacityLimiter) -> Starle
 
     def route(path: str, handler: Callable[[Request], Awaitable[Response]], method: str) -> Route:
         async def answer(request: Request) -> Response:
-            return await _answer(endpoint, request, handler)
+            return await _answer(endpoint, request, handler, max_connections)
         return Route(path, answer, methods=[method])
 
     async def no_route(request: Request, _: Exception) -> Response:
-        return await _answer(endpoint, request, unknown)
+        return await _answer(endpoint, request, unknown, max_connections)
 
     return Starlette(routes=[
         route("/endpoints/{name}/invocations", invocations, "POST"),
@@ -150,14 +167,19 @@ def build_app(endpoint: LocalEndpoint, limiter: anyio.CapacityLimiter) -> Starle
 
 
 async def _answer(endpoint: LocalEndpoint, request: Request,
-                  handler: Callable[[Request], Awaitable[Response]]) -> Response:
+                  handler: Callable[[Request], Awaitable[Response]], max_connections: int) -> Response:
     """Run one route: request id, SageMaker-shaped errors, the access log line."""
     started = time.monotonic()
     request.state.target = "-"
     request.state.status = None
     request.state.body_read = False
     endpoint.requests_total += 1  # only this event loop's thread writes it
+    over_capacity = request.scope["state"].get(OVER_CAPACITY, False)
     try:
+        if over_capacity:
+            raise ServiceUnavailable(
+                f"The endpoint has its limit of {max_connections} connections open (--max-connections); "
+                f"this one is closed. Try again shortly.")
         response = await handler(request)
     except EndpointError as error:
         response = _error(error)
@@ -176,8 +198,9 @@ async def _answer(endpoint: LocalEndpoint, request: Request,
             f"The endpoint stopped before {request.state.target} answered: it is shutting down "
             f"(answers in progress get {SHUTDOWN_GRACE_S} s). Try again once it is back."))
     response.headers["x-amzn-RequestId"] = str(uuid.uuid4())
-    if not request.state.body_read and _has_body(request):
-        # Not read: close rather than let uvicorn read (and drop) the rest of it.
+    if over_capacity or (not request.state.body_read and _has_body(request)):
+        # Over the cap: free the connection. Not read: close rather than let uvicorn read (and
+        # drop) the rest of it.
         response.headers["Connection"] = "close"
     if not request.scope["state"].get(ANSWERED_BY_PROTOCOL):  # else _Protocol answered and logged it
         log_request(request.method, request.scope["raw_path"].decode("latin-1"), request.state.target,
@@ -253,6 +276,9 @@ class _Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Transport(transport, self))  # type: ignore[arg-type]
+        if len(self.connections) > self.front.max_connections:  # this one counted
+            # Requests copy app_state into their scope["state"]; the route refuses them unread.
+            self.app_state = {**self.app_state, OVER_CAPACITY: True}
         self._arm()
 
     def data_received(self, data: bytes) -> None:
@@ -405,15 +431,18 @@ class HttpFront:
     (a taken port is an OSError here, before anything slow starts)."""
 
     def __init__(self, endpoint: LocalEndpoint, host: str, port: int, *,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+                 request_timeout_s: float = REQUEST_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS) -> None:
+        if max_connections < 1:
+            raise ValueError(f"max_connections: at least 1; got {max_connections}.")
         self.socket = _listen(host, port)
         self.address: tuple[str, int] = self.socket.getsockname()[:2]
         self.request_timeout_s = request_timeout_s
+        self.max_connections = max_connections
         self.bytes_received = 0  # read from clients, all connections (refusals must read no further)
         limiter = anyio.CapacityLimiter(THREADS)
         protocol = type("FrontProtocol", (_Protocol,), {"front": self})
         config = uvicorn.Config(
-            build_app(endpoint, limiter), http=protocol, ws="none", lifespan="off", loop="asyncio",
+            build_app(endpoint, limiter, max_connections), http=protocol, ws="none", lifespan="off", loop="asyncio",
             interface="asgi3", log_config=None, access_log=False, proxy_headers=False,
             server_header=False, headers=[("Server", SERVER_NAME)], timeout_keep_alive=KEEP_ALIVE_S,
             timeout_graceful_shutdown=SHUTDOWN_GRACE_S)

@@ -26,7 +26,12 @@ from .errors import (
     answer_too_large,
     model_error,
 )
-from .front import MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, HttpFront  # noqa: F401 (MAX_REQUEST_BYTES: exported here)
+from .front import (  # noqa: F401 (MAX_REQUEST_BYTES: exported here)
+    MAX_CONNECTIONS,
+    MAX_REQUEST_BYTES,
+    REQUEST_TIMEOUT_S,
+    HttpFront,
+)
 from .registry import Limits, ModelEntry, ModelRegistry
 from .store import ModelStore, build_missing_archives, check_target, open_store
 from .triton import TARGET_HEADER, TritonBackend, TritonUnreachable
@@ -67,6 +72,7 @@ class EndpointSettings:
     compute_threads: int | None = None
     variant_name: str = "AllTraffic"
     request_timeout_s: float = REQUEST_TIMEOUT_S  # to receive a whole request; then 408 and closed
+    max_connections: int = MAX_CONNECTIONS  # open at once; past it a request gets 503 and is closed
     extra: dict[str, Any] = field(default_factory=dict)
 
     def limits(self) -> Limits:
@@ -112,7 +118,8 @@ class LocalEndpoint:
         has the model server up. start() begins with it; tests of the front use it on its own."""
         if self.front is None:
             s = self.settings
-            self.front = HttpFront(self, s.host, s.port, request_timeout_s=s.request_timeout_s).start()
+            self.front = HttpFront(self, s.host, s.port, request_timeout_s=s.request_timeout_s,
+                                   max_connections=s.max_connections).start()
         return self
 
     def start(self) -> LocalEndpoint:

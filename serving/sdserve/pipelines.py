@@ -45,12 +45,16 @@ class LoadedPipeline:
 def load_pipeline(
     model: str, checkpoint_dir: Path, device: str | torch.device = "cpu", call_budget_s: float = CALL_BUDGET_S
 ) -> LoadedPipeline:
-    """from_pretrained on a local folder: fp16 on CUDA, fp32 on the CPU."""
+    """from_pretrained on a local folder: fp16 on CUDA, fp32 on the CPU.
+
+    Safetensors only: a checkpoint comes from an archive anyone with write access to the model
+    store may have made, and a pickled `.bin` runs code when loaded, so a component that has no
+    `.safetensors` file is refused (diffusers and transformers raise OSError naming the file)."""
     device = torch.device(device)
     pipeline_class = getattr(diffusers, MODELS[model].pipeline_class)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     pipe = pipeline_class.from_pretrained(
-        checkpoint_dir, dtype=dtype, variant=checkpoint_variant(checkpoint_dir)
+        checkpoint_dir, dtype=dtype, variant=checkpoint_variant(checkpoint_dir), use_safetensors=True
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
