@@ -26,6 +26,7 @@ from gradio_client import Client
 from starlette.testclient import TestClient
 
 from serving.processes import find_free_port
+from bench.load.hostile import Strangers
 from studio import gate
 from studio.access import (
     VISITOR_COOKIE,
@@ -461,5 +462,12 @@ def test_the_studio_refuses_unsigned_uploads_and_jobs_and_serves_the_signed_in(t
         join = httpx.post(f"{studio.url}gradio_api/queue/join", json=erase_join("/tmp/x.png", 1))
         assert join.status_code == 401
         alice = Client(studio.url, auth=("alice", PASSWORD), verbose=False)
+        # `make load --hostile`'s strangers, a few of each kind: none is let in, alice still is.
+        strangers = Strangers(studio.url, designer_names=("alice",), max_requests=12, rate_per_kind=1000)
+        strangers.start().wait()
+        figures = strangers.figures()
+        assert all(sum(answers.values()) == 12 for answers in figures["answers"].values())
+        assert figures["let_in"] == {kind: 0 for kind in figures["answers"]}
+        assert figures["answers"]["logins"].get("429", 0) >= 2  # 10 a minute from one address
         with pytest.raises(Exception, match="Cannot reach"):  # signed in: it goes as far as the endpoint
             alice.predict(prompt="a house", width=64, height=64, api_name="/generate")

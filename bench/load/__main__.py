@@ -38,13 +38,15 @@ from urllib.parse import urlparse
 
 from bench.load.designers import SIZE, STEPS
 from bench.load.faults import FAULTS, fault_passed
-from bench.load.report import print_run
+from bench.load.hostile import DEFAULT_RATE_PER_KIND
+from bench.load.report import compare_hostile, print_run
 from bench.load.run import run_load, warm_up
 from bench.load.studio_tree import Studio
 from serving.archive import REPO_ROOT
 
 DEFAULT_DESIGNERS, MAX_DESIGNERS = 4, 16
 DEFAULT_SECONDS, MAX_SECONDS = 60, 3600
+MAX_HOSTILE_RATE = 1000.0
 DEFAULT_WORK_DIR = REPO_ROOT / "build" / "load-studio"
 
 
@@ -56,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     faults = parser.add_mutually_exclusive_group()
     faults.add_argument("--fault", choices=FAULTS)
     faults.add_argument("--faults", choices=["all"], help="the plain load, then each fault in turn")
+    faults.add_argument("--hostile", action="store_true",
+                        help="a studio with sign-in: the designers alone, then beside strangers who never sign "
+                             "in flooding uploads, editor layers, logins and jobs (bench/load/hostile.py)")
+    parser.add_argument("--hostile-rate", type=float, default=DEFAULT_RATE_PER_KIND, metavar="N",
+                        help=f"with --hostile: requests a second of each kind of stranger, up to {MAX_HOSTILE_RATE:.0f} "
+                             f"(default {DEFAULT_RATE_PER_KIND:.0f})")
     parser.add_argument("--studio-url", help="a studio already running on 127.0.0.1 (default: start one)")
     parser.add_argument("--work-dir", type=Path, default=DEFAULT_WORK_DIR,
                         help="the started studio's store, cache, results and logs (emptied first)")
@@ -65,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--designers must be 1 to {MAX_DESIGNERS}")
     if not 0 < args.seconds <= MAX_SECONDS:
         parser.error(f"--seconds must be more than 0 and at most {MAX_SECONDS}")
+    if not 0 < args.hostile_rate <= MAX_HOSTILE_RATE:
+        parser.error(f"--hostile-rate must be more than 0 and at most {MAX_HOSTILE_RATE:.0f}")
+    if args.hostile and args.studio_url:
+        parser.error("--hostile needs a studio this script starts (with a users file of its own)")
     if args.studio_url and urlparse(args.studio_url).hostname != "127.0.0.1":
         parser.error("--studio-url must be on 127.0.0.1: this script loads only a studio on this machine")
     names = list(FAULTS) if args.faults == "all" else [args.fault] if args.fault else []
@@ -88,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(args.work_dir, ignore_errors=True)
         args.work_dir.mkdir(parents=True)
         print(f"starting the studio and its local endpoint (tiny weights) in {args.work_dir} ...", flush=True)
-        studio = Studio(args.work_dir).start()
+        studio = Studio(args.work_dir, sign_in=args.hostile).start()
     runs = []
+    hostile_held = False
     try:
         print(f"studio {studio.url} (pid {studio.pid}); {args.designers} designers, {args.seconds:.0f} s a run, "
               f"{SIZE} px, {STEPS} steps", flush=True)
@@ -100,6 +113,12 @@ def main(argv: list[str] | None = None) -> int:
             figures = run_load(studio, designers=args.designers, seconds=args.seconds, fault=name)
             print_run(figures)
             runs.append(figures)
+        if args.hostile:
+            beside = run_load(studio, designers=args.designers, seconds=args.seconds, hostile=True,
+                              hostile_rate=args.hostile_rate)
+            print_run(beside)
+            runs.append(beside)
+            hostile_held = compare_hostile(runs[0], beside)
     except RuntimeError as error:  # a fault this studio cannot take (no local endpoint of its own)
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -110,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps(runs, indent=1))
     healthy = all(run["failed"] == 0 and run["lost"] == 0 for run in runs if "fault" not in run)
     handled = all(fault_passed(run) for run in runs if "fault" in run)
-    print(f"\nall requests of the plain load answered: {healthy}; every fault handled: {handled}")
-    return 0 if healthy and handled else 1
+    print(f"\nall requests of the plain load answered: {healthy}; every fault handled: {handled}"
+          + (f"; strangers held off: {hostile_held}" if args.hostile else ""))
+    return 0 if healthy and handled and (hostile_held or not args.hostile) else 1
 
 
 if __name__ == "__main__":

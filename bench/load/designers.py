@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,7 @@ class Designer:
             try:
                 # The designers' browsers are elsewhere in real use: files are fetched only when
                 # the next step needs them, so the harness's own work stays small.
-                self.client = designer_client(self.studio.url)
+                self.client = designer_client(self.studio.url, auth=self.studio.account(self.index))
             except Exception:  # noqa: BLE001 - the studio is not back yet
                 self.stop.wait(1.0)
         return self.client
@@ -146,8 +145,7 @@ class Designer:
 
     def fetch(self, image: dict | str, parameters: dict) -> Result:
         url = image["url"] if isinstance(image, dict) else image
-        with urllib.request.urlopen(url, timeout=60) as response:
-            data = response.read()
+        data = self.studio.read(url, self.client.cookies if self.client else None)
         local = self.folder / f"{hashlib.sha256(data).hexdigest()[:16]}.png"
         local.write_bytes(data)
         return Result(url, hashlib.sha256(data).hexdigest(), parameters, local)

@@ -9,13 +9,14 @@ import math
 import statistics
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass, field
 
+import httpx
 import psutil
 
 from bench.load.designers import JOB_WAIT_S, MODEL_TABS, RECOVERY_LIMIT_S, RESTORE, Designer, Result, Step
 from bench.load.faults import inject
+from bench.load.hostile import DEFAULT_RATE_PER_KIND, Strangers
 from bench.load.studio_tree import Studio
 
 MEMORY_SAMPLE_S = 2.0
@@ -77,8 +78,10 @@ def sample_memory(studio: Studio, memory: dict, stop: threading.Event) -> None:
 
 
 def run_load(studio: Studio, *, designers: int, seconds: float, fault: str | None = None,
-             tabs: tuple[str, ...] = MODEL_TABS) -> dict:
-    """Designers for ``seconds`` (longer when a fault needs time to recover); the run's figures."""
+             tabs: tuple[str, ...] = MODEL_TABS, hostile: bool = False,
+             hostile_rate: float = DEFAULT_RATE_PER_KIND) -> dict:
+    """Designers for ``seconds`` (longer when a fault needs time to recover), with strangers
+    flooding the studio beside them when ``hostile``; the run's figures."""
     steps: list[Step] = []
     lock, stop, sampler_stop = threading.Lock(), threading.Event(), threading.Event()
     memory: dict[str, list[tuple[float, int, int]]] = {}
@@ -88,6 +91,7 @@ def run_load(studio: Studio, *, designers: int, seconds: float, fault: str | Non
     started = time.monotonic()
     for designer in crew:
         designer.thread.start()
+    strangers = Strangers(studio.url, tuple(studio.accounts), rate_per_kind=hostile_rate).start() if hostile else None
     report: dict = {}
     try:
         if fault is not None:
@@ -102,6 +106,9 @@ def run_load(studio: Studio, *, designers: int, seconds: float, fault: str | Non
         stop.wait(max(0.0, started + seconds - time.monotonic()))
     finally:
         stop.set()
+        if strangers is not None:
+            strangers.stop()
+            report["strangers"] = strangers.figures()
         for designer in crew:
             designer.thread.join(JOB_WAIT_S + 10)
         sampler_stop.set()
@@ -109,7 +116,8 @@ def run_load(studio: Studio, *, designers: int, seconds: float, fault: str | Non
     if fault is not None:
         report["at_s"] = report.pop("at") - started
     elapsed = time.monotonic() - started
-    return Run(fault or "load", elapsed, steps, memory, report).figures()
+    name = fault or ("load with strangers" if hostile else "load")
+    return Run(name, elapsed, steps, memory, report).figures()
 
 
 def warm_up(studio: Studio, tabs: tuple[str, ...] = MODEL_TABS) -> list[Step]:
@@ -139,9 +147,9 @@ def history_check(studio: Studio, crew: list[Designer], before: dict[int, list[R
     for designer in crew:
         for result in before[designer.index]:
             try:
-                with urllib.request.urlopen(result.url, timeout=60) as response:
-                    same = hashlib.sha256(response.read()).hexdigest() == result.digest
-            except OSError as error:
+                data = studio.read(result.url, designer.client.cookies if designer.client else None)
+                same = hashlib.sha256(data).hexdigest() == result.digest
+            except (OSError, httpx.HTTPError) as error:
                 problems.append(f"designer {designer.index}: {result.url} is gone ({error})")
                 continue
             served += same

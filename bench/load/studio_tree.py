@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shlex
 import time
 from collections.abc import Iterator
@@ -14,14 +15,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import httpx
 import psutil
 
 from bench.harness import build_store
 from serving.local_endpoint.__main__ import build_parser as endpoint_parser
+from studio.access import hash_password
 from studio.process import StudioProcess
 
 ORPHAN_LIMIT_S = 60  # a killed parent's children must be gone by then (graceful stops included)
 STUB_MODEL = re.compile(r"/models/([^/]+?)-[0-9a-f]{16}/repo")  # the cache folder: the TargetModel's slug
+MAX_ACCOUNTS = 16  # designers a signed-in run can have (bench.load's MAX_DESIGNERS)
 STARTUP_TIMEOUT_S = 600  # the studio serves its page once its endpoint answers: Triton's first start
 
 
@@ -94,10 +98,18 @@ class EndpointPlaces:
 
 
 class Studio:
-    """The studio under load: started here (and started again after kill-studio), or attached."""
+    """The studio under load: started here (and started again after kill-studio), or attached.
 
-    def __init__(self, work: Path, url: str | None = None):
+    With ``sign_in`` the studio started here takes designers from a users file written for the
+    run (MAX_ACCOUNTS designers, random passwords): the designers sign in, strangers cannot."""
+
+    def __init__(self, work: Path, url: str | None = None, *, sign_in: bool = False):
         self.work = work
+        self.accounts: dict[str, str] = {}
+        if sign_in:
+            if url:
+                raise ValueError("sign_in needs a studio this tool starts (it writes the users file)")
+            self.accounts = {f"designer-{index}": secrets.token_urlsafe(16) for index in range(MAX_ACCOUNTS)}
         self.launcher: StudioProcess | None = None if url else self._launcher()
         self.url = url or self.launcher.url
         self.pid = listening_pid(urlparse(url).port) if url else None
@@ -111,8 +123,15 @@ class Studio:
             # Root reads any file whatever its mode: without these two capabilities the studio and
             # everything it starts obey file permissions, as a service account does (unreadable-store).
             wrapper = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"]
+        sign_in = []
+        if self.accounts:
+            users = self.work / "users.txt"
+            users.parent.mkdir(parents=True, exist_ok=True)
+            users.write_text("".join(f"{name}:{hash_password(password)}\n" for name, password in self.accounts.items()))
+            sign_in = ["--users-file", str(users)]
         return StudioProcess("--results-dir", str(self.work / "results"), "--jobs-per-minute", "100000",
-                             "--images-per-day", "10000000", "--local-endpoint-args", shlex.join(endpoint_args),
+                             "--work-per-day", "1000000000", "--daily-budget", "1000000000", *sign_in,
+                             "--local-endpoint-args", shlex.join(endpoint_args),
                              log=self.work / "studio.log", wrapper=wrapper, startup_timeout_s=STARTUP_TIMEOUT_S,
                              stop_timeout_s=120)
 
@@ -132,6 +151,19 @@ class Studio:
     def wait_exit(self) -> None:
         """Until the studio this tool started has exited (killed by a fault)."""
         self.launcher.process.wait()
+
+    def account(self, index: int) -> tuple[str, str] | None:
+        """The (name, password) designer ``index`` signs in with; None where nobody signs in."""
+        if not self.accounts:
+            return None
+        name = f"designer-{index % MAX_ACCOUNTS}"
+        return name, self.accounts[name]
+
+    def read(self, url: str, cookies: dict[str, str] | None = None) -> bytes:
+        """A file the studio serves (a result), fetched as the designer whose cookies these are."""
+        response = httpx.get(url, cookies=cookies, timeout=60)
+        response.raise_for_status()
+        return response.content
 
     def stop(self) -> None:
         if self.launcher is not None:
