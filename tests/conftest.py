@@ -110,6 +110,19 @@ def archive_store(model_repository, tmp_path_factory) -> Path:
     return store
 
 
+@pytest.fixture(scope="session")
+def shared_endpoint(archive_store, tmp_path_factory, artifacts_dir):
+    """A plain local endpoint on the tiny models, for the test files that only call it (no
+    settings of their own, nothing they break): started once per xdist worker, its models warm
+    for the next file, instead of a Triton and four model loads for each file."""
+    from tests.endpoint_support import start_endpoint
+
+    server = start_endpoint(archive_store, tmp_path_factory.mktemp("shared-endpoint"), artifacts_dir,
+                            "shared-endpoint")
+    yield server
+    server.stop()
+
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
     "--no-sandbox",

@@ -35,7 +35,6 @@ from .endpoint_support import (
     STEPS,
     runtime_client,
     scene,
-    start_endpoint,
 )
 from .samples import assert_same_image
 
@@ -534,10 +533,8 @@ class Recording:
 
 
 @pytest.fixture(scope="module")
-def endpoint(archive_store, tmp_path_factory, artifacts_dir):
-    server = start_endpoint(archive_store, tmp_path_factory.mktemp("client-jobs"), artifacts_dir, "client-jobs")
-    yield server
-    server.stop()
+def endpoint(shared_endpoint):
+    return shared_endpoint
 
 
 @pytest.fixture

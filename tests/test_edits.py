@@ -27,7 +27,7 @@ from studio.planning import plan_job
 from studio.runner import run_job
 from studio.tasks import TASKS, task_of
 
-from .endpoint_support import ENDPOINT_NAME, STEPS, start_endpoint
+from .endpoint_support import ENDPOINT_NAME, STEPS
 
 INPAINT = MODELS["sd_inpaint"]
 
@@ -160,10 +160,8 @@ def test_the_tabs_take_the_settings_as_controls_and_plan_with_them():
 
 
 @pytest.fixture(scope="module")
-def endpoint(archive_store, tmp_path_factory, artifacts_dir):
-    server = start_endpoint(archive_store, tmp_path_factory.mktemp("edits"), artifacts_dir, "edits")
-    yield server
-    server.stop()
+def endpoint(shared_endpoint):
+    return shared_endpoint
 
 
 @pytest.fixture(scope="module")

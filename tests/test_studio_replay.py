@@ -19,17 +19,15 @@ from studio.session import record_result
 from studio.store import ResultStore
 from studio.tasks import TASKS
 
-from .endpoint_support import ENDPOINT_NAME, STEPS, start_endpoint
+from .endpoint_support import ENDPOINT_NAME, STEPS
 
 OWNER = "designer"
 SIDE = 64
 
 
 @pytest.fixture(scope="module")
-def endpoint(archive_store, tmp_path_factory, artifacts_dir):
-    server = start_endpoint(archive_store, tmp_path_factory.mktemp("replay"), artifacts_dir, "replay")
-    yield server
-    server.stop()
+def endpoint(shared_endpoint):
+    return shared_endpoint
 
 
 class Chain:
