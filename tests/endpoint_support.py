@@ -104,11 +104,12 @@ class HeldCalls:
     """While a test runs, the in-process endpoint's calls wait on their way to Triton, in flight as
     the endpoint counts them, until `release` is set: a call exactly as long as the test needs,
     instead of a long call timed against the machine's speed (and the model's work budget, which
-    refuses a call it predicts too long on a slow or busy machine). `arrived` is set by the first."""
+    refuses a call it predicts too long on a slow or busy machine). `arrived` is set by the first.
+    `method="load"` holds the endpoint's model loads instead (each after its evictions)."""
 
-    def __init__(self, endpoint: LocalEndpoint, monkeypatch) -> None:
+    def __init__(self, endpoint: LocalEndpoint, monkeypatch, method: str = "invoke") -> None:
         self.arrived, self.release = threading.Event(), threading.Event()
-        forward = endpoint.triton.invoke
+        forward = getattr(endpoint.triton, method)
 
         def held(*args, **kwargs):
             self.arrived.set()
@@ -116,10 +117,32 @@ class HeldCalls:
                 raise TimeoutError("a held call was never released")
             return forward(*args, **kwargs)
 
-        monkeypatch.setattr(endpoint.triton, "invoke", held)
+        monkeypatch.setattr(endpoint.triton, method, held)
+
+
+# CPU time a model's process spends on a call before a test may take it as computing the call:
+# far more than an idle stub spends, far less than a 150-step call at 128 px takes.
+COMPUTING_CPU_S = 0.5
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time (user and system, all threads) process `pid` has used, from /proc/PID/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def wait_until_computing(pid: int, since: float, timeout: float = 120.0) -> None:
+    """Return once process `pid` (a model's stub) has used COMPUTING_CPU_S of CPU time more than
+    `since` (its cpu_seconds before the call was sent): the call is being computed, not only in
+    flight in the endpoint or in Triton's queue."""
+    assert wait_for(lambda: cpu_seconds(pid) - since >= COMPUTING_CPU_S, timeout=timeout, interval=0.05), (
+        f"process {pid} did not compute the call within {timeout:g} s "
+        f"({cpu_seconds(pid) - since:.2f} s of CPU since it was sent)")
 
 
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):
+    """Poll `predicate` until it is true or `timeout` has passed; its last value (the caller
+    asserts it, a hang guard: the wait ends as soon as the state is reached)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

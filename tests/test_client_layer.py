@@ -11,7 +11,6 @@ import json
 import random
 import socket
 import threading
-import time
 
 import botocore.exceptions
 import pytest
@@ -146,6 +145,19 @@ def test_the_runtime_client_never_retries_by_itself():
     assert retries["total_max_attempts"] == 1  # StudioClient.invoke does the retrying
 
 
+class RecordedEvent(threading.Event):
+    """A cancel event that records every wait on it: (the longest it would wait, whether it was set)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[tuple[float | None, bool]] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        woken = super().wait(timeout)
+        self.waits.append((timeout, woken))
+        return woken
+
+
 def test_a_cancel_stops_the_retries_of_a_call():
     class Loading:
         calls = 0
@@ -155,16 +167,17 @@ def test_a_cancel_stops_the_retries_of_a_call():
             raise botocore.exceptions.ClientError(
                 {"Error": {"Code": "ModelNotReadyException", "Message": "loading"}}, "InvokeEndpoint")
 
-    cancelled = threading.Event()
+    cancelled = RecordedEvent()
     config = EndpointConfig("sd-studio", endpoint_url="http://127.0.0.1:9", backoff_s=30)
     client = StudioClient(config, runtime=Loading())
-    started = time.monotonic()
     with pytest.raises(JobCancelled, match="while waiting to retry"):
         # The first failure's "Retrying in …" line is when the designer presses Cancel.
         client.invoke("sd_base", {"prompt": "a"}, {}, cancelled=cancelled,
                       on_status=lambda line: cancelled.set() if "Retrying" in line else None)
-    # No back-off slept through: the shortest a 30 s back-off sleeps is 15 s (x 0.5 to 1.5 jitter).
-    assert Loading.calls == 1 and time.monotonic() - started < 15
+    # No back-off slept through: the one back-off (at least 15 s: 30 s x 0.5 to 1.5 jitter) was a
+    # wait on the cancel, which the cancel ended, and no second call was sent.
+    assert Loading.calls == 1
+    assert [(backoff >= 15, woken) for backoff, woken in cancelled.waits] == [(True, True)], cancelled.waits
 
 
 def test_a_connection_closed_mid_call_is_named():

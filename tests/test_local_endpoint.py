@@ -35,6 +35,7 @@ from .endpoint_support import (
     bomb_archive,
     broken_model_archive,
     copy_archive,
+    cpu_seconds,
     evil_archive,
     files_below,
     invoke,
@@ -46,6 +47,7 @@ from .endpoint_support import (
     scene,
     start_endpoint,
     wait_for,
+    wait_until_computing,
 )
 from .samples import assert_same_image
 
@@ -391,6 +393,7 @@ def test_model_process_killed_during_a_call(endpoint, runtime, archive_store):
     target = copy_archive(archive_store, "sd_base", "crash-in-flight/sd_base.tar.gz")
     invoke(runtime, target)
     stub = endpoint.triton.stub_pids(endpoint.registry.entry(target).folder)[0]
+    idle = cpu_seconds(stub)
     outcome: dict = {}
 
     def long_call() -> None:
@@ -402,7 +405,7 @@ def test_model_process_killed_during_a_call(endpoint, runtime, archive_store):
     thread = threading.Thread(target=long_call)
     thread.start()
     assert wait_for(lambda: endpoint.registry.entry(target).in_flight == 1, timeout=10)
-    time.sleep(1.0)
+    wait_until_computing(stub, since=idle)  # killed while it computes the call
     os.kill(stub, signal.SIGKILL)
     thread.join(120)
     assert isinstance(outcome.get("error"), runtime.exceptions.ModelError), outcome
@@ -494,7 +497,7 @@ def test_an_invocation_over_the_time_limit_is_a_model_error_and_the_endpoint_goe
     started = time.monotonic()
     with pytest.raises(runtime.exceptions.ModelError) as caught:
         invoke(runtime, slow, kserve_body(num_inference_steps=150, width=128, height=128))
-    assert time.monotonic() - started < 8 + 10
+    assert time.monotonic() - started >= 8, "answered before the invocation limit ran out"
     error = caught.value.response
     assert error["OriginalStatusCode"] == 0
     assert f"Your invocation timed out while waiting for a response from model {slow}" in error["Error"]["Message"]

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import boto3
@@ -19,7 +18,14 @@ import requests
 
 from serving.processes import find_free_port, group_members
 
-from .endpoint_support import SIZE, answer_image, kserve_body, wait_for
+from .endpoint_support import (
+    SIZE,
+    answer_image,
+    cpu_seconds,
+    kserve_body,
+    wait_for,
+    wait_until_computing,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -78,11 +84,12 @@ def test_serves_boto3_logs_one_line_per_request_and_stops_triton(model_repositor
         assert models["limits"]["max_models"] == 1
         assert group_members(triton_pid)  # tritonserver and the model's stub
 
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)  # boto3's connection is open, idle in its pool
         output, _ = process.communicate(timeout=60)
         assert process.returncode == 0, output
-        assert time.monotonic() - started < 30, output  # no keep-alive connection held Triton up
+        # No keep-alive connection held the stop up: the front closed the idle one at once rather
+        # than waiting out its grace for answers in progress (uvicorn says when that ran out).
+        assert "graceful shutdown exceeded" not in output, output
         assert wait_for(lambda: group_members(triton_pid) == [], timeout=10)
     finally:
         if process.poll() is None:
@@ -142,7 +149,9 @@ def test_an_endpoint_killed_during_a_call_leaves_no_triton_behind(model_reposito
         runtime.invoke_endpoint(EndpointName="sd-studio", TargetModel="sd_base.tar.gz",
                                 ContentType="application/json", Body=kserve_body(PROMPT))
         triton_pid = requests.get(url + "/models", timeout=5).json()["triton"]["pid"]
-        assert len(group_members(triton_pid)) >= 2  # tritonserver and the model's stub
+        stubs = [pid for pid in group_members(triton_pid) if pid != triton_pid]
+        assert len(stubs) == 1, stubs  # beside tritonserver, the model's stub
+        idle = cpu_seconds(stubs[0])
         long_call = kserve_body(PROMPT, num_inference_steps=150, width=128, height=128)
         sender = subprocess.Popen(  # a call in flight when the endpoint dies
             [sys.executable, "-c", "import sys, requests; requests.post(sys.argv[1], data=sys.stdin.buffer.read(), "
@@ -151,7 +160,7 @@ def test_an_endpoint_killed_during_a_call_leaves_no_triton_behind(model_reposito
             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
         sender.stdin.write(long_call)
         sender.stdin.close()
-        time.sleep(2)
+        wait_until_computing(stubs[0], since=idle)  # the endpoint dies while the model computes the call
         process.kill()
         process.wait(timeout=30)
         assert wait_for(lambda: group_members(triton_pid) == [], timeout=60), group_members(triton_pid)

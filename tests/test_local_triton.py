@@ -229,7 +229,7 @@ def test_not_ready_in_time_is_reported(tmp_path):
     started = time.monotonic()
     with pytest.raises(TritonLaunchError, match="not ready .* within 3 s"):
         triton.start(timeout=3)
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started >= 3, "gave up before its timeout"
     assert not triton.is_running() and group_members(triton.pid) == []
 
 

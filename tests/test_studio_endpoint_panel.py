@@ -7,7 +7,6 @@ whose screenshots go to test-artifacts/.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,7 +14,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from playwright.sync_api import Page, expect
 
-from tests.endpoint_support import listing, start_endpoint, wait_for
+from tests.endpoint_support import HeldCalls, listing, start_endpoint, wait_for
 from tests.test_browser_studio import CALL_TIMEOUT_MS, generate_small, paint_a_mask, run_and_wait, set_number
 from tests.test_studio_api import launched_studio, picture
 
@@ -51,7 +50,7 @@ def states(client: Client) -> dict[str, str]:
 # --- over the named API -----------------------------------------------------------------------------
 
 
-def test_warm_up_loads_the_model_in_the_background_outside_the_quotas(studio_url, endpoint, tmp_path):
+def test_warm_up_loads_the_model_in_the_background_outside_the_quotas(studio_url, endpoint, tmp_path, monkeypatch):
     client = Client(studio_url, verbose=False)
     images, _ = client.predict(prompt="a house", seed=3, **TINY, api_name="/generate")
     assert loaded(endpoint) == {"sd_base.tar.gz"}
@@ -63,12 +62,16 @@ def test_warm_up_loads_the_model_in_the_background_outside_the_quotas(studio_url
         busy.predict(prompt="a house", seed=seed, **TINY, api_name="/generate")
     with pytest.raises(AppError, match="jobs in the last minute"):
         busy.predict(prompt="one too many", **TINY, api_name="/generate")
-    # ...still warms a model up: it is the studio's call, not a job.
-    started = time.monotonic()
-    answer = busy.predict(task="erase", api_name="/warm_up")
-    assert time.monotonic() - started < 5, "the warm-up runs in the background"
-    assert answer == "Loading sd_inpaint on the endpoint now, while you get the next step ready."
-    assert client.predict(task="erase", api_name="/warm_up") == "sd_inpaint is already being loaded."
+    # ...still warms a model up: it is the studio's call, not a job. The endpoint holds the load
+    # until the warm-up has answered: a warm-up that waited for its load would never answer.
+    held = HeldCalls(endpoint, monkeypatch, method="load")
+    try:
+        answer = busy.submit(task="erase", api_name="/warm_up").result(timeout=60)  # a hang guard
+        assert answer == "Loading sd_inpaint on the endpoint now, while you get the next step ready."
+        assert held.arrived.wait(LOAD_TIMEOUT_S), "the warm-up never asked the endpoint to load sd_inpaint"
+        assert client.predict(task="erase", api_name="/warm_up") == "sd_inpaint is already being loaded."
+    finally:
+        held.release.set()
     assert wait_for(lambda: loaded(endpoint) == {"sd_inpaint.tar.gz"}, timeout=LOAD_TIMEOUT_S), listing(endpoint)
     assert wait_for(lambda: states(client)["sd_inpaint"] == "warm", timeout=10)
     assert states(client)["sd_base"] == "cold", "the endpoint had room for one model"

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from concurrent.futures import CancelledError
 
 import pytest
@@ -112,15 +111,18 @@ def test_a_session_runs_one_job_at_a_time_and_the_next_is_told_its_place():
     first, second = scheduler.job("a"), scheduler.job("a")
     assert first.started.is_set() and not second.started.is_set()
     assert scheduler.jobs_ahead(second) == 1
-    places = []
-    waiter = threading.Thread(target=second.wait_for_turn, kwargs={"on_wait": places.append, "poll_s": 0.01})
+    places, told = [], threading.Event()
+
+    def on_wait(place: int) -> None:
+        places.append(place)
+        told.set()
+
+    waiter = threading.Thread(target=second.wait_for_turn, kwargs={"on_wait": on_wait, "poll_s": 0.01})
     waiter.start()
     first.submit(gate.call("first"))
     gate.wait_started(1)
     gate.open("first")
-    deadline = time.monotonic() + WAIT_S
-    while not places and time.monotonic() < deadline:
-        time.sleep(0.01)  # until the waiting job has been told its place once
+    assert told.wait(WAIT_S), "the waiting job was never told its place"
     with first:
         pass  # the job ends: the session's next one starts
     waiter.join(WAIT_S)
