@@ -40,6 +40,7 @@ from deploy.config import (
     check_prefix,
     check_project,
     check_region,
+    check_results_bucket,
     check_role,
     check_weights,
     load_config,
@@ -121,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     policy = command("policy", run_policy, "print an IAM policy (JSON) for this configuration's names; no AWS calls")
     policy.add_argument("principal", choices=sorted(POLICIES),
                         help="deployer: who runs python -m deploy; execution-role: the --role-arn role; "
-                             "studio: the studio's IAM user (InvokeEndpoint for the model archives only)")
+                             "studio: the studio's IAM user (InvokeEndpoint for the model archives only; "
+                             "with --results-bucket, its results under --results-prefix too)")
     policy.add_argument("--account", help="the 12-digit AWS account id to write into the ARNs (default: ACCOUNT)")
     return parser
 
@@ -242,6 +244,7 @@ def run_policy(cfg: DeployConfig, args: argparse.Namespace) -> int:
         check_region(cfg)
     if cfg.bucket:
         check_bucket(cfg)
+    check_results_bucket(cfg)
     if cfg.role_arn:
         check_role(cfg)
     if args.account is not None and not ACCOUNT_PATTERN.match(args.account):

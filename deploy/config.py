@@ -74,6 +74,12 @@ class DeployConfig:
     prefix: str | None = _setting(None, "S3 prefix of the archives, the endpoint's ModelDataUrl (default: <project>/models)",
                                   keep_blank=True)
     role_arn: str | None = _setting(None, "SageMaker execution role ARN (S3 read on the prefix, ECR pull, logs)")
+    results_bucket: str | None = _setting(
+        None, "S3 bucket the studio keeps results in (its --results-bucket); with it, `policy studio` allows the "
+              "studio's reads and writes under the results prefix")
+    # keep_blank: as for `prefix`, an empty one would be the bucket's root.
+    results_prefix: str | None = _setting(
+        None, "S3 prefix of the studio's results (its --results-prefix; default: <project>/results)", keep_blank=True)
     # The types offered, with their prices, are sdserve.instances' table (the studio prices images with it).
     instance_type: str = _setting(DEFAULT_INSTANCE_TYPE, "endpoint instance type, one of " + ", ".join(INSTANCE_TYPES)
                                   + " (a GPU family for the KIND_GPU configs)")
@@ -108,6 +114,10 @@ class DeployConfig:
     def s3_prefix(self) -> str:
         # One trailing "/" is tolerated ("a/b/" is "a/b"); anything else odd is refused by check_prefix.
         return f"{self.project}/models" if self.prefix is None else self.prefix.removesuffix("/")
+
+    @property
+    def s3_results_prefix(self) -> str:
+        return f"{self.project}/results" if self.results_prefix is None else self.results_prefix.strip("/")
 
     @property
     def model_data_url(self) -> str:
@@ -329,14 +339,19 @@ def prefix_problem(prefix: str) -> str | None:
 
 
 def check_prefix(cfg: DeployConfig) -> None:
-    if cfg.prefix is None:
-        return  # the default, <project>/models, is valid when the project is
-    problem = prefix_problem(cfg.prefix)
-    if problem:
-        raise ConfigError(
-            f"{flag('prefix')} {cfg.prefix!r} (also ${env_var('prefix')}, prefix in deploy.toml): {problem}; "
-            f"the S3 prefix must be {PREFIX_RULE}, e.g. {cfg.project}/models"
-        )
+    # The defaults, <project>/models and <project>/results, are valid when the project is.
+    for name, value, example in (("prefix", cfg.prefix, "models"), ("results_prefix", cfg.results_prefix, "results")):
+        problem = None if value is None else prefix_problem(value)
+        if problem:
+            raise ConfigError(
+                f"{flag(name)} {value!r} (also ${env_var(name)}, {name} in deploy.toml): {problem}; "
+                f"the S3 prefix must be {PREFIX_RULE}, e.g. {cfg.project}/{example}"
+            )
+
+
+def check_results_bucket(cfg: DeployConfig) -> None:
+    if cfg.results_bucket is not None and not BUCKET_PATTERN.match(cfg.results_bucket):
+        raise ConfigError(f"{flag('results_bucket')}: {cfg.results_bucket!r} is not a valid S3 bucket name")
 
 
 def check_role(cfg: DeployConfig) -> None:

@@ -4,7 +4,8 @@
   the names they give;
 * execution-role: the SageMaker execution role (`--role-arn`) the endpoint's containers run as;
 * studio: the studio's IAM user (a Hugging Face Space's secrets): InvokeEndpoint on this endpoint,
-  for this configuration's model archives only.
+  for this configuration's model archives only; with `--results-bucket`, the calls its results
+  store makes (studio/blobs.py) on that bucket, under `--results-prefix` only.
 
 The names come from the same `DeployConfig` properties the commands use, so a policy follows
 `--project`, `--prefix` and `--models`. What the configuration does not know is a placeholder:
@@ -171,9 +172,19 @@ def studio_policy(cfg: DeployConfig, account: str | None = None) -> Policy:
     refused too.
     """
     arn = arns(cfg, account)
+    invoke = allow("InvokeStudioModels", "sagemaker:InvokeEndpoint",
+                   arn.regional("sagemaker", f"endpoint/{cfg.endpoint_name}"),
+                   {"StringEquals": {"sagemaker:TargetModel": [archive_name(model) for model in cfg.models]}})
+    if not cfg.results_bucket:
+        return document(invoke)
+    bucket, prefix = cfg.results_bucket, cfg.s3_results_prefix
     return document(
-        allow("InvokeStudioModels", "sagemaker:InvokeEndpoint", arn.regional("sagemaker", f"endpoint/{cfg.endpoint_name}"),
-              {"StringEquals": {"sagemaker:TargetModel": [archive_name(model) for model in cfg.models]}}),
+        invoke,
+        # The results store (studio --results-bucket): images, owners' markers and its keys, all
+        # under the prefix. PutObject with If-None-Match (the keys made once) needs nothing more.
+        allow("StudioResults", ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"], arn.s3(bucket, f"{prefix}/*")),
+        # Its listings (the start's, and one-key listings in place of HeadObject) name the prefix.
+        allow("ListStudioResults", "s3:ListBucket", arn.s3(bucket), {"StringLike": {"s3:prefix": f"{prefix}/*"}}),
     )
 
 

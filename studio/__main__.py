@@ -5,12 +5,18 @@
     python -m studio --endpoint-name NAME --region REGION   # a SageMaker endpoint
 
 Each flag has an environment variable (STUDIO_ENDPOINT_URL, STUDIO_ENDPOINT_NAME, AWS_REGION,
-STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_MIN_FREE_DISK_MB,
+STUDIO_LOCAL_ENDPOINT_ARGS, GRADIO_SERVER_NAME, GRADIO_SERVER_PORT, STUDIO_RESULTS_DIR, STUDIO_RESULTS_BUCKET,
+STUDIO_RESULTS_PREFIX, STUDIO_RESULTS_CACHE_MB, STUDIO_MIN_FREE_DISK_MB,
 STUDIO_USERS_FILE, STUDIO_ALLOW, STUDIO_INSTANCE_TYPE, STUDIO_PRICE_PER_HOUR, and the quotas'
 STUDIO_JOBS_AT_ONCE, STUDIO_JOBS_PER_MINUTE, STUDIO_WORK_PER_DAY and STUDIO_DAILY_BUDGET, see
 studio/quotas.py), which is how a container or a Hugging Face Space sets them. AWS
-credentials come from boto3's usual chain. Beyond 127.0.0.1 the studio needs a
-sign-in (see studio/access.py) or --public-without-login.
+credentials come from boto3's usual chain (and an S3 endpoint other than AWS's from
+AWS_ENDPOINT_URL_S3). Beyond 127.0.0.1 the studio needs a sign-in (see studio/access.py) or
+--public-without-login.
+
+Results are kept in --results-dir, or with --results-bucket in S3 (studio/bucket_store.py: they
+survive a restart on any machine, and studios on one bucket serve each other's), --results-dir
+then holding local copies only.
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 
 from studio.access import choose_access, visitor_key_beside
 from studio.app import build_app
+from studio.blobs import BlobError, Bucket, bucket_problem, prefix_problem
+from studio.bucket_store import (
+    DEFAULT_MAX_CACHE_BYTES,
+    HISTORY_SECRET,
+    VISITOR_KEY,
+    BucketResultStore,
+    shared_secret,
+)
 from studio.client import StudioClient
 from studio.endpoint_launcher import (
     LocalEndpointProcess,
@@ -43,6 +57,9 @@ from studio.session import MAX_UPLOAD_BYTES
 from studio.store import DEFAULT_MIN_FREE_BYTES, ResultStore
 
 DEFAULT_RESULTS_DIR = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sd-studio" / "results"
+# The results' prefix in the bucket: what `python -m deploy policy studio` allows by default
+# (<project>/results, the project being sd-studio).
+DEFAULT_RESULTS_PREFIX = "sd-studio/results"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,7 +83,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(env.get("GRADIO_SERVER_PORT", 7860)))
     parser.add_argument(
         "--results-dir", type=Path, default=Path(env.get("STUDIO_RESULTS_DIR") or DEFAULT_RESULTS_DIR),
-        help="where result images are kept",
+        help="where result images are kept (with --results-bucket: their local copies, which Gradio serves)",
+    )
+    parser.add_argument(
+        "--results-bucket", default=env.get("STUDIO_RESULTS_BUCKET") or None, metavar="BUCKET",
+        help="keep results in this S3 bucket, under --results-prefix: they survive a restart, on any machine "
+             "(STUDIO_RESULTS_BUCKET; default: none, results stay in --results-dir)",
+    )
+    parser.add_argument(
+        "--results-prefix", default=env.get("STUDIO_RESULTS_PREFIX") or DEFAULT_RESULTS_PREFIX, metavar="PREFIX",
+        help=f"with --results-bucket: the key prefix results go under (STUDIO_RESULTS_PREFIX; "
+             f"default {DEFAULT_RESULTS_PREFIX})",
+    )
+    parser.add_argument(
+        "--results-cache-mb", type=int, metavar="MB",
+        default=int(env.get("STUDIO_RESULTS_CACHE_MB") or DEFAULT_MAX_CACHE_BYTES // 2**20),
+        help="with --results-bucket: the most the local copies in --results-dir take "
+             f"(STUDIO_RESULTS_CACHE_MB; default {DEFAULT_MAX_CACHE_BYTES // 2**20})",
     )
     parser.add_argument(
         "--min-free-disk-mb", type=int, metavar="MB",
@@ -110,6 +143,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.access = choose_access(args.host, args.users_file, args.public_without_login, allow=args.allow)
     except (ValueError, OSError) as error:
         parser.error(str(error))
+    if args.results_bucket:
+        problem = bucket_problem(args.results_bucket) or prefix_problem(args.results_prefix.strip("/"))
+        if problem:
+            parser.error(f"--results-bucket/--results-prefix: {problem}")
+        if args.results_cache_mb < 1:
+            parser.error(f"--results-cache-mb: at least 1; got {args.results_cache_mb}")
     if args.endpoint_url and args.endpoint_name:
         parser.error("give either --endpoint-url (local) or --endpoint-name (SageMaker), not both")
     if not (args.endpoint_url or args.endpoint_name or own_endpoint_available()):
@@ -125,7 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # SIGTERM (docker stop, a test ending) unwinds like Ctrl+C, so the local endpoint is stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    store = ResultStore(args.results_dir, min_free_bytes=args.min_free_disk_mb * 2**20)
+    try:
+        store, visitor_key, history_secret = open_store(args)
+    except (BlobError, ValueError) as error:
+        sys.exit(f"python -m studio: the results store: {error}")
     with contextlib.ExitStack() as stack:
         tiny_weights = False
         listing_url = None  # AWS has none: the panel judges from the studio's own calls
@@ -144,9 +186,9 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
         if args.access.notice:
             logging.getLogger("studio").warning("%s", args.access.notice)
-        args.access = args.access.with_visitor_key(visitor_key_beside(store.root))
+        args.access = args.access.with_visitor_key(visitor_key)
         demo = build_app(
-            client_factory, store=store, tiny_weights=tiny_weights, history_secret=_history_secret(store.root),
+            client_factory, store=store, tiny_weights=tiny_weights, history_secret=history_secret,
             access=args.access, quotas=args.quotas,
             watch=EndpointWatch(args.pricing, listing_url=listing_url),
         )
@@ -158,6 +200,18 @@ def main(argv: list[str] | None = None) -> None:
             # results made for their owner, ResultStore.link).
             max_file_size=MAX_UPLOAD_BYTES, blocked_paths=[str(store.root)],
         )
+
+
+def open_store(args: argparse.Namespace) -> tuple[ResultStore, bytes, str]:
+    """(the results store, the visitor cookies' key, BrowserState's key): kept beside the results
+    folder, or with a results bucket in it, so that every history survives a restart elsewhere."""
+    limits = {"min_free_bytes": args.min_free_disk_mb * 2**20}
+    if not args.results_bucket:
+        store = ResultStore(args.results_dir, **limits)
+        return store, visitor_key_beside(store.root), _history_secret(store.root)
+    bucket = Bucket(args.results_bucket, args.results_prefix, region=args.region)
+    store = BucketResultStore(bucket, args.results_dir, max_cache_bytes=args.results_cache_mb * 2**20, **limits)
+    return store, shared_secret(bucket, VISITOR_KEY), shared_secret(bucket, HISTORY_SECRET).hex()
 
 
 def _history_secret(results_dir: Path) -> str:

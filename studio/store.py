@@ -38,7 +38,10 @@ New jobs are refused while the results folder's disk has less than `min_free_byt
 (`check_room`), so a full disk never fails jobs half-way.
 
 The bookkeeping is kept in memory as well (read from the marker files at start), so one studio
-process owns a results folder.
+process owns a results folder. studio/bucket_store.py keeps the same store on S3 (results that
+survive a restart, for several studios at once): it replaces the few methods below that touch
+the disk (`_source`, `_write`, `_mark`, `_unmark`, `_remove_image`, `_load`, and the hooks
+around a save), and the bookkeeping, quotas, pruning and links are this module's.
 """
 
 from __future__ import annotations
@@ -144,13 +147,16 @@ class ResultStore:
         """Whether `owner` keeps the image `result_id` (False for a malformed id)."""
         if not isinstance(result_id, str) or not ID_PATTERN.fullmatch(result_id):
             return False
+        key = owner_key(owner)
         with self._lock:
-            return owner_key(owner) in self._keepers.get(result_id, ())
+            if key in self._keepers.get(result_id, ()):
+                return True
+        return self._kept_elsewhere(key, result_id)
 
     def path(self, result_id: object, *, owner: str = DEFAULT_OWNER) -> Path | None:
         """The file behind an id `owner` keeps; None for an unknown or malformed id, or one
         `owner` does not keep. For the studio's own use: what the page shows is `link`."""
-        return self._file(result_id) if self.keeps(result_id, owner=owner) else None
+        return self._source(result_id) if self.keeps(result_id, owner=owner) else None
 
     def open(self, result_id: object, *, owner: str = DEFAULT_OWNER) -> Image.Image | None:
         path = self.path(result_id, owner=owner)
@@ -170,6 +176,7 @@ class ResultStore:
             return (len(kept.items), kept.bytes) if kept else (0, 0)
 
     def _file(self, result_id: object) -> Path | None:
+        """The image's file in the folder, if it is there."""
         if not isinstance(result_id, str) or not ID_PATTERN.fullmatch(result_id):
             return None
         try:
@@ -177,6 +184,41 @@ class ResultStore:
         except OSError:
             return None
         return files[0] if files else None
+
+    # --- what a store on other storage replaces (studio/bucket_store.py) -----------------------------
+
+    def _source(self, result_id: str) -> Path | None:
+        """A file on this disk with the image, to read or link (called without the lock)."""
+        return self._file(result_id)
+
+    def _kept_elsewhere(self, key: str, result_id: str) -> bool:
+        """Whether an owner this process does not know of keeping the image does (another
+        studio on shared storage); here, the folder's bookkeeping is all there is."""
+        return False
+
+    def _publish(self, result_id: str, png: bytes, name: str) -> None:
+        """Before a save takes the lock: nothing here."""
+
+    def _confirm(self, result_id: str, png: bytes, name: str) -> None:
+        """After a save let go of the lock: nothing here."""
+
+    def _mark(self, key: str, result_id: str) -> int:
+        """Record on the disk that `key` keeps `result_id` (again: then it is their newest); when (ns)."""
+        marker = self.root / OWNERS_DIR / key / result_id
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        return marker.stat().st_mtime_ns
+
+    def _unmark(self, key: str, result_id: str, saved: int) -> None:
+        """`key` no longer keeps `result_id`, which they saved at `saved` (ns)."""
+        (self.root / OWNERS_DIR / key / result_id).unlink(missing_ok=True)
+
+    def _owner_gone(self, key: str) -> None:
+        _remove_if_empty(self.root / OWNERS_DIR / key)
+
+    def _remove_image(self, result_id: str) -> None:
+        """The image goes: no owner of this process keeps it (called with the lock)."""
+        shutil.rmtree(self.root / result_id, ignore_errors=True)
 
     # --- serving: owner-keyed links -----------------------------------------------------------------
 
@@ -197,18 +239,27 @@ class ResultStore:
         if not self.keeps(result_id, owner=owner):
             return None
         key = owner_key(owner)
+        folder = self.links_dir / result_id / signing.link_token(self.key, key, result_id)
         with self._lock:
-            source = self._file(result_id) if key in self._keepers.get(result_id, ()) else None  # still kept
-            if source is None:
+            if key not in self._keepers.get(result_id, ()):  # let go meanwhile
                 return None
-            target = self.links_dir / result_id / signing.link_token(self.key, key, result_id) / source.name
-            try:
-                if target.is_file():
+            for target in _pngs(folder):
+                try:
                     stat = target.stat()
                     os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # sets ctime, keeps mtime
-                else:
-                    _link_or_copy(source, target)
-            except OSError:
+                    return target
+                except OSError:
+                    break
+        source = self._source(result_id)  # outside the lock: on other storage, a download
+        if source is None:
+            return None
+        with self._lock:
+            if key not in self._keepers.get(result_id, ()):
+                return None
+            target = folder / source.name
+            try:
+                _link_or_copy(source, target)
+            except OSError:  # the source went meanwhile (let go, or a cached copy cleaned)
                 return None
             return target
 
@@ -252,12 +303,14 @@ class ResultStore:
             )
         result_id = hashlib.sha256(png).hexdigest()[:32]
         key = owner_key(owner)
+        self._publish(result_id, png, name)
         with self._lock:
             if self._file(result_id) is None:
                 self._write(result_id, png, name)
             self._keep(key, result_id, len(png))
             self._prune(key, keep=result_id)
             self._prune_folder(keep=result_id)
+        self._confirm(result_id, png, name)
         return result_id
 
     def _write(self, result_id: str, png: bytes, name: str) -> None:
@@ -271,16 +324,14 @@ class ResultStore:
             raise
 
     def _keep(self, key: str, result_id: str, size: int) -> None:
-        marker = self.root / OWNERS_DIR / key / result_id
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
+        saved = self._mark(key, result_id)  # first: a failed write records nothing
         kept = self._owners.setdefault(key, _Owner())
         if result_id in kept.items:
             del kept.items[result_id]  # saved again: now the newest
         else:
             kept.bytes += self._add(result_id, size)
             self._keepers.setdefault(result_id, set()).add(key)
-        kept.items[result_id] = marker.stat().st_mtime_ns
+        kept.items[result_id] = saved
 
     def _add(self, result_id: str, size: int) -> int:
         if result_id not in self._sizes:
@@ -319,20 +370,20 @@ class ResultStore:
     def _let_go(self, key: str, result_id: str) -> None:
         """`key` no longer keeps `result_id` (nor its link to it); the image goes when nobody does."""
         kept = self._owners[key]
-        del kept.items[result_id]
+        saved = kept.items.pop(result_id)
         kept.bytes -= self._sizes.get(result_id, 0)
-        (self.root / OWNERS_DIR / key / result_id).unlink(missing_ok=True)
+        self._unmark(key, result_id, saved)
         shutil.rmtree(self.links_dir / result_id / signing.link_token(self.key, key, result_id), ignore_errors=True)
         keepers = self._keepers.get(result_id, set())
         keepers.discard(key)
         if not keepers:
             self._keepers.pop(result_id, None)
             self._total_bytes -= self._sizes.pop(result_id, 0)
-            shutil.rmtree(self.root / result_id, ignore_errors=True)
+            self._remove_image(result_id)
             _remove_if_empty(self.links_dir / result_id)
         if not kept.items:
             del self._owners[key]
-            _remove_if_empty(self.root / OWNERS_DIR / key)
+            self._owner_gone(key)
 
     def _load(self) -> None:
         """The bookkeeping from the marker files; images without one are UNOWNED's, oldest first."""
@@ -386,6 +437,13 @@ def _link_or_copy(source: Path, target: Path) -> None:
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
+
+
+def _pngs(folder: Path) -> list[Path]:
+    try:
+        return sorted(path for path in folder.iterdir() if path.suffix == ".png" and not path.name.startswith("."))
+    except OSError:
+        return []
 
 
 def _gigabytes(size: int) -> str:

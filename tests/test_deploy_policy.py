@@ -124,3 +124,38 @@ def test_policy_sends_nothing_and_checks_its_account(deploy, tripwire):
     assert code == 2 and "12-digit" in err
     code, _, err = deploy("policy", "deployer", "--prefix", "a/../b")
     assert code == 2 and "--prefix" in err
+
+
+RESULTS_BUCKET = "sd-studio-results"
+
+
+def test_the_studio_may_keep_results_only_under_its_prefix_and_only_when_given_a_bucket(deploy, clean_env):
+    """`--results-bucket` (the studio's S3 results store, studio/bucket_store.py) adds exactly the
+    calls that store makes, on that bucket and prefix; without it the policy is InvokeEndpoint alone."""
+    assert [statement["Sid"] for statement in policy(deploy, "studio")["Statement"]] == ["InvokeStudioModels"]
+    found = statements(policy(deploy, "studio", "--results-bucket", RESULTS_BUCKET, "--region", "cn-north-1"))
+    assert set(found) == {"InvokeStudioModels", "StudioResults", "ListStudioResults"}
+    objects, listing = found["StudioResults"], found["ListStudioResults"]
+    assert sorted(objects["Action"]) == ["s3:DeleteObject", "s3:GetObject", "s3:PutObject"]
+    assert objects["Resource"] == f"arn:aws-cn:s3:::{RESULTS_BUCKET}/sd-studio/results/*" and "Condition" not in objects
+    assert listing["Action"] == "s3:ListBucket" and listing["Resource"] == f"arn:aws-cn:s3:::{RESULTS_BUCKET}"
+    assert listing["Condition"] == {"StringLike": {"s3:prefix": "sd-studio/results/*"}}
+    other = statements(policy(deploy, "studio", "--results-bucket", RESULTS_BUCKET, "--project", "team-a",
+                              "--results-prefix", "shared/team-a-results/"))
+    assert other["StudioResults"]["Resource"] == f"arn:aws:s3:::{RESULTS_BUCKET}/shared/team-a-results/*"
+    assert other["ListStudioResults"]["Condition"] == {"StringLike": {"s3:prefix": "shared/team-a-results/*"}}
+
+
+@pytest.mark.parametrize("setting", [("--results-prefix", "a/../b"), ("--results-prefix", ""),
+                                     ("--results-bucket", "Not_A_Bucket")])
+def test_a_bad_results_bucket_or_prefix_is_refused(deploy, clean_env, setting):
+    code, _, err = deploy("policy", "studio", "--results-bucket", RESULTS_BUCKET, *setting)
+    assert code == 2 and setting[0] in err
+
+
+def test_the_deploy_doc_shows_the_results_statements(deploy, clean_env):
+    text = POLICY_DOC.read_text()
+    section = text[text.index("With `--results-bucket BUCKET`"):]
+    block = section[section.index("```json\n") + len("```json\n"):]
+    shown = json.loads(block[:block.index("```")].replace("arn:aws:s3:::BUCKET", f"arn:aws:s3:::{RESULTS_BUCKET}"))
+    assert shown == policy(deploy, "studio", "--results-bucket", RESULTS_BUCKET)["Statement"][1:]
