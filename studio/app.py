@@ -9,14 +9,22 @@ in the designer's turn (studio/scheduler.py, the endpoint shared fairly), sends 
 client (studio/runner.py, studio/client.py) while streaming their status (studio/status.py),
 records each image once as it arrives (studio/session.py) and shows it in the tab and the history.
 The named API endpoints (`Handlers.api`) take the same path without the page.
+
+Each result records the result it was made from (its "parent", studio/session.py): the one whose
+image was put into the tab (Send to, a history entry restored: the tab's `sent` state) when the
+job's input is still that image, pixel for pixel; the one varied (Vary); none otherwise. The
+history shows the chains; "Export" downloads a chain or the session as a zip and dropping one (or
+the `/import` API) brings it back, as the importer's (studio/exchange.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,24 +33,37 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 from sdserve.catalog import MAX_BATCH_SIZE
+from sdserve.files import atomic_file
 from sdserve.params import random_seed
 
+from studio import signing
 from studio.access import Access
 from studio.client import StudioClient
 from studio.endpoint_watch import EndpointWatch, WarmUps, describe_endpoint
 from studio.errors import PartialJobError, StudioError
+from studio.exchange import (
+    MAX_MANIFEST_BYTES,
+    Limits,
+    export_zip,
+    import_entries,
+    lineage,
+    read_zip,
+)
 from studio.masks import editor_value, mask_from_editor
 from studio.planning import JobPlan, plan_job
 from studio.quotas import QuotaBook, Quotas
 from studio.runner import job_events, run_job
 from studio.scheduler import FairScheduler, Job
 from studio.session import (
+    MAX_UPLOAD_BYTES,
     Entry,
     add_to_history,
     before_after,
+    chains_markdown,
     download_path,
     effective_seed,
     gallery_items,
+    history_items,
     keep_inputs,
     record_result,
     restore_from_png,
@@ -50,6 +71,7 @@ from studio.session import (
     restored_values,
     result_image,
     shows_tiny_weights,
+    signed_entry,
     valid_history,
     vary_values,
     with_inputs,
@@ -79,6 +101,24 @@ TINY_WEIGHTS_BANNER = (
 TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10, "work_side": 128}
 TINY_WEIGHTS_START_NOTE = " The studio starts at 128 px and 10 steps, which a CPU makes in seconds."
 ENDPOINT_PANEL_REFRESH_S = 5  # the endpoint panel also refreshes when a job or a Send to ends
+# An import through the page is one upload: at most Gradio's max_file_size (MAX_UPLOAD_BYTES, set
+# in __main__), and an export's PNGs are stored as they are, so it unpacks to at most that and its
+# manifest (deflated). The named API takes the same.
+IMPORT_LIMITS = Limits(zip_bytes=MAX_UPLOAD_BYTES, total_bytes=MAX_UPLOAD_BYTES + MAX_MANIFEST_BYTES)
+EXPORT_FILE = {"session": "sd-studio-session.zip", "chain": "sd-studio-chain.zip"}
+# An export or import sends nothing to the endpoint but is a job of the studio's own (CPU, memory,
+# disk): each counts in the designer's jobs a minute, charged as the smallest job (MIN_JOB_WORK).
+EXCHANGE_WORK = 0.0
+# Downloads the zip an export has just put into the page's download button: one click exports.
+DOWNLOAD_EXPORT = """(file) => {
+    if (!file || !file.url) return;
+    const link = document.createElement("a");
+    link.href = file.url;
+    link.download = file.orig_name || "sd-studio-export.zip";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+}"""
 
 
 @dataclass
@@ -95,6 +135,14 @@ class Page:
     png_drop: gr.File
     endpoint_panel: gr.Markdown | None = None
     endpoint_timer: gr.Timer | None = None
+    history_chains: gr.Markdown | None = None  # the history's chains as a tree
+    export_session: gr.Button | None = None
+    export_download: gr.DownloadButton | None = None  # the zip an export made, downloaded at once
+    zip_drop: gr.File | None = None  # an export dropped here is imported
+
+    @property
+    def history_outputs(self) -> list:
+        return [self.history, self.history_gallery, *([self.history_chains] if self.history_chains else [])]
 
     @property
     def restore_outputs(self) -> list:
@@ -113,6 +161,8 @@ class Handlers:
         self.access, self.quotas = access, quotas
         self.watch = watch or EndpointWatch()
         self.warm_ups = WarmUps(self.watch, lambda model: self.client().warm_up(model))
+        self._exports: dict[str, Path] = {}  # each designer's latest export: one zip a designer on disk
+        self._exports_lock = threading.Lock()
 
     def admit(self, task: Task, request: gr.Request | None, values: dict, image=None,
               mask=None) -> tuple[str, JobInputs, JobPlan, Job]:
@@ -138,6 +188,26 @@ class Handlers:
             return self.access.designer(request)
         except StudioError as error:
             raise gr.Error(str(error), print_exception=False) from None
+
+    def show_history_entries(self, entries: list[Entry], owner: str) -> dict:
+        """The history (a valid one, `owner`'s) as the page shows it: kept in the browser, in the
+        gallery with numbered captions naming each result's parent, and as a tree of its chains."""
+        page = self.page
+        return {page.history: entries, page.history_gallery: history_items(entries, self.store, owner=owner),
+                **({page.history_chains: chains_markdown(entries)} if page.history_chains is not None else {})}
+
+    def parent_of(self, task: Task, made_from: Any, image: Image.Image | None, owner: str) -> str | None:
+        """The result a job of `task` is made from: `made_from` (the tab's `sent` id, or what Vary
+        varied) when `owner` keeps it and, for a tab that takes an image, the job's image is its
+        image pixel for pixel (another image put into the tab since is no child of it); else None."""
+        if not self.store.keeps(made_from, owner=owner):
+            return None
+        if not task.takes_image:
+            return made_from
+        sent = self.store.open(made_from, owner=owner)
+        if image is None or sent is None or sent.size != image.size:
+            return None
+        return made_from if sent.convert("RGB").tobytes() == image.convert("RGB").tobytes() else None
 
     def show_results(self, panel: TaskPanel, entries: list[Entry], owner: str) -> dict:
         return {panel.gallery: gallery_items(entries, self.store, owner=owner), panel.results: entries,
@@ -168,6 +238,8 @@ class Handlers:
             if "mask" in inputs and source[panel.mask_preview] is None:
                 message += " Paint the mask again: the editor shows masks only on 512×512 images."
             updates.update(source)
+            # The tab holds the entry's input again: made again from it, a result is the entry's sibling.
+            updates[panel.sent] = entry.get("parent")
         return {page.tabs: gr.Tabs(selected=panel.task.name), page.status: message, **updates,
                 **self.show_results(panel, [entry], owner)}
 
@@ -175,12 +247,13 @@ class Handlers:
         """A tab's button: the job in the session's turn, its status streamed, its result shown."""
         task, page = panel.task, self.page
 
-        def run(history_entries: list, source: Any = None, request: gr.Request = None, **values: Any):
+        def run(history_entries: list, source: Any = None, request: gr.Request = None, *, made_from: Any = None,
+                **values: Any):
             made: dict[int, list[Entry]] = {}  # each image's entries, recorded once, as its call answers
             shown = [0]
 
             def record(index: int, one: Any) -> None:
-                made[index] = record_result(self.store, task, one, owner=designer)
+                made[index] = record_result(self.store, task, one, owner=designer, parent=parent)
 
             def present(line: str) -> dict:
                 update = {page.status: line}
@@ -193,6 +266,7 @@ class Handlers:
             try:
                 image, mask = _source_images(task, source)
                 designer, inputs, plan, job = self.admit(task, request, values, image, mask)
+                parent = self.parent_of(task, made_from, inputs.image, designer)
                 with job:
                     events = job_events(self.client(), plan, submit=job.submit, cancelled=job.cancelled, tick_s=TICK_S)
                     result = yield from with_status(
@@ -217,8 +291,7 @@ class Handlers:
                 gr.Warning(problem)
             yield {
                 page.status: f"**Partly done:** {done} {problem}" if problem else f"**Done:** {done}",
-                page.history: history_entries,
-                page.history_gallery: gallery_items(history_entries, self.store, owner=designer),
+                **self.show_history_entries(history_entries, designer),
                 page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
                 **self.show_results(panel, entries, designer),
             }
@@ -235,7 +308,8 @@ class Handlers:
                 raise gr.Error("Nothing to vary yet: make or pick a result first.", print_exception=False)
             varied = vary_values(panel.task, entry["parameters"], random_seed)
             yield {panel.controls[name]: value for name, value in varied.items()}
-            yield from run(history_entries, request=request, **{**values, **varied})
+            # A variation is made from the result it varies (an image tab's would be checked against its input).
+            yield from run(history_entries, request=request, made_from=entry.get("id"), **{**values, **varied})
 
         return vary
 
@@ -278,6 +352,7 @@ class Handlers:
                 self.page.status: f"Sent to {target.task.title}. {loading}",
                 target.controls["prompt"]: entry["parameters"].get("prompt", ""),
                 **_source_update(target, image),
+                target.sent: entry["id"],  # what the tab makes from this image is this result's child
             }
 
         return send
@@ -338,13 +413,117 @@ class Handlers:
         try:
             owner = self.access.designer(request)
         except StudioError:
-            return {self.page.history: gr.skip(), self.page.history_gallery: [], self.page.banner: gr.skip()}
+            return {self.page.history: gr.skip(), self.page.history_gallery: [], self.page.banner: gr.skip(),
+                    **({self.page.history_chains: ""} if self.page.history_chains is not None else {})}
         entries = valid_history(history_entries, self.store, owner=owner)
         return {
-            self.page.history: entries,
-            self.page.history_gallery: gallery_items(entries, self.store, owner=owner),
+            **self.show_history_entries(entries, owner),
             self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
         }
+
+    # --- export and import (studio/exchange.py) ---------------------------------------------------
+
+    def export_session(self, history_entries: Any, request: gr.Request = None) -> gr.DownloadButton:
+        """The session history (its results still kept) as a zip, in the page's download button."""
+        owner = self.reader(request)
+        entries = valid_history(history_entries, self.store, owner=owner)
+        if not entries:
+            raise gr.Error("Nothing to export yet: the session history is empty.", print_exception=False)
+        return self._export(entries, owner, "session")
+
+    def export_chain(self, history_entries: Any, entry: Entry | None, request: gr.Request = None) -> gr.DownloadButton:
+        """The current result's chain as a zip: its ancestors in the history, in lineage order, and itself."""
+        owner = self.reader(request)
+        [current] = valid_history([entry], self.store, owner=owner) or [None]
+        if current is None:
+            raise gr.Error("Nothing to export yet: make or pick a result first.", print_exception=False)
+        chain = lineage(valid_history(history_entries, self.store, owner=owner), current["id"]) or [current]
+        return self._export(chain, owner, "chain")
+
+    def _export(self, entries: list[Entry], owner: str, what: str) -> gr.DownloadButton:
+        try:
+            self.quotas.charge(owner, EXCHANGE_WORK)
+            data = export_zip(entries, functools.partial(self._png_bytes, owner=owner))
+        except StudioError as error:  # a quota, or ExchangeError: more than an import takes
+            raise gr.Error(str(error), print_exception=False) from None
+        if len(data) > IMPORT_LIMITS.zip_bytes:
+            gr.Warning(f"This export is {len(data):,} bytes; the page imports at most {IMPORT_LIMITS.zip_bytes:,} "
+                       "(python -m studio.replay reads it whole). Export a chain for less.")
+        path = self._served_zip(data, EXPORT_FILE[what], owner)
+        return gr.DownloadButton(value=str(path), interactive=True)
+
+    def _png_bytes(self, result_id: str, *, owner: str) -> bytes | None:
+        """A PNG of `owner`'s as kept, for an export; None when the store no longer keeps it for them."""
+        path = self.store.path(result_id, owner=owner)
+        try:
+            return path.read_bytes() if path is not None else None
+        except OSError:  # let go meanwhile
+            return None
+
+    def _served_zip(self, data: bytes, name: str, owner: str) -> Path:
+        """`data` written where the store's links are served, named as they are (ResultStore.link:
+        <content id>/<owner's token>/<name>), so the gate serves it to `owner` only. Each designer's
+        previous export is removed: one zip a designer on disk (and Gradio's cache cleaning)."""
+        zip_id = hashlib.sha256(data).hexdigest()[:32]
+        folder = self.store.links_dir / zip_id / signing.link_token(self.store.key, owner_key(owner), zip_id)
+        path = folder / name
+        with self._exports_lock:
+            previous = self._exports.get(owner)
+            if previous is not None and previous != path:
+                _remove_export(previous)
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_file(path, mode=0o600) as staging:
+                staging.write_bytes(data)
+            self._exports[owner] = path
+        return path
+
+    def import_zip(self, history_entries: Any, zip_path: str | None, request: gr.Request = None) -> dict:
+        """A dropped export: its results kept as the designer's, added to their history (newest
+        last in the zip, first in the history) with the chains as they were."""
+        owner = self.reader(request)
+        imported = self._import(zip_path, owner)
+        entries = add_to_history(valid_history(history_entries, self.store, owner=owner), imported)
+        return {
+            self.page.status: f"Imported {len(imported)} result{'s' if len(imported) != 1 else ''} into the session "
+                              "history.",
+            self.page.zip_drop: None,
+            self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(imported) else gr.skip(),
+            **self.show_history_entries(entries, owner),
+        }
+
+    def api_import(self, session_zip: str | None, request: gr.Request = None) -> tuple[list, list[Entry]]:
+        """The named API's import: an export of the studio (a session or chain zip) -> its results,
+        kept as the caller's (gallery items: image, caption), and their history entries, newest
+        first, each with its "parent" (the id of the result it was made from, or null), signed for
+        the caller. Refused, naming the limit, when the zip is not one the studio takes."""
+        owner = self.reader(request)
+        entries = self._import(session_zip, owner)
+        return history_items(entries, self.store, owner=owner), entries
+
+    def _import(self, zip_path: str | None, owner: str) -> list[Entry]:
+        """The entries of an export, its images saved as `owner`'s and the entries signed for them."""
+        if not zip_path:
+            raise gr.Error("Drop a session or chain export of the studio (.zip) to import it.", print_exception=False)
+        try:
+            self.store.check_room()
+            self.quotas.charge(owner, EXCHANGE_WORK)
+            chain = read_zip(zip_path, IMPORT_LIMITS)
+            imported = import_entries(chain, lambda png, name: self.store.save(png, name, owner=owner))
+        except StudioError as error:  # ExchangeError among them: the reader's refusal, naming its limit
+            raise gr.Error(str(error), print_exception=False) from None
+        except OSError:
+            raise gr.Error("That upload could not be read; drop it again.", print_exception=False) from None
+        return [signed_entry(self.store, entry, owner=owner) for entry in imported]
+
+
+def _remove_export(path: Path) -> None:
+    """An earlier export and its two folders (as `_served_zip` made them)."""
+    path.unlink(missing_ok=True)
+    for folder in (path.parent, path.parent.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (another designer's export of the same zip) or gone
+            break
 
 
 # --- the page --------------------------------------------------------------------------------------
@@ -374,17 +553,30 @@ def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path, 
 
     gr.Markdown("## Session history")
     history_gallery = gr.Gallery(
-        label="Every result of this session, newest first: pick one to restore it in its tab",
+        label="Every result of this session, newest first, numbered from the oldest, each saying what it was made "
+              "from: pick one to restore it in its tab",
         columns=8, fit_columns=False, height=240, allow_preview=False, interactive=False, elem_id="history",
     )
-    png_drop = gr.File(
-        label="Drop a PNG made by the studio here to restore its parameters",
-        file_types=[".png"], type="binary", height=120, elem_id="png-drop",
-    )
+    history_chains = gr.Markdown("", elem_id="history-chains")
+    with gr.Row(equal_height=True):
+        export_session = gr.Button("Export the session (zip)", size="sm", scale=0, elem_id="export-session")
+        export_download = gr.DownloadButton("Download the export again", interactive=False, size="sm", scale=0,
+                                            elem_id="export-download")
+    with gr.Row(equal_height=True):
+        png_drop = gr.File(
+            label="Drop a PNG made by the studio here to restore its parameters",
+            file_types=[".png"], type="binary", height=120, elem_id="png-drop",
+        )
+        zip_drop = gr.File(
+            label="Drop a session or chain export (.zip) here to import it into your history",
+            file_types=[".zip"], type="filepath", height=120, elem_id="zip-drop",
+        )
     with gr.Accordion("Endpoint", open=True, elem_id="endpoint-accordion"):
         endpoint_panel = gr.Markdown("Asking the endpoint…", elem_id="endpoint-panel")
     endpoint_timer = gr.Timer(ENDPOINT_PANEL_REFRESH_S)
-    return Page(banner, status, cancel, history, tabs, panels, history_gallery, png_drop, endpoint_panel, endpoint_timer)
+    return Page(banner, status, cancel, history, tabs, panels, history_gallery, png_drop, endpoint_panel, endpoint_timer,
+                history_chains=history_chains, export_session=export_session, export_download=export_download,
+                zip_drop=zip_drop)
 
 
 # --- the wiring ------------------------------------------------------------------------------------
@@ -393,6 +585,9 @@ UI_ONLY = {"api_visibility": "private"}
 # Gradio may start every run event at once: the scheduler, not Gradio's queue, decides which
 # calls reach the endpoint (and says when the studio is full).
 SCHEDULED = {"concurrency_limit": None}
+# Exports and imports read or write up to a whole zip in memory and decode its PNGs (CPU-bound):
+# one at a time, for the page and the API together.
+EXCHANGE = {"concurrency_limit": 1, "concurrency_id": "exchange"}
 
 
 def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
@@ -403,8 +598,8 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         run_events.append(panel.run.click(
             handlers.run(panel),
             inputs=[page.history, *([panel.source] if panel.source else [])],
-            inputs_kwargs=panel.controls,
-            outputs=[page.status, page.history, page.history_gallery, page.banner, *panel.result_outputs],
+            inputs_kwargs={**panel.controls, **({"made_from": panel.sent} if panel.sent is not None else {})},
+            outputs=[page.status, *page.history_outputs, page.banner, *panel.result_outputs],
             show_progress="minimal",
             show_progress_on=[page.status, panel.gallery],  # not on every output: an error would be flagged on each
             **SCHEDULED, **UI_ONLY,
@@ -423,7 +618,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         if panel.vary is not None:
             run_events.append(panel.vary.click(
                 handlers.vary(panel), inputs=[page.history, panel.current], inputs_kwargs=panel.controls,
-                outputs=[page.status, page.history, page.history_gallery, page.banner, *panel.result_outputs,
+                outputs=[page.status, *page.history_outputs, page.banner, *panel.result_outputs,
                          *panel.controls.values()],
                 show_progress="minimal", show_progress_on=[page.status, panel.gallery], **SCHEDULED, **UI_ONLY,
             ))
@@ -441,8 +636,18 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
             target = page.panels[target_name]
             send_events.append(button.click(
                 handlers.send_to(target), inputs=panel.current,
-                outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs], **UI_ONLY,
+                outputs=[page.tabs, page.status, target.controls["prompt"], *target.source_outputs, target.sent],
+                **UI_ONLY,
             ))
+        if panel.sent is not None and panel.mask_preview is None:
+            # Another image put into the tab: what it makes is no child of the one sent. (Gradio's image
+            # editor says "upload" for an image the server puts there too: Erase relies on `parent_of`.)
+            gr.on(triggers=[panel.source.upload, panel.source.clear], fn=lambda: None, outputs=panel.sent,
+                  show_progress="hidden", queue=False, **UI_ONLY)
+        panel.export_chain.click(
+            handlers.export_chain, inputs=[page.history, panel.current], outputs=page.export_download,
+            **EXCHANGE, **UI_ONLY,
+        ).success(None, inputs=page.export_download, js=DOWNLOAD_EXPORT, **UI_ONLY)
 
     erase = next(panel for panel in page.panels.values() if panel.mask_preview is not None)
     erase.source.change(
@@ -461,6 +666,7 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
     page.history_gallery.select(handlers.pick_from_history, inputs=page.history, outputs=page.restore_outputs,
                                 **UI_ONLY)
     page.png_drop.upload(handlers.open_png, inputs=page.png_drop, outputs=page.restore_outputs, **UI_ONLY)
+    wire_exchange(page, handlers)
     wire_endpoint_panel(demo, page, handlers, run_events + send_events)
 
     restored_task = gr.Textbox(label="task", visible=False)  # the API's answer only
@@ -472,8 +678,31 @@ def wire(demo: gr.Blocks, page: Page, handlers: Handlers) -> None:
         api_description="A PNG made by the studio (a result's download) -> the tab it came from and the values "
                         "of that tab's controls that make it again, as picking it in the session history does.",
     )
-    demo.load(handlers.show_history, inputs=page.history,
-              outputs=[page.history, page.history_gallery, page.banner], **UI_ONLY)
+    demo.load(handlers.show_history, inputs=page.history, outputs=[*page.history_outputs, page.banner], **UI_ONLY)
+
+
+def wire_exchange(page: Page, handlers: Handlers) -> None:
+    """Export (the session here, a chain in each tab: `wire`) and import: the zip dropped on the
+    page, and the named API `/import`."""
+    page.export_session.click(
+        handlers.export_session, inputs=page.history, outputs=page.export_download, **EXCHANGE, **UI_ONLY,
+    ).success(None, inputs=page.export_download, js=DOWNLOAD_EXPORT, **UI_ONLY)
+    page.zip_drop.upload(
+        handlers.import_zip, inputs=[page.history, page.zip_drop],
+        outputs=[page.status, page.zip_drop, page.banner, *page.history_outputs], **EXCHANGE, **UI_ONLY,
+    )
+    imported_results = gr.Gallery(label="results", visible=False)  # the API's answer only
+    imported_entries = gr.JSON(label="entries", visible=False)
+    gr.on(
+        triggers=[],  # an API endpoint only: the page imports by the drop above
+        fn=handlers.api_import, inputs=page.zip_drop, outputs=[imported_results, imported_entries],
+        api_name="import",
+        api_description="A session or chain export of the studio (.zip, as the page's Export downloads) -> its "
+                        "results, kept as the caller's (image and caption: '#2 Erase · seed 5 · from #1'), and their "
+                        "history entries, newest first, each naming its parent (the id of the result it was made "
+                        "from, or null). Refused, naming the limit, when the zip is not an export the studio takes.",
+        **EXCHANGE,
+    )
 
 
 def wire_endpoint_panel(demo: gr.Blocks, page: Page, handlers: Handlers, events: list) -> None:

@@ -4,8 +4,13 @@ An entry is a small JSON object (the browser keeps the history, so it must stay 
 
     {"id": "<store id of the PNG>", "task": "erase",
      "parameters": {...what the endpoint reported for this one image, its own seed included...},
+     "parent": "<store id>" | None,   # the result it was made from (its lineage), None when fresh
      "inputs": {"image": "<store id>", "mask": "<store id>"},     # the task's input images, if any
-     "signature": "<64 hex digits>"}   # HMAC of owner, id, task and inputs (studio/signing.py)
+     "signature": "<64 hex digits>"}   # HMAC of owner, id, task, inputs, parent (studio/signing.py)
+
+"parent" is the result that was sent to the tab (Send to, a history entry picked into its tab,
+Vary) when the job's input image is that result's pixels; None for a fresh upload or Generate.
+Results made from one parent are a branch; "Export" writes a result's lineage (studio/exchange.py).
 
 Every entry is its owner's (the designer it was made for): the studio signs it for them, and
 reads an entry's images only for an owner whose signature it carries and whom the store keeps
@@ -113,10 +118,11 @@ def check_upload(source: str | os.PathLike | bytes | BinaryIO, max_side: int = M
 
 def record_result(
     store: ResultStore, task: Task, result: GenerationResult, inputs: dict[str, Image.Image] | None = None,
-    *, owner: str = DEFAULT_OWNER,
+    *, owner: str = DEFAULT_OWNER, parent: str | None = None,
 ) -> list[Entry]:
     """Keep a result's PNGs (parameters embedded) and its inputs in the store, as `owner`'s;
-    one entry per image, signed for `owner`. Each PNG is read, and saved (hashed), once."""
+    one entry per image, made from `parent` (an id, see the module's docstring), signed for
+    `owner`. Each PNG is read, and saved (hashed), once."""
     input_ids = keep_inputs(store, task, inputs, owner=owner)
     entries = []
     for index, png in enumerate(result.png):
@@ -127,12 +133,12 @@ def record_result(
             png = embed_parameters(png, parameters)
         result_id = store.save(png, _file_name(task, parameters), owner=owner)
         entries.append(signed_entry(store, {"id": result_id, "task": task.name, "parameters": parameters,
-                                            "inputs": input_ids}, owner=owner))
+                                            "parent": parent, "inputs": input_ids}, owner=owner))
     return entries
 
 
 def signed_entry(store: ResultStore, entry: Entry, *, owner: str) -> Entry:
-    """`entry` (id, task, parameters, inputs) signed for `owner`, as every entry the studio hands out
+    """`entry` (id, task, parameters, parent, inputs) signed for `owner`, as every entry the studio hands out
     is: the store must keep its images for `owner` too (save them as theirs) for it to read any."""
     return signing.signed(store.key, owner, entry)
 
@@ -193,8 +199,8 @@ def restore_from_png(
         image = _decode_png(png, head)
         if image is not None:
             result_id = store.save(image_to_png(image, parameters), _file_name(task, parameters), owner=owner)
-            return signed_entry(store, {"id": result_id, "task": task.name, "parameters": parameters, "inputs": {}},
-                                owner=owner)
+            return signed_entry(store, {"id": result_id, "task": task.name, "parameters": parameters,
+                                        "parent": None, "inputs": {}}, owner=owner)
     return {"id": None, "task": task.name, "parameters": parameters, "inputs": {}}
 
 
@@ -235,11 +241,12 @@ def entry_is_owned(entry: Any, store: ResultStore, *, owner: str) -> bool:
 
 
 def _well_formed(entry: dict) -> bool:
-    """An entry's id, task and inputs have their types (so they can be hashed and looked up)."""
-    result_id, task, inputs = entry.get("id"), entry.get("task"), entry.get("inputs", {})
+    """An entry's id, task, parent and inputs have their types (so they can be hashed and looked up)."""
+    result_id, task, inputs, parent = entry.get("id"), entry.get("task"), entry.get("inputs", {}), entry.get("parent")
     return (
         isinstance(result_id, str)
         and ID_PATTERN.fullmatch(result_id) is not None
+        and (parent is None or (isinstance(parent, str) and ID_PATTERN.fullmatch(parent) is not None))
         and isinstance(task, str)
         and task in TASKS
         and isinstance(inputs, dict)
@@ -285,19 +292,25 @@ def _valid_entry(entry: Any, store: ResultStore, owner: str) -> Entry | None:
         and entry_is_owned(entry, store, owner=owner)
     ):
         return None
-    return {"id": entry["id"], "task": entry["task"], "parameters": parameters, "inputs": entry.get("inputs", {}),
-            signing.SIGNATURE_FIELD: entry[signing.SIGNATURE_FIELD]}
+    return {"id": entry["id"], "task": entry["task"], "parameters": parameters, "parent": entry.get("parent"),
+            "inputs": entry.get("inputs", {}), signing.SIGNATURE_FIELD: entry[signing.SIGNATURE_FIELD]}
 
 
-def caption(entry: Entry) -> str:
+def caption(entry: Entry, made_from: str | None = None) -> str:
+    """"Erase · seed 4 · from #2 · a prompt…": the tab, the seed, what it was made from (when
+    given, see `history_items`) and the prompt's start."""
     parameters = entry["parameters"]
     prompt = parameters.get("prompt")
     prompt = prompt if isinstance(prompt, str) else ""
     if len(prompt) > CAPTION_PROMPT_CHARS:
         prompt = prompt[: CAPTION_PROMPT_CHARS - 1] + "…"
-    seed = effective_seed(entry)
-    parts = [TASKS[entry["task"]].title, f"seed {'?' if seed is None else seed}", prompt]
+    parts = [_step_name(entry), f"from {made_from}" if made_from else "", prompt]
     return " · ".join(part for part in parts if part)
+
+
+def _step_name(entry: Entry) -> str:
+    seed = effective_seed(entry)
+    return f"{TASKS[entry['task']].title} · seed {'?' if seed is None else seed}"
 
 
 def gallery_items(entries: list[Entry], store: ResultStore, *, owner: str = DEFAULT_OWNER) -> list[tuple[str, str]]:
@@ -305,6 +318,64 @@ def gallery_items(entries: list[Entry], store: ResultStore, *, owner: str = DEFA
     their entries (others, and entries without an image, left out)."""
     paths = [(download_path(entry, store, owner=owner), entry) for entry in entries]
     return [(path, caption(entry)) for path, entry in paths if path is not None]
+
+
+# --- lineage: how the history shows chains ----------------------------------------------------------
+# A history (newest first) numbers its results from the oldest, #1; a result names its parent by
+# that number when the parent is an older entry of the history ("from #2"), else "an earlier result".
+
+
+def parent_positions(entries: list[Entry]) -> list[int | None]:
+    """For each entry (newest first), the position in `entries` of the result it was made from:
+    the nearest older entry of that id; None when it was made fresh or its parent is not there."""
+    positions: list[int | None] = []
+    for index, entry in enumerate(entries):
+        parent = entry.get("parent")
+        older = (later for later in range(index + 1, len(entries)) if entries[later]["id"] == parent)
+        positions.append(next(older, None) if parent is not None else None)
+    return positions
+
+
+def history_items(entries: list[Entry], store: ResultStore, *, owner: str = DEFAULT_OWNER) -> list[tuple[str, str]]:
+    """The history gallery's (image link, caption) pairs: as `gallery_items`, each caption with
+    its number and its parent's ("#3 Restyle · seed 7 · from #2 · ..."), so chains and branches
+    read in the captions. Every entry of a valid history has its link (`valid_history`)."""
+    parents, count = parent_positions(entries), len(entries)
+    items = []
+    for index, (entry, parent) in enumerate(zip(entries, parents)):
+        path = download_path(entry, store, owner=owner)
+        if path is None:
+            continue
+        made_from = f"#{count - parent}" if parent is not None else ("an earlier result" if entry.get("parent") else None)
+        items.append((path, f"#{count - index} {caption(entry, made_from)}"))
+    return items
+
+
+def chains_markdown(entries: list[Entry]) -> str:
+    """The history's chains as a tree (Markdown), oldest first: each result under the one it was
+    made from, two under one where the designer went back and branched. Results neither made from
+    another nor sent on are left out; "" when there is no chain. Only tab names, numbers and seeds
+    are shown (nothing the designer typed)."""
+    parents, count = parent_positions(entries), len(entries)
+    children: dict[int, list[int]] = {}
+    for index in reversed(range(count)):  # oldest first
+        if parents[index] is not None:
+            children.setdefault(parents[index], []).append(index)
+    roots = [index for index in reversed(range(count)) if parents[index] is None and index in children]
+    if not roots:
+        return ""
+    lines: list[str] = []
+
+    def draw(index: int, lead: str, branch: str) -> None:
+        lines.append(f"{lead}{branch}#{count - index} {_step_name(entries[index])}")
+        below = children.get(index, [])
+        inner = lead + ("" if not branch else "   " if branch == "└─ " else "│  ")
+        for number, child in enumerate(below):
+            draw(child, inner, "└─ " if number == len(below) - 1 else "├─ ")
+
+    for root in roots:
+        draw(root, "", "")
+    return "**Chains** (each result under the one it was made from):\n```text\n" + "\n".join(lines) + "\n```"
 
 
 def restored_values(task: Task, parameters: dict[str, Any]) -> dict[str, Any]:

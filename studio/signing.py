@@ -4,10 +4,13 @@ The browser keeps the session history (gr.BrowserState), and BrowserState's own 
 page's config, so anyone can write an entry that the studio decrypts. So each entry carries a
 signature the server makes, for the designer it was made for:
 
-    "signature": HMAC-SHA256(key, ["history-entry", owner, id, task, inputs])   (64 hex digits)
+    "signature": HMAC-SHA256(key, ["history-entry", owner, id, task, inputs, parent])   (64 hex digits)
 
 over canonical JSON (keys sorted, no spaces, ASCII). The owner is the designer
-(`Access.designer`); "id" and the "inputs" are store ids. The entry's parameters are not signed:
+(`Access.designer`); "id", the "inputs" and "parent" (the result it was made from: its lineage,
+studio/session.py) are store ids. An entry made fresh (parent None) is signed without the parent,
+as entries were before lineage, so histories signed then stay valid; one with a parent cannot
+lose it, nor gain or change one, without the signature failing. The entry's parameters are not signed:
 they are values the designer may type into the tab anyway (every job checks them again), and the
 browser writes numbers back in its own way (JavaScript writes 5.0 as 5), which a signature over
 them would not survive. The trusted copy of a result's parameters is the one in its PNG.
@@ -70,7 +73,9 @@ def _digest(key: bytes, *fields: Any) -> str:
 
 
 def entry_signature(key: bytes, owner: str, entry: dict) -> str:
-    return _digest(key, _ENTRY_PURPOSE, owner, entry.get("id"), entry.get("task"), entry.get("inputs") or {})
+    parent = entry.get("parent")
+    lineage = () if parent is None else (parent,)  # a fresh entry: as signed before lineage (module docstring)
+    return _digest(key, _ENTRY_PURPOSE, owner, entry.get("id"), entry.get("task"), entry.get("inputs") or {}, *lineage)
 
 
 def signed(key: bytes, owner: str, entry: dict) -> dict:
@@ -81,7 +86,7 @@ def signed(key: bytes, owner: str, entry: dict) -> dict:
 
 def signature_matches(key: bytes, owner: str, entry: dict) -> bool:
     """Whether `entry` carries the signature the studio made for `owner` (compared in constant time).
-    The entry's id, task and inputs must be checked for their types first (they are hashed as JSON)."""
+    The entry's id, task, inputs and parent must be checked for their types first (they are hashed as JSON)."""
     signature = entry.get(SIGNATURE_FIELD)
     if not isinstance(signature, str):
         return False

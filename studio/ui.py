@@ -22,6 +22,9 @@ DEFAULT_BRUSH_SIZE = 24  # px, in the image's own pixels
 # centred on the canvas size it was built with, not on the image: it lines up only on images of
 # this size, the sample's and the default generation size.
 EDITOR_CANVAS_SIZE = (512, 512)
+# What Gradio writes an image put into an input as (its default, WebP, is lossy): a result sent
+# on is the job's input as it was made, so its lineage holds and a replay feeds the same pixels.
+LOSSLESS = "png"
 
 
 @dataclass
@@ -49,6 +52,10 @@ class TaskPanel:
     # An edit tool's tab (Erase, Extend): what will be sent and pasted back, shown before sending.
     edit_preview: gr.Image | None = None
     vary: gr.Button | None = None  # a tab with variation arguments (Generate): vary the current result
+    export_chain: gr.Button | None = None  # the current result's chain as a zip (app.py's export)
+    # A tab that takes an image: the id of the result whose image was put into it (Send to, a history
+    # entry restored), so that what it makes from that image records it as its parent.
+    sent: gr.State | None = None
 
     @property
     def setting_controls(self) -> list[gr.components.Component]:
@@ -74,7 +81,8 @@ class TaskPanel:
     @property
     def restore_outputs(self) -> list[gr.components.Component]:
         """What restoring a result into this tab updates."""
-        return [*self.source_outputs, *self.controls.values(), *self.result_outputs]
+        sent = [self.sent] if self.sent is not None else []
+        return [*self.source_outputs, *sent, *self.controls.values(), *self.result_outputs]
 
 
 def brush(size: int) -> gr.Brush:
@@ -139,6 +147,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
                 download = gr.DownloadButton(
                     "Download PNG", interactive=False, size="sm", elem_id=f"{name}-download"
                 )
+                export_chain = gr.Button("Export chain", size="sm", elem_id=f"{name}-export-chain")
             with gr.Row():
                 send = {
                     target: gr.Button(f"Send to {TASKS[target].title}", size="sm", elem_id=f"{name}-send-{target}")
@@ -151,7 +160,7 @@ def task_panel(task: Task, starting_values: dict[str, Any] | None = None) -> Tas
         download=download, send=send, parameters=parameters, results=gr.State([]), current=gr.State(None),
         source=source, brush_size=brush_size, mask_preview=mask_preview, api_images=api_images,
         edit_preview=edit_preview, vary=vary,
-        before_after=before_after,
+        before_after=before_after, export_chain=export_chain, sent=gr.State(None) if task.takes_image else None,
     )
 
 
@@ -164,11 +173,12 @@ def _image_inputs(task: Task):
         image = _bounded(task, gr.Image(
             label=f"Input image ({limit})", type="pil", image_mode="RGB", sources=("upload", "clipboard"),
             height=360, elem_id=f"{task.name}-image",
+            format=LOSSLESS,  # a result sent here comes back to the job pixel for pixel
         ))
         return image, None, None, {"image": image}
     editor = _bounded(task, gr.ImageEditor(
         label=f"Image: paint over what should go ({limit})",
-        type="pil", image_mode="RGBA", format="png", sources=("upload", "clipboard"),
+        type="pil", image_mode="RGBA", format=LOSSLESS, sources=("upload", "clipboard"),
         # No crop or resize: the mask must stay aligned with the image it was painted on.
         transforms=(), layers=False, brush=brush(DEFAULT_BRUSH_SIZE), eraser=gr.Eraser(default_size=DEFAULT_BRUSH_SIZE),
         canvas_size=EDITOR_CANVAS_SIZE, height=420, elem_id=f"{task.name}-editor",

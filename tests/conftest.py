@@ -65,6 +65,7 @@ SLOW_FILE_SECONDS = {
     "test_local_endpoint_eviction.py": 220, "test_studio_endpoint_panel.py": 190,
     "test_triton_models.py": 105, "test_studio_api.py": 95, "test_edits.py": 95,
     "test_client_jobs.py": 85, "test_sdserve_batch.py": 65, "test_local_endpoint_cli.py": 55,
+    "test_browser_chain.py": 150, "test_studio_s3_store.py": 60, "test_studio_replay.py": 45,
 }
 
 

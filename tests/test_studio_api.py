@@ -80,9 +80,10 @@ def only_image(result) -> tuple[Path, dict]:
 
 def test_the_five_endpoints_are_named_and_documented(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    # Besides the tabs: restoring a PNG, the endpoint panel's figures and the warm-up "Send to" fires.
-    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/extend", "/upscale", "/restore", "/endpoint_status",
-                              "/warm_up"}
+    # Besides the tabs: restoring a PNG, importing a session zip, the endpoint panel's figures and
+    # the warm-up "Send to" fires.
+    assert set(endpoints) == {"/generate", "/restyle", "/erase", "/extend", "/upscale", "/restore", "/import",
+                              "/endpoint_status", "/warm_up"}
     names = {endpoint: [p["parameter_name"] for p in info["parameters"]] for endpoint, info in endpoints.items()}
     assert names["/erase"][:3] == ["image", "mask", "prompt"]
     assert {"prompt", "negative_prompt", "num_inference_steps", "guidance_scale", "scheduler", "seed", "num_images_per_prompt"} <= set(names["/generate"])

@@ -629,7 +629,7 @@ else:
         assert isinstance(entries, list) and len(entries) <= session.HISTORY_LIMIT
         assert session.valid_history(history, store, owner="another designer") == []
         for entry in entries:
-            assert set(entry) == {"id", "task", "parameters", "inputs", "signature"}
+            assert set(entry) == {"id", "task", "parameters", "parent", "inputs", "signature"}
             assert signing.signature_matches(store.key, store_module.DEFAULT_OWNER, entry)
             assert entry["task"] in TASKS and store.path(entry["id"]) is not None
             assert isinstance(entry["parameters"], dict) and isinstance(entry["inputs"], dict)

@@ -164,7 +164,7 @@ def test_a_run_records_signed_entries_with_their_inputs_and_keeps_the_history(tm
     source = Image.new("RGB", (64, 64), "green")
     first = list(run([], source, request("ann"), prompt="a watercolor"))[-1][page.history]
     [entry] = first
-    assert set(entry) == {"id", "task", "parameters", "inputs", "signature"} and entry["task"] == "restyle"
+    assert set(entry) == {"id", "task", "parameters", "parent", "inputs", "signature"} and entry["task"] == "restyle"
     assert session.restored_inputs(entry, store, owner="ann")["image"].tobytes() == source.tobytes()
     second = list(run(first, source, request("ann"), prompt="an oil painting"))[-1]
     assert second[page.history][1:] == first  # the earlier entry stays, as it was

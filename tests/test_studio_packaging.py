@@ -176,7 +176,8 @@ def test_the_studio_builds_without_the_serving_stack(tmp_path):
         """
     )
     assert done.returncode == 0, done.stderr
-    assert ("['/endpoint_status', '/erase', '/extend', '/generate', '/restore', '/restyle', '/upscale', '/warm_up']"
+    assert ("['/endpoint_status', '/erase', '/extend', '/generate', '/import', '/restore', '/restyle', '/upscale', "
+            "'/warm_up']"
             in done.stdout)
 
 
