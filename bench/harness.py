@@ -31,14 +31,17 @@ def local_endpoint(work: Path, *, cache: str = "cache", logs: str = "logs", **se
                                           log_dir=work / logs, **settings))
 
 
-def designer_client(url: str, download_files: bool = False, auth: tuple[str, str] | None = None) -> Client:
+def designer_client(url: str, download_files: bool = False, auth: tuple[str, str] | None = None,
+                    cookies: dict[str, str] | None = None) -> Client:
     """A simulated designer's session (gradio_client) on the studio at this URL.
 
     The designers' browsers are elsewhere in real use, so the harness keeps its own work out of
     the studio's figures: TLS is not verified on a plain-HTTP 127.0.0.1 URL (gradio_client opens
-    a new httpx client for each request; with verification on, each one loads the CA bundle)."""
+    a new httpx client for each request; with verification on, each one loads the CA bundle).
+    `cookies`: a browser's, kept across a reconnect (without sign-in, the studio's visitor cookie
+    is who the designer is)."""
     return Client(url, verbose=False, download_files=download_files, auth=auth,
-                  ssl_verify=not url.startswith("http://127.0.0.1"))
+                  ssl_verify=not url.startswith("http://127.0.0.1"), httpx_kwargs={"cookies": dict(cookies or {})})
 
 
 def timed(function: Callable[[], object]) -> float:

@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import parse_options_header
 from sdserve.catalog import MAX_PROMPT_CHARS
@@ -182,8 +183,9 @@ class Gate:
                 return
             # A session designer is the gate's guess (a file request names no session): not checked.
             served = _served_file(path) if method in ("GET", "HEAD") else None
+            # In a thread: the store may make the link again first (a download, on S3).
             if (served is not None and self.owns_file is not None and not designer.startswith(SESSION_DESIGNER)
-                    and self.owns_file(served, designer) is False):
+                    and await anyio.to_thread.run_sync(self.owns_file, served, designer) is False):
                 await _refuse(send, 404, "No such file.")
                 return
         if scope["type"] == "websocket" or method in READS:

@@ -265,14 +265,21 @@ class ResultStore:
 
     def link_owner_matches(self, path: object, owner: str) -> bool | None:
         """For a check at fetch time: whether `path` is a link of this store's made for `owner`
-        (True/False), or None when it is not one of its links at all."""
+        (True/False), or None when it is not one of its links at all.
+
+        A link of `owner`'s that is not there (an earlier run's: links are removed at start, and
+        the cache is cleaned) is made again now, while `owner` keeps the image: a URL handed out
+        before a restart keeps working for its owner, and only for them."""
         try:
             parts = Path(str(path)).resolve().relative_to(self.links_dir).parts
         except (ValueError, OSError):
             return None
         if len(parts) != 3 or not ID_PATTERN.fullmatch(parts[0]):
             return None
-        return parts[1] == signing.link_token(self.key, owner_key(owner), parts[0])
+        matches = parts[1] == signing.link_token(self.key, owner_key(owner), parts[0])
+        if matches and not (self.links_dir / Path(*parts)).exists():
+            self.link(parts[0], owner=owner)
+        return matches
 
     # --- room on the disk ------------------------------------------------------------------------------
 

@@ -174,7 +174,9 @@ def test_a_model_with_a_call_in_flight_is_never_evicted(endpoint, archive_store,
         needs_the_slot.start()
         assert wait_for(lambda: getattr(endpoint.registry.entry("sd_depth.tar.gz"), "state", None) is State.LOADING,
                         timeout=60)
-        assert set(loaded(endpoint)) == {busy}  # sd_depth waits for the slot: the busy model stays
+        # The idle models go as sd_depth's load begins (an unload takes a moment); sd_depth then
+        # waits for the slot, and the busy model stays.
+        assert wait_for(lambda: set(loaded(endpoint)) == {busy}, timeout=60), loaded(endpoint)
         held.release.set()
         thread.join(300)
         needs_the_slot.join(300)

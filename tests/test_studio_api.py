@@ -1,5 +1,5 @@
-"""The studio's five API endpoints through gradio_client, against `python -m studio` as `make demo`
-runs it: the studio starts the checkout's local endpoint (real Triton, tiny weights) itself.
+"""The studio's API endpoints through gradio_client, against `python -m studio` on a local
+endpoint (real Triton, tiny weights): the worker's shared one.
 """
 
 from __future__ import annotations
@@ -37,10 +37,12 @@ def launched_studio(results_dir: Path, *flags: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def studio_url(model_repository, tmp_path_factory) -> Iterator[str]:
-    # This module's tests send more jobs a minute than a designer's default quota (quotas have
-    # their own tests in test_studio_access).
-    with launched_studio(tmp_path_factory.mktemp("studio-results"), "--jobs-per-minute", "1000") as url:
+def studio_url(shared_endpoint, tmp_path_factory) -> Iterator[str]:
+    # The worker's shared local endpoint, its models warm (the studio starting its own is
+    # test_studio_endpoint's and test_browser_studio's). This module's tests send more jobs a
+    # minute than a designer's default quota (quotas have their own tests).
+    with launched_studio(tmp_path_factory.mktemp("studio-results"), "--jobs-per-minute", "1000",
+                         "--endpoint-url", shared_endpoint.url) as url:
         yield url
 
 
@@ -204,11 +206,13 @@ def test_bad_inputs_get_a_clear_message(client, tmp_path, endpoint, inputs, mess
     assert "Traceback" not in str(raised.value)
 
 
-def test_a_refusal_from_the_endpoint_comes_through_in_its_words(client):
-    # The prompt length limit is checked by the endpoint only, so this goes through the client layer.
+def test_a_prompt_over_the_tables_limit_is_refused_in_words_before_it_is_sent(client):
+    # The studio checks the prompt's length at its door with the server's own limit (the table's),
+    # so a stranger's megabyte of prompt is never planned or sent; the server's refusal of the
+    # same is test_sdserve_request's.
     with pytest.raises(AppError) as raised:
         client.predict(prompt="x" * 4001, width=64, height=64, api_name="/generate", **TINY)
-    assert "4000 character limit" in str(raised.value)
+    assert "Prompt: at most 4,000 characters; got 4,001." in str(raised.value)
     assert "Traceback" not in str(raised.value)
 
 

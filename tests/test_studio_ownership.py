@@ -221,6 +221,21 @@ def test_a_link_goes_with_its_owners_image_and_comes_back_after_gradio_cleans_it
     assert not link.exists() and small.link(ann["id"], owner="ann") is None
 
 
+def test_a_url_handed_out_before_a_restart_opens_again_for_its_owner_only(tmp_path):
+    """A restarted studio removes the links an earlier run left (serve_links_in); the URL a
+    designer's page or script still holds is made again when its owner fetches it."""
+    before = ResultStore(tmp_path / "results")
+    before.serve_links_in(tmp_path / "links")
+    ann = made(before, "ann", seed=3)
+    link = before.link(ann["id"], owner="ann")
+    after = ResultStore(tmp_path / "results", key=before.key)
+    after.serve_links_in(tmp_path / "links")
+    assert not link.exists()
+    assert after.link_owner_matches(link, "bob") is False and not link.exists()  # nothing made for another
+    assert after.link_owner_matches(link, "ann") is True
+    assert link.read_bytes() == after.path(ann["id"], owner="ann").read_bytes()
+
+
 # --- disk in bounds -----------------------------------------------------------------------------------
 
 

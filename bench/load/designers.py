@@ -69,6 +69,7 @@ class Designer:
         ImageDraw.Draw(mask).rectangle((SIZE // 4, SIZE // 4, SIZE * 3 // 4, SIZE * 3 // 4), fill=255)
         mask.save(self.mask)
         self.client: Client | None = None
+        self.cookies: dict[str, str] = {}
         self.generated: list[Result] = []  # the designer's history of generated images
         self.chains = 0
         self.thread = threading.Thread(target=self.run, name=f"designer {index}", daemon=True)
@@ -86,7 +87,9 @@ class Designer:
             try:
                 # The designers' browsers are elsewhere in real use: files are fetched only when
                 # the next step needs them, so the harness's own work stays small.
-                self.client = designer_client(self.studio.url, auth=self.studio.account(self.index))
+                # The cookies of the session before (a browser keeps them): the same visitor.
+                self.client = designer_client(self.studio.url, auth=self.studio.account(self.index),
+                                              cookies=self.cookies)
             except Exception:  # noqa: BLE001 - the studio is not back yet
                 self.stop.wait(1.0)
         return self.client
@@ -128,7 +131,7 @@ class Designer:
             step.error = str(error)
         except Exception as error:  # noqa: BLE001 - the studio itself went away: open a new session
             step.error = f"the studio did not answer ({type(error).__name__}: {error})"
-            self.client = None
+            self.cookies, self.client = dict(self.client.cookies), None
         step.ended = time.monotonic()
         return step, answer
 

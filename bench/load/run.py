@@ -147,7 +147,7 @@ def history_check(studio: Studio, crew: list[Designer], before: dict[int, list[R
     for designer in crew:
         for result in before[designer.index]:
             try:
-                data = studio.read(result.url, designer.client.cookies if designer.client else None)
+                data = studio.read(result.url, designer.client.cookies if designer.client else designer.cookies)
                 same = hashlib.sha256(data).hexdigest() == result.digest
             except (OSError, httpx.HTTPError) as error:
                 problems.append(f"designer {designer.index}: {result.url} is gone ({error})")
