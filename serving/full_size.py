@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from sdserve.catalog import MODELS
-from sdserve.checkpoint import read_marker
+from sdserve.checkpoint import FULL_SIZE_KIND, read_marker
 
-FULL_SIZE_KIND = "full-size-random"
 VARIANT = "fp16"  # as the Hub download keeps them: <name>.fp16.safetensors
 SEED = 0
 

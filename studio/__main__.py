@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import secrets
-import shlex
 import signal
 import sys
 from pathlib import Path
@@ -44,12 +43,7 @@ from studio.bucket_store import (
     BucketResultStore,
     shared_secret,
 )
-from studio.client import StudioClient
-from studio.endpoint_launcher import (
-    LocalEndpointProcess,
-    checkout_has_tiny_weights,
-    own_endpoint_available,
-)
+from studio.endpoint_options import add_endpoint_arguments, check_endpoint_arguments, open_endpoint
 from studio.endpoint_watch import EndpointWatch, Pricing
 from studio.gate import launch_options
 from studio.quotas import Quotas
@@ -65,17 +59,7 @@ DEFAULT_RESULTS_PREFIX = "sd-studio/results"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     env = os.environ
     parser = argparse.ArgumentParser(prog="python -m studio", description="SD Studio, the designers' image studio.")
-    parser.add_argument("--endpoint-url", default=env.get("STUDIO_ENDPOINT_URL"), help="a local endpoint already running")
-    parser.add_argument("--endpoint-name", default=env.get("STUDIO_ENDPOINT_NAME"), help="a SageMaker endpoint")
-    parser.add_argument(
-        "--local-endpoint-args", type=shlex.split, default=shlex.split(env.get("STUDIO_LOCAL_ENDPOINT_ARGS", "")),
-        help="with neither endpoint given: options for the local endpoint the studio starts, e.g. "
-             "\"--model-store DIR --cache-dir DIR --max-models 3\" (see python -m serving.local_endpoint --help)",
-    )
-    parser.add_argument(
-        "--region", default=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1",
-        help="the SageMaker endpoint's AWS region",
-    )
+    add_endpoint_arguments(parser)  # studio/endpoint_options.py: shared with python -m studio.replay
     parser.add_argument(
         "--host", default=env.get("GRADIO_SERVER_NAME", "127.0.0.1"),
         help="address to serve on (0.0.0.0 in a container)",
@@ -149,13 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--results-bucket/--results-prefix: {problem}")
         if args.results_cache_mb < 1:
             parser.error(f"--results-cache-mb: at least 1; got {args.results_cache_mb}")
-    if args.endpoint_url and args.endpoint_name:
-        parser.error("give either --endpoint-url (local) or --endpoint-name (SageMaker), not both")
-    if not (args.endpoint_url or args.endpoint_name or own_endpoint_available()):
-        parser.error(
-            "no endpoint configured: set STUDIO_ENDPOINT_NAME and AWS_REGION for a SageMaker endpoint, "
-            "or STUDIO_ENDPOINT_URL for a local one"
-        )
+    check_endpoint_arguments(parser, args)
     return args
 
 
@@ -169,28 +147,15 @@ def main(argv: list[str] | None = None) -> None:
     except (BlobError, ValueError) as error:
         sys.exit(f"python -m studio: the results store: {error}")
     with contextlib.ExitStack() as stack:
-        tiny_weights = False
-        listing_url = None  # AWS has none: the panel judges from the studio's own calls
-        if args.endpoint_name:
-            where = f"SageMaker endpoint {args.endpoint_name} ({args.region})"
-            client_factory = lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region)  # noqa: E731
-        else:
-            url = args.endpoint_url
-            if not url:
-                print("Starting the local endpoint (the first start takes a minute)…", flush=True)
-                url = stack.enter_context(LocalEndpointProcess(endpoint_args=args.local_endpoint_args)).url
-                tiny_weights = checkout_has_tiny_weights()
-            where = url
-            listing_url = f"{url.rstrip('/')}/models"  # the local endpoint's: which models are loaded
-            client_factory = lambda: StudioClient.for_local(url)  # noqa: E731
-        logging.getLogger("studio").info("endpoint: %s", where)  # the log, not the page: no names there
+        endpoint = open_endpoint(args, stack, say=lambda line: print(line, flush=True))
+        logging.getLogger("studio").info("endpoint: %s", endpoint.where)  # the log, not the page: no names there
         if args.access.notice:
             logging.getLogger("studio").warning("%s", args.access.notice)
         args.access = args.access.with_visitor_key(visitor_key)
         demo = build_app(
-            client_factory, store=store, tiny_weights=tiny_weights, history_secret=history_secret,
-            access=args.access, quotas=args.quotas,
-            watch=EndpointWatch(args.pricing, listing_url=listing_url),
+            endpoint.client_factory, store=store, random_weights=endpoint.random_weights,
+            history_secret=history_secret, access=args.access, quotas=args.quotas,
+            watch=EndpointWatch(args.pricing, listing_url=endpoint.listing_url, random_weights=endpoint.random_weights),
         )
         demo.queue().launch(
             server_name=args.host, server_port=args.port,

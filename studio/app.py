@@ -33,13 +33,20 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 from sdserve.catalog import MAX_BATCH_SIZE
+from sdserve.checkpoint import FULL_SIZE_KIND, TINY_KIND
 from sdserve.files import atomic_file
 from sdserve.params import random_seed
 
 from studio import signing
 from studio.access import Access
 from studio.client import StudioClient
-from studio.endpoint_watch import EndpointWatch, WarmUps, describe_endpoint
+from studio.endpoint_watch import (
+    RANDOM_WEIGHTS_MEANING,
+    RANDOM_WEIGHTS_NAMES,
+    EndpointWatch,
+    WarmUps,
+    describe_endpoint,
+)
 from studio.errors import PartialJobError, StudioError
 from studio.exchange import (
     MAX_MANIFEST_BYTES,
@@ -70,7 +77,7 @@ from studio.session import (
     restored_inputs,
     restored_values,
     result_image,
-    shows_tiny_weights,
+    random_weights,
     signed_entry,
     valid_history,
     vary_values,
@@ -92,10 +99,17 @@ HISTORY_STORAGE_KEY = "sd-studio-history"
 # there, where they cannot be cancelled.
 ENDPOINT_CONCURRENCY = MAX_BATCH_SIZE
 GENERIC_ERROR = "Something went wrong in the studio; the details are in its log."
-TINY_WEIGHTS_BANNER = (
-    "⚠️ **Demo weights:** the endpoint serves tiny random-weight models, so every image is noise. "
-    "Real pictures need the real weights (`make real-weights`) or a SageMaker endpoint."
-)
+# The banner over a studio whose endpoint serves random weights (the checkout's own, or a result
+# made with them): what they are, and that every image is noise.
+RANDOM_WEIGHTS_TITLES = {TINY_KIND: "Demo weights", FULL_SIZE_KIND: "Full-size random weights"}
+
+
+def banner_text(kind: str) -> str:
+    return (f"⚠️ **{RANDOM_WEIGHTS_TITLES[kind]}:** the endpoint serves {RANDOM_WEIGHTS_NAMES[kind]} "
+            f"({RANDOM_WEIGHTS_MEANING[kind]}), so every image is noise. Real pictures need the real weights "
+            "(`make real-weights`) or a SageMaker endpoint.")
+
+
 # On the demo's tiny weights (a CPU), the article's 512 px and 50 steps take minutes an image;
 # the studio starts small instead, and says so.
 TINY_WEIGHTS_START = {"width": 128, "height": 128, "num_inference_steps": 10, "work_side": 128}
@@ -292,7 +306,7 @@ class Handlers:
             yield {
                 page.status: f"**Partly done:** {done} {problem}" if problem else f"**Done:** {done}",
                 **self.show_history_entries(history_entries, designer),
-                page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
+                page.banner: _banner(random_weights(entries)),
                 **self.show_results(panel, entries, designer),
             }
 
@@ -418,7 +432,7 @@ class Handlers:
         entries = valid_history(history_entries, self.store, owner=owner)
         return {
             **self.show_history_entries(entries, owner),
-            self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(entries) else gr.skip(),
+            self.page.banner: _banner(random_weights(entries)),
         }
 
     # --- export and import (studio/exchange.py) ---------------------------------------------------
@@ -487,7 +501,7 @@ class Handlers:
             self.page.status: f"Imported {len(imported)} result{'s' if len(imported) != 1 else ''} into the session "
                               "history.",
             self.page.zip_drop: None,
-            self.page.banner: gr.Markdown(visible=True) if shows_tiny_weights(imported) else gr.skip(),
+            self.page.banner: _banner(random_weights(imported)),
             **self.show_history_entries(entries, owner),
         }
 
@@ -529,14 +543,14 @@ def _remove_export(path: Path) -> None:
 # --- the page --------------------------------------------------------------------------------------
 
 
-def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path, access: Access) -> Page:
+def layout(*, random_weights: str | None, history_secret: str | None, assets_dir: Path, access: Access) -> Page:
     """The components, in the current gr.Blocks: banner, status and Cancel, the tabs, the history."""
     examples = json.loads((assets_dir / "prompts.json").read_text())
     if access.mode == "huggingface":
         gr.LoginButton()
     banner = gr.Markdown(
-        TINY_WEIGHTS_BANNER + (TINY_WEIGHTS_START_NOTE if tiny_weights else ""),
-        visible=tiny_weights, elem_id="tiny-weights-banner",
+        banner_text(random_weights or TINY_KIND) + (TINY_WEIGHTS_START_NOTE if random_weights == TINY_KIND else ""),
+        visible=random_weights is not None, elem_id="tiny-weights-banner",
     )
     gr.Markdown("# SD Studio\nGenerate an image, then send it on to restyle it, erase part of it or upscale it.")
     with gr.Row(equal_height=True):
@@ -548,7 +562,7 @@ def layout(*, tiny_weights: bool, history_secret: str | None, assets_dir: Path, 
     with gr.Tabs(selected="generate") as tabs:
         for task in TASKS.values():
             with gr.Tab(task.title, id=task.name, elem_id=f"tab-{task.name}"):
-                panels[task.name] = panel = task_panel(task, TINY_WEIGHTS_START if tiny_weights else None)
+                panels[task.name] = panel = task_panel(task, TINY_WEIGHTS_START if random_weights == TINY_KIND else None)
                 _examples(panel, examples.get(task.name, []), assets_dir)
 
     gr.Markdown("## Session history")
@@ -731,7 +745,7 @@ def build_app(
     client_factory: Callable[[], StudioClient],
     *,
     store: ResultStore,
-    tiny_weights: bool = False,
+    random_weights: str | None = None,
     history_secret: str | None = None,
     assets_dir: Path = ASSETS_DIR,
     endpoint_concurrency: int = ENDPOINT_CONCURRENCY,
@@ -750,7 +764,8 @@ def build_app(
     store.serve_links_in(Path(gr.utils.get_upload_folder()) / SERVED_LINKS_FOLDER / owner_key(str(store.root)))
     with gr.Blocks(title="SD Studio", analytics_enabled=False,
                    delete_cache=(CACHE_CLEAN_EVERY_S, CACHE_MAX_AGE_S)) as demo:
-        page = layout(tiny_weights=tiny_weights, history_secret=history_secret, assets_dir=assets_dir, access=access)
+        page = layout(random_weights=random_weights, history_secret=history_secret, assets_dir=assets_dir,
+                      access=access)
         watch = watch or EndpointWatch()
         handlers = Handlers(page, functools.cache(lambda: _watched(client_factory(), watch)), store,
                             FairScheduler(endpoint_concurrency, jobs_per_session=quotas.jobs_at_once), access,
@@ -767,6 +782,11 @@ def _watched(client: StudioClient, watch: EndpointWatch) -> StudioClient:
 def _in_order(made: dict[int, list[Entry]]) -> list[Entry]:
     """A job's entries in the order of its images (seed order), however their calls answered."""
     return [entry for index in sorted(made) for entry in made[index]]
+
+
+def _banner(kind: str | None) -> Any:
+    """The banner's update after results arrive: shown, saying what they were made with."""
+    return gr.Markdown(banner_text(kind), visible=True) if kind else gr.skip()
 
 
 def _count(images: int) -> str:

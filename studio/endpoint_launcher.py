@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sdserve.catalog import MODELS
-from sdserve.checkpoint import TINY_KIND, checkpoint_dir, read_marker
+from sdserve.checkpoint import RANDOM_KINDS, checkpoint_dir, read_marker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_REPOSITORY = REPO_ROOT / "serving" / "models"
@@ -34,18 +34,19 @@ def own_endpoint_available() -> bool:
         return False
 
 
-def checkout_has_tiny_weights(models: Path = MODEL_REPOSITORY) -> bool:
-    """Whether any model in the checkout holds the tiny random demo weights.
+def checkout_random_weights(models: Path = MODEL_REPOSITORY) -> str | None:
+    """The kind of random weights a model of the checkout holds (RANDOM_KINDS, in that order:
+    the tiny demo weights, then the full-size ones), or None when every model has real weights.
 
     Only called in a checkout, beside the local endpoint it starts.
     """
+    kinds = set()
     for model in MODELS:
         try:
-            if read_marker(checkpoint_dir(models, model)).get("kind") == TINY_KIND:
-                return True
+            kinds.add(read_marker(checkpoint_dir(models, model)).get("kind"))
         except (OSError, ValueError):
             continue
-    return False
+    return next((kind for kind in RANDOM_KINDS if kind in kinds), None)
 
 
 class LocalEndpointProcess:

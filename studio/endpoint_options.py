@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from studio.client import StudioClient
 from studio.endpoint_launcher import (
     LocalEndpointProcess,
-    checkout_has_tiny_weights,
+    checkout_random_weights,
     own_endpoint_available,
 )
 
@@ -58,7 +58,7 @@ class Endpoint:
     where: str  # for the log: a URL, or the SageMaker endpoint's name and region
     client_factory: Callable[[], StudioClient]
     listing_url: str | None  # the local endpoint's list of loaded models; None on AWS
-    tiny_weights: bool  # the checkout's own endpoint, serving its tiny demo weights
+    random_weights: str | None  # the checkout's own endpoint's random weights, if so (sdserve RANDOM_KINDS)
 
 
 def open_endpoint(args: argparse.Namespace, stack: contextlib.ExitStack,
@@ -70,9 +70,11 @@ def open_endpoint(args: argparse.Namespace, stack: contextlib.ExitStack,
             f"SageMaker endpoint {args.endpoint_name} ({args.region})",
             lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region), None, False,
         )
-    url, tiny_weights = args.endpoint_url, False
+    url, random_weights = args.endpoint_url, None
     if not url:
         say("Starting the local endpoint (the first start takes a minute)…")
         url = stack.enter_context(LocalEndpointProcess(endpoint_args=args.local_endpoint_args)).url
-        tiny_weights = checkout_has_tiny_weights()
-    return Endpoint(url, lambda: StudioClient.for_local(url), f"{url.rstrip('/')}/models", tiny_weights)
+        random_weights = checkout_random_weights()
+    # The local endpoint's listing says which models are loaded; AWS has none (the panel then
+    # judges from the studio's own calls).
+    return Endpoint(url, lambda: StudioClient.for_local(url), f"{url.rstrip('/')}/models", random_weights)

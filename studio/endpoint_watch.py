@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from sdserve.catalog import IMAGE, MASK_IMAGE, MODELS, MODELS_BY_TASK
+from sdserve.checkpoint import FULL_SIZE_KIND, TINY_KIND
 from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES, PRICES_REGION
 from sdserve.params import STRENGTH
 
@@ -145,15 +146,26 @@ class Call:
         self.watch._finished(self, None, 0)
 
 
+# What the page calls each kind of random weights (the banner, the endpoint panel).
+RANDOM_WEIGHTS_NAMES = {TINY_KIND: "tiny random weights", FULL_SIZE_KIND: "full-size random weights"}
+RANDOM_WEIGHTS_MEANING = {
+    TINY_KIND: "pipelines of a few MB: quick on a CPU, nothing like the real models' sizes or times",
+    FULL_SIZE_KIND: "the real SD 2 architectures: the real models' sizes, memory and times",
+}
+
+
 class EndpointWatch:
     """Each model's state and figures, from the local endpoint's listing or the studio's own calls.
 
-    `listing_url` is the local endpoint's `/models` (None on AWS); `clock` is time.monotonic.
+    `listing_url` is the local endpoint's `/models` (None on AWS); `random_weights` the kind of
+    random weights it serves, where the studio knows (its own endpoint); `clock` is time.monotonic.
     """
 
     def __init__(self, pricing: Pricing = Pricing(), *, listing_url: str | None = None,
-                 warm_for_s: float = WARM_FOR_S, clock: Callable[[], float] = time.monotonic):
+                 random_weights: str | None = None, warm_for_s: float = WARM_FOR_S,
+                 clock: Callable[[], float] = time.monotonic):
         self.pricing, self.listing_url, self.warm_for_s, self.clock = pricing, listing_url, warm_for_s, clock
+        self.random_weights = random_weights
         self._lock = threading.Lock()
         self._calls: dict[str, _Calls] = {model: _Calls() for model in MODELS}
         self._listing: tuple[float, dict[str, dict] | None] | None = None  # (when fetched, models by name)
@@ -383,7 +395,11 @@ def describe_endpoint(watch: EndpointWatch) -> str:
             f"| {MODELS[view.model].title} ({view.model}) | {STATE_WORDS[view.state]} "
             f"| {_seconds(view.cold_wait_s)} | {_seconds(view.seconds_per_image)} | {_dollars(view.cost_per_image)} |"
         )
-    return "\n".join(rows) + (
+    weights = ""
+    if watch.random_weights in RANDOM_WEIGHTS_NAMES:
+        name = RANDOM_WEIGHTS_NAMES[watch.random_weights]
+        weights = f"**{name[0].upper()}{name[1:]}** ({RANDOM_WEIGHTS_MEANING[watch.random_weights]}); every image is noise.\n\n"
+    return weights + "\n".join(rows) + (
         f"\n\nStates from {watch.source}. Times are measured on this endpoint (— until measured). "
         f"**Costs are estimates**: seconds per image × {watch.pricing.source}, for images made one at "
         "a time (batched images share the instance and cost less)."

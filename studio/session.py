@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from PIL import Image
+from sdserve.checkpoint import RANDOM_KINDS
 from sdserve.images import ALLOWED_FORMATS
 from sdserve.params import SEED_MAX
 
@@ -422,6 +423,8 @@ def effective_seed(entry: Entry) -> int | None:
     return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
 
 
-def shows_tiny_weights(entries: list[Entry]) -> bool:
-    """Whether any result was made with the demo's tiny random weights (its images are noise)."""
-    return any(entry["parameters"].get("weights") == "tiny-random" for entry in entries)
+def random_weights(entries: list[Entry]) -> str | None:
+    """The kind of random weights (sdserve RANDOM_KINDS) a result was made with, if any: its
+    images are noise, and the page says so."""
+    kinds = {entry["parameters"].get("weights") for entry in entries}
+    return next((kind for kind in RANDOM_KINDS if kind in kinds), None)

@@ -9,10 +9,11 @@ import urllib.request
 import pytest
 
 from studio import __main__ as cli
+from studio import endpoint_options
 from studio.endpoint_launcher import (
     EndpointStartError,
     LocalEndpointProcess,
-    checkout_has_tiny_weights,
+    checkout_random_weights,
 )
 
 from .endpoint_support import wait_for
@@ -50,13 +51,14 @@ def test_an_endpoint_that_dies_while_starting_is_reported():
                 pass
 
 
-def test_tiny_weights_are_recognized_by_their_marker(tmp_path):
-    assert not checkout_has_tiny_weights(tmp_path)
-    for model, kind in (("sd_base", "hub"), ("sd_depth", "tiny-random")):
+def test_random_weights_are_recognized_by_their_marker(tmp_path):
+    assert checkout_random_weights(tmp_path) is None
+    for model, kind, found in (("sd_base", "hub", None), ("sd_inpaint", "full-size-random", "full-size-random"),
+                               ("sd_depth", "tiny-random", "tiny-random")):  # tiny first: the demo's
         checkpoint = tmp_path / model / "1" / "checkpoint"
         checkpoint.mkdir(parents=True)
         (checkpoint / "weights.json").write_text(json.dumps({"kind": kind}))
-    assert checkout_has_tiny_weights(tmp_path)
+        assert checkout_random_weights(tmp_path) == found
 
 
 @pytest.fixture
@@ -67,7 +69,7 @@ def no_endpoint_env(monkeypatch):
 
 
 def test_defaults_serve_on_localhost_7860(no_endpoint_env, monkeypatch):
-    monkeypatch.setattr(cli, "own_endpoint_available", lambda: True)
+    monkeypatch.setattr(endpoint_options, "own_endpoint_available", lambda: True)
     args = cli.parse_args([])
     assert (args.host, args.port) == ("127.0.0.1", 7860)
     assert args.endpoint_url is None and args.endpoint_name is None

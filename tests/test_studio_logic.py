@@ -382,8 +382,10 @@ def test_captions_and_banner_flag():
     entry = {"task": "erase", "parameters": {"seed": 4, "prompt": "x" * 100, "weights": "tiny-random"}}
     caption = session.caption(entry)
     assert caption.startswith("Erase · seed 4 · xxx") and caption.endswith("…") and len(caption) < 90
-    assert session.shows_tiny_weights([entry])
-    assert not session.shows_tiny_weights([{"parameters": {"weights": "hub"}}])
+    assert session.random_weights([entry]) == "tiny-random"
+    assert session.random_weights([{"parameters": {"weights": "hub"}}]) is None
+    assert session.random_weights([{"parameters": {"weights": "hub"}}, {"parameters": {"weights": "full-size-random"}}]) \
+        == "full-size-random"
     assert session.effective_seed(entry) == 4 and session.effective_seed({"parameters": {"seed": True}}) is None
 
 
@@ -452,3 +454,14 @@ def test_the_status_line_says_when_the_model_is_loading():
 def test_a_slow_call_says_why():
     assert "loads it" not in status_line("Sending…", 2)
     assert "loads it" in status_line("Sending…", 30)
+
+
+def test_the_banner_and_the_endpoint_panel_say_which_random_weights():
+    from studio.app import banner_text
+    from studio.endpoint_watch import EndpointWatch, describe_endpoint
+
+    assert "Full-size random weights" in banner_text("full-size-random") and "noise" in banner_text("full-size-random")
+    assert "Demo weights" in banner_text("tiny-random")
+    panel = describe_endpoint(EndpointWatch(random_weights="full-size-random"))
+    assert panel.startswith("**Full-size random weights** (the real SD 2 architectures")
+    assert "random weights" not in describe_endpoint(EndpointWatch())  # real weights, or AWS: nothing said

@@ -8,7 +8,11 @@ from pathlib import Path
 from .catalog import CHECKPOINT_DIR, WEIGHTS_MARKER
 
 TINY_KIND = "tiny-random"
+# The real SD 2 architectures with random weights (python -m serving.weights full-size): real
+# sizes, memory and step times, but every image noise like the tiny ones.
+FULL_SIZE_KIND = "full-size-random"
 HUB_KIND = "hub"
+RANDOM_KINDS = (TINY_KIND, FULL_SIZE_KIND)  # weights whose images are noise, as the studio warns
 
 
 def checkpoint_dir(repository: Path, model: str) -> Path:
