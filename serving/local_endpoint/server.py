@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -298,11 +299,21 @@ def _model_unknown_to_triton(answer) -> bool:
 
 
 def serve_until_signalled(endpoint: LocalEndpoint) -> int:
-    """Run until SIGINT/SIGTERM, then stop the front and tritonserver; the exit status."""
-    stop = threading.Event()
+    """Run until SIGINT/SIGTERM, then stop the front and tritonserver; the exit status.
+
+    The handler only writes a byte to a pipe the main thread reads: a handler runs on the main
+    thread between any two bytecodes, and one that set a threading.Event while the main thread
+    was inside that Event's wait (its lock held) deadlocked, leaving the endpoint, tritonserver
+    and a stub running after their studio was killed (seen once, py-spy showed the handler
+    blocked in Event.set)."""
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
 
     def on_signal(signum: int, frame: object) -> None:
-        stop.set()
+        try:
+            os.write(wake_write, b"x")
+        except BlockingIOError:  # the pipe is full: a stop is asked for already
+            pass
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -310,15 +321,18 @@ def serve_until_signalled(endpoint: LocalEndpoint) -> int:
     except BaseException:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(wake_read)
+        os.close(wake_write)
         raise
     try:
         print(f"local endpoint {endpoint.settings.endpoint_name} at {endpoint.url} "
               f"(boto3: endpoint_url='{endpoint.url}'); Ctrl-C to stop", flush=True)
-        while not stop.wait(1.0):
-            pass
+        os.read(wake_read, 1)  # until a signal's byte (PEP 475: retried after each handler)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+        os.close(wake_read)
+        os.close(wake_write)
         log.info("stopping")
         code = endpoint.stop()
         log.info("stopped (tritonserver exit code %s)", code)
