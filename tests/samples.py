@@ -62,3 +62,13 @@ def png_with_parameters(parameters: dict | None, size=(64, 64), color=(10, 120, 
     buffer = io.BytesIO()
     Image.new("RGB", size, color).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
+
+
+class Clock:
+    """A clock a test moves by hand (`clock.now += 61`), for what takes `clock=time.monotonic`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

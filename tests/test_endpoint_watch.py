@@ -19,14 +19,7 @@ from studio.endpoint_watch import (
     describe_endpoint,
     warm_up_request,
 )
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.samples import Clock
 
 
 @pytest.fixture

@@ -28,17 +28,10 @@ from studio.access import (
 from studio.client import StudioError
 from studio.process import StudioProcess
 from studio.quotas import QuotaBook, Quotas
+from tests.samples import Clock
 
 ROOT = Path(__file__).resolve().parents[1]
 PASSWORD = "correct horse battery"
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_passwords_are_stored_as_salted_pbkdf2_and_checked():

@@ -55,6 +55,7 @@ from studio.gate import (
 from studio.process import StudioProcess
 from studio.session import MAX_UPLOAD_BYTES
 from studio.store import ResultStore
+from tests.samples import Clock
 
 PASSWORD = "correct horse battery"
 OAUTH_SECRET = "space-oauth-secret"
@@ -62,14 +63,6 @@ OAUTH_SECRET = "space-oauth-secret"
 SPACE_OAUTH = {"OAUTH_CLIENT_ID": "client-id", "OAUTH_CLIENT_SECRET": OAUTH_SECRET, "OAUTH_SCOPES": "openid profile",
                "OPENID_PROVIDER_URL": "https://127.0.0.1:9"}
 PNG = (Path(__file__).resolve().parents[1] / "assets" / "sample.png").read_bytes()
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Recorder:

@@ -18,17 +18,10 @@ from studio.quotas import DAY_S, MIN_JOB_WORK, QuotaBook, Quotas
 from studio.scheduler import FairScheduler
 from studio.store import ResultStore
 from studio.tasks import TASKS
+from tests.samples import Clock
 
 ONE_1024_OUTPUT_MP = 1024 * 1024 / 1e6  # an upscaled 256 px tile's output, in megapixels
 GENERATE_512 = 50 * 512 * 512 / 1e6  # a default Generate: 50 steps over 512×512 px
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Request:
