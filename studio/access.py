@@ -45,6 +45,7 @@ from typing import Any
 
 from sdserve.files import atomic_file
 
+from studio import signing
 from studio.errors import StudioError
 
 PBKDF2_ROUNDS = 310_000  # OWASP's figure for PBKDF2-HMAC-SHA256
@@ -256,14 +257,9 @@ def _visitor_mac(key: bytes, visitor: str) -> str:
 
 
 def visitor_key_beside(results_dir: Path) -> bytes:
-    """The key visitor cookies are signed with, kept beside the results folder (not in it: Gradio
-    serves that folder), so that visitors stay who they were when the studio restarts."""
-    path = results_dir.parent / f".{results_dir.name}-visitor-key"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_file(path, mode=0o600) as staging:
-            staging.write_text(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text().strip())
+    """The key visitor cookies are signed with, kept beside the results folder like the store's
+    signing key, so that visitors stay who they were when the studio restarts."""
+    return signing.load_key(signing.key_path(results_dir, "visitor"))
 
 
 # --- how the studio is reached ---------------------------------------------------------------------

@@ -42,15 +42,16 @@ _LINK_PURPOSE = "served-link"
 LINK_TOKEN_CHARS = 32
 
 
-def key_path(results_dir: Path) -> Path:
-    """Where the key of a results folder is kept: beside it, so Gradio never serves it."""
+def key_path(results_dir: Path, purpose: str = "signing") -> Path:
+    """Where a results folder's key for `purpose` (the store's signatures; the visitor cookies')
+    is kept: beside the folder, so Gradio never serves it."""
     results_dir = Path(results_dir)
-    return results_dir.parent / f".{results_dir.name}-signing-key"
+    return results_dir.parent / f".{results_dir.name}-{purpose}-key"
 
 
 def load_key(path: Path) -> bytes:
-    """The key in `path`, made (0600) when there is none; ValueError naming the file when it is
-    not one."""
+    """The key in `path`, made (0600) when there is none, so that what it signed stays valid
+    across restarts; ValueError naming the file when it is not one."""
     path = Path(path)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
