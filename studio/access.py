@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
 import dataclasses
 import functools
 import getpass
@@ -157,7 +156,7 @@ def valid_name(name: str) -> bool:
 # Without a sign-in, a visitor is this cookie, which the gate sets (signed with the studio's own key,
 # HttpOnly, SameSite=Lax): a client cannot pick another visitor's, as it could a session id.
 VISITOR_COOKIE = "sd-studio-visitor"
-VISITOR_COOKIE_MAX_LENGTH = 128  # ours are 66 characters; longer ones are not read
+VISITOR_COOKIE_MAX_LENGTH = 128  # ours are 87 characters; longer ones are not read
 # A designer named by its browser session: on 127.0.0.1 only, for a client that keeps no cookies.
 SESSION_DESIGNER = "session:"
 # Hugging Face user and organisation names, as --allow takes them.
@@ -238,7 +237,7 @@ class AllowList:
 
 def new_visitor_cookie(key: bytes) -> str:
     visitor = secrets.token_urlsafe(16)
-    return f"{visitor}.{_visitor_mac(key, visitor)}"
+    return f"{visitor}.{signing.visitor_mac(key, visitor)}"
 
 
 def visitor_of(cookie: str | None, key: bytes) -> str | None:
@@ -246,14 +245,9 @@ def visitor_of(cookie: str | None, key: bytes) -> str | None:
     if not cookie or len(cookie) > VISITOR_COOKIE_MAX_LENGTH:
         return None
     visitor, _, mac = cookie.partition(".")
-    if not visitor or not hmac.compare_digest(mac.encode(), _visitor_mac(key, visitor).encode()):
+    if not visitor or not hmac.compare_digest(mac.encode(), signing.visitor_mac(key, visitor).encode()):
         return None
     return visitor
-
-
-def _visitor_mac(key: bytes, visitor: str) -> str:
-    digest = hmac.new(key, b"sd-studio visitor " + visitor.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 def visitor_key_beside(results_dir: Path) -> bytes:

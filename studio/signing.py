@@ -38,6 +38,7 @@ KEY_BYTES = 32
 SIGNATURE_FIELD = "signature"
 _ENTRY_PURPOSE = "history-entry"
 _LINK_PURPOSE = "served-link"
+_VISITOR_PURPOSE = "visitor-cookie"
 # A link token is cut to 128 bits: unguessable, and a short folder name.
 LINK_TOKEN_CHARS = 32
 
@@ -92,6 +93,11 @@ def signature_matches(key: bytes, owner: str, entry: dict) -> bool:
     if not isinstance(signature, str):
         return False
     return hmac.compare_digest(signature.encode("ascii", "replace"), entry_signature(key, owner, entry).encode("ascii"))
+
+
+def visitor_mac(key: bytes, visitor: str) -> str:
+    """What a visitor cookie carries beside the visitor's id (access.new_visitor_cookie)."""
+    return _digest(key, _VISITOR_PURPOSE, visitor)
 
 
 def link_token(key: bytes, owner_key: str, result_id: str) -> str:
