@@ -14,8 +14,13 @@ serving/full_size.py) through the real local endpoint and Triton, each figure wi
    (its extracted folder); a call of 512 px x 50 steps, refused at once naming what to lower;
    and a call that fits (256 px, 4 steps), answered within the 60 s of an invocation. Before
    those two, calls at two sizes teach the model its speed (sdserve.budget).
+   Beside the load, the plain `from_pretrained` of the same extracted folder in a fresh process
+   (the pipeline class, fp32, as the model loads it): extract + load against it.
 3. Cycling: a memory budget that holds two models (the two largest folders), the four models
-   called in turn twice; every call loads its model, evicting the least recently used one.
+   called in turn twice on a fresh cache; every call loads its model, evicting the least recently
+   used one. Each archive is fetched and extracted once (a reload finds it on disk, as SageMaker
+   keeps it), the second round answers as the first (within one level), and the kernel killed
+   nothing for memory (/proc/vmstat's oom_kill).
 
 Without --dry-run the full-size weights are built under --work/repository (or kept while their
 recipe is current): 10 GB for the four, and as much again for each of their archives, the
@@ -36,6 +41,7 @@ import logging
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +73,7 @@ MB = 1e6
 COLD_START_GOAL_S = sum(LOADING_BACKOFF_S * 2**attempt for attempt in range(LOADING_ATTEMPTS - 1))
 PACKAGING_GOAL_S = 120.0  # ours: `deploy package` packs four models per release; minutes each would drag
 REFUSAL_GOAL_S = 1.0  # a call that cannot fit is told so at once, not after its 60 s
+EXTRACT_LOAD_GOAL = 1.5  # unpacking and loading through Triton, against from_pretrained of the folder
 # A warm call fits a pipeline call's share of the invocation; a fitting call the invocation itself.
 
 
@@ -245,12 +252,13 @@ def model_store(store: Path, kind: str) -> Iterator[dict]:
 
 class TimedStore:
     """The endpoint's model store, timing what it does for each archive: the download (until its
-    local copy is ready) and the extraction (while the cache holds that copy)."""
+    local copy is ready) and the extraction (while the cache holds that copy); and counting them."""
 
     def __init__(self, store) -> None:
         self._store = store
         self.fetch_s: dict[str, float] = {}
         self.extract_s: dict[str, float] = {}
+        self.fetches: dict[str, int] = {}
 
     def __getattr__(self, name: str):
         return getattr(self._store, name)
@@ -258,6 +266,7 @@ class TimedStore:
     @contextlib.contextmanager
     def local_copy(self, info, scratch: Path):
         started = time.perf_counter()
+        self.fetches[info.target] = self.fetches.get(info.target, 0) + 1
         with self._store.local_copy(info, scratch) as path:
             fetched = time.perf_counter()
             self.fetch_s[info.target] = fetched - started
@@ -267,10 +276,11 @@ class TimedStore:
                 self.extract_s[info.target] = time.perf_counter() - fetched
 
 
-def endpoint_on(work: Path, logs: str, **settings) -> LocalEndpoint:
+def endpoint_on(work: Path, logs: str, cache: str = "cache", **settings) -> LocalEndpoint:
     """The local endpoint (in this process, a free port) on the store in `settings`, its cache
-    shared by every endpoint of the run; a call waits for its model's load however long it takes."""
-    return LocalEndpoint(EndpointSettings(port=0, cache_dir=work / "cache", log_dir=work / "logs" / logs,
+    `work/cache` shared by the endpoints of part 2; a call waits for its model's load however long
+    it takes."""
+    return LocalEndpoint(EndpointSettings(port=0, cache_dir=work / cache, log_dir=work / "logs" / logs,
                                           max_models=None, load_wait_s=1800.0, **settings))
 
 
@@ -285,6 +295,11 @@ def runtime_client(url: str):
 def call(runtime, model: str, size: int, steps: int) -> float:
     """Seconds for one call of the sample picture at `size` px output running `steps` denoising
     steps (an image-to-image model is asked for more: it runs strength x num_inference_steps)."""
+    return answered(runtime, model, size, steps)[0]
+
+
+def answered(runtime, model: str, size: int, steps: int):
+    """(seconds, the decoded answer) of `call`."""
     spec = MODELS[model]
     asked = next(n for n in itertools.count(steps)
                  if spec.denoising_steps({**spec.defaults(), "num_inference_steps": n}) >= steps)
@@ -293,8 +308,7 @@ def call(runtime, model: str, size: int, steps: int) -> float:
     started = time.perf_counter()
     answer = runtime.invoke_endpoint(**invoke_arguments(ENDPOINT_NAME, model, body))["Body"].read()
     seconds = time.perf_counter() - started
-    decode_answer(answer)
-    return seconds
+    return seconds, decode_answer(answer)
 
 
 def refused(runtime, model: str, size: int, steps: int) -> tuple[float, str | None]:
@@ -318,6 +332,33 @@ def resident_bytes(endpoint, model: str) -> int:
     return total
 
 
+PLAIN_LOAD = """
+import gc, sys, time
+import diffusers, torch
+from sdserve.catalog import MODELS
+from sdserve.checkpoint import checkpoint_variant
+model, folder = sys.argv[1], sys.argv[2]
+pipeline_class = getattr(diffusers, MODELS[model].pipeline_class)
+for _ in range(2):  # the first pays for the imports diffusers and transformers make lazily
+    started = time.perf_counter()
+    pipe = pipeline_class.from_pretrained(folder, dtype=torch.float32, variant=checkpoint_variant(folder),
+                                          use_safetensors=True)
+    seconds = time.perf_counter() - started
+    del pipe
+    gc.collect()
+print(seconds)
+"""
+
+
+def plain_load_seconds(model: str, folder: Path) -> float:
+    """The pipeline's own from_pretrained of `folder` (fp32, safetensors, as a model loads it on
+    a CPU) in a fresh process, its imports made: what a load through the endpoint is held to."""
+    done = subprocess.run([sys.executable, "-c", PLAIN_LOAD, model, str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"from_pretrained of {folder} failed: {done.stderr[-2000:]}")
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def measure_model(work: Path, model: str, sizes: Sizes, repeats: int, settings: dict) -> dict:
     out: dict = {}
     with endpoint_on(work, model, **settings) as endpoint:
@@ -333,6 +374,10 @@ def measure_model(work: Path, model: str, sizes: Sizes, repeats: int, settings: 
         out["cold_split_s"] = split
         print("     cold start: " + ", ".join(f"{key[:-2]} {value:.1f} s" for key, value in split.items()))
         out["cold"] = report("cold start, first call", cold, COLD_START_GOAL_S, "s", f"({COLD[0]} px, {COLD[1]} steps)")
+        plain = plain_load_seconds(model, checkpoint_dir(entry.repo, model))
+        out["plain_from_pretrained_s"] = plain
+        out["extract_load"] = report("extract + load / plain from_pretrained", (extract + split["load_s"]) / plain,
+                                     EXTRACT_LOAD_GOAL, "x", f"(from_pretrained alone {plain:.1f} s)")
         warm = statistics.median(call(runtime, model, *sizes.warm) for _ in range(repeats))
         out["warm"] = report("warm call", warm, CALL_BUDGET_S, "s", f"({sizes.warm[0]} px, {sizes.warm[1]} step)")
         resident, budgeted = resident_bytes(endpoint, model), entry.size_bytes
@@ -367,19 +412,49 @@ def measure_model(work: Path, model: str, sizes: Sizes, repeats: int, settings: 
 
 
 def cycle(work: Path, repository: Path, models: list[str], settings: dict) -> dict:
-    """The models in turn, twice, under a budget of the two largest folders: every call loads its
-    model (the archives are extracted already, as SageMaker keeps them on disk)."""
+    """The models in turn, twice, under a budget of the two largest folders, on a fresh cache:
+    every call loads its model; only the first round's fetch and extract their archives."""
     sizes = sorted((folder_size(checkpoint_dir(repository, model).resolve()) for model in models), reverse=True)
     budget_gb = sum(sizes[:2]) / 2**30 * 1.01  # the metadata beside the weights
-    with endpoint_on(work, "cycling", max_gb=budget_gb, **settings) as endpoint:
+    shutil.rmtree(work / "cache-cycling", ignore_errors=True)
+    oom_kills = kernel_oom_kills()
+    with endpoint_on(work, "cycling", cache="cache-cycling", max_gb=budget_gb, **settings) as endpoint:
+        store = endpoint.registry.store = TimedStore(endpoint.registry.store)
         runtime = runtime_client(endpoint.url)
-        times = [call(runtime, model, *COLD) for _ in range(2) for model in models]
+        rounds = [[answered(runtime, model, *COLD) for model in models] for _ in range(2)]
         listing = endpoint.registry.snapshot()
+        fetches = sum(store.fetches.values())
+    oom_kills = kernel_oom_kills() - oom_kills
+    times = [seconds for round_ in rounds for seconds, _ in round_]
+    same = sum(all(within_one_level(a, b) for a, b in zip(first.images, second.images, strict=True))
+               for (_, first), (_, second) in zip(*rounds, strict=True))
     loads, evictions = sum(m["loads"] for m in listing), sum(m["evictions"] for m in listing)
-    print(f"   budget {budget_gb:.2f} GB; {len(times)} calls: {loads} loads, {evictions} evictions")
+    print(f"   budget {budget_gb:.2f} GB; {len(times)} calls: {loads} loads, {evictions} evictions; "
+          f"{oom_kills} processes killed for memory")
     return {"budget_gb": budget_gb, "per_call_s": times, "loads": loads, "evictions": evictions,
             "per_call": report("a call that loads its model (median)", statistics.median(times),
-                               COLD_START_GOAL_S, "s", f"(max {max(times):.1f} s)")}
+                               COLD_START_GOAL_S, "s", f"(max {max(times):.1f} s)"),
+            "fetches": report("archives fetched and extracted / models", fetches / len(models), 1.0, "x",
+                              f"({fetches} for {loads} loads: a reload finds its archive on disk)"),
+            "same_answers": report("second round answered as the first", same / len(models), 1.0, "x",
+                                   f"({same} of {len(models)} within one level of 255)"),
+            "oom_kills": oom_kills}
+
+
+def within_one_level(first, second) -> bool:
+    """The project's determinism guarantee: same size, every pixel within one level of 255."""
+    import numpy as np
+
+    return first.size == second.size and int(np.abs(np.asarray(first.convert("RGB"), dtype=np.int16)
+                                                    - np.asarray(second.convert("RGB"), dtype=np.int16)).max()) <= 1
+
+
+def kernel_oom_kills() -> int:
+    """The kernel's count of processes it killed for memory (/proc/vmstat), printed as a difference."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        if line.startswith("oom_kill "):
+            return int(line.split()[1])
+    return 0
 
 
 if __name__ == "__main__":

@@ -233,4 +233,9 @@ def test_the_full_size_bench_runs_through_the_endpoint_on_the_tiny_weights(model
         assert set(split) == {"fetch_s", "extract_s", "load_s", "first_answer_s"}
         assert min(split.values()) >= 0 and split["load_s"] > 0
         assert measured["resident_bytes"] > 0 and measured["fits"]["value"] > 0
-    assert figures["cycling"]["loads"] >= 2 and len(figures["cycling"]["per_call_s"]) == 4
+        assert measured["plain_from_pretrained_s"] > 0 and measured["extract_load"]["value"] > 0
+    cycling = figures["cycling"]
+    assert cycling["loads"] >= 2 and len(cycling["per_call_s"]) == 4
+    # Each archive fetched once on the fresh cache, the second round answered as the first.
+    assert cycling["fetches"]["value"] == 1.0 and cycling["same_answers"]["value"] == 1.0
+    assert cycling["oom_kills"] == 0
