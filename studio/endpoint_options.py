@@ -68,7 +68,7 @@ def open_endpoint(args: argparse.Namespace, stack: contextlib.ExitStack,
     if args.endpoint_name:
         return Endpoint(
             f"SageMaker endpoint {args.endpoint_name} ({args.region})",
-            lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region), None, False,
+            lambda: StudioClient.for_sagemaker(args.endpoint_name, args.region), None, None,
         )
     url, random_weights = args.endpoint_url, None
     if not url:

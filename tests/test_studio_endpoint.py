@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import urllib.request
@@ -81,6 +82,11 @@ def test_a_sagemaker_endpoint_is_one_setting(no_endpoint_env):
     args = cli.parse_args([])
     assert (args.endpoint_name, args.region) == ("sd-studio", "eu-west-1")
     assert cli.parse_args(["--endpoint-name", "other", "--region", "us-west-2"]).region == "us-west-2"
+    # The studio knows nothing of a SageMaker endpoint's weights: no demo-weights banner, no 128 px start.
+    with contextlib.ExitStack() as stack:
+        endpoint = endpoint_options.open_endpoint(args, stack)
+    assert endpoint.random_weights is None and endpoint.listing_url is None
+    assert "sd-studio" in endpoint.where
 
 
 def test_url_and_name_together_are_refused(no_endpoint_env, capsys):
