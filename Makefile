@@ -62,7 +62,8 @@ check: $(INSTALLED)
 	$(PY) -m pytest -n 2 -m "$(FAST_TIER)" --durations=15
 
 # Everything, on TEST_WORKERS pytest-xdist workers: one test file to a worker at a time (a file's
-# servers start once), the heaviest files first (tests/conftest.py orders them).
+# servers start once; the files on the shared endpoint go together), the heaviest first
+# (tests/conftest.py groups and orders them).
 # One CPU thread per torch process: three workers and their Triton stubs already share two cores,
 # and torch's own pool of one thread per core only makes them wait on each other (17m55s -> 14m21s).
 TEST_WORKERS ?= 3

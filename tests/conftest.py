@@ -3,9 +3,10 @@ local endpoint's archive store, a browser page (the browser tests), and the depl
 fixtures (defined in deploy_support); and the tiers' guard (process_support): a test that starts
 a process or a pipeline without the mark that says so fails.
 
-The suite runs in parallel (`make test`: pytest-xdist, one file per worker at a time): what a
-fixture shares lives in the worker's own temporary folder, ports are the system's free ones, and
-the checkout's tiny weights are built before pytest starts (or once, under a lock)."""
+The suite runs in parallel (`make test`: pytest-xdist, one file per worker at a time, the files
+on the shared endpoint together): what a fixture shares lives in the worker's own temporary
+folder, ports are the system's free ones, and the checkout's tiny weights are built before pytest
+starts (or once, under a lock)."""
 
 import fcntl
 import os
@@ -55,29 +56,62 @@ def pytest_runtest_call(item):
         return (yield)
 
 
-# --- the order of the files under xdist (`make test`) -------------------------------------------
-# Each worker takes one file at a time, in the collected order: the longest files go first, so that
-# none of them starts last while the other workers sit idle. The slowest files' seconds (alone, on
-# the 2-core machine; `make test` prints the slowest tests) are written here; any other file counts
-# a few seconds for each test that starts something and little for the others.
+# --- the files' groups and order under xdist (`make test`) ------------------------------------
+# Each worker takes one group of tests at a time (`--dist loadfile`, refined here): a group is a
+# test file, except that the files on the worker's shared endpoint (the `shared_endpoint`
+# fixture) make one group, so that one endpoint loads the four models for all of them. The
+# longest groups go first, so that none of them starts last while the other workers sit idle. The
+# slowest files' seconds (in `make test` on the 2-core machine, which prints the slowest tests)
+# are written here; any other file counts a few seconds for each test that starts something and
+# little for the others.
 SLOW_FILE_SECONDS = {
-    "test_local_endpoint.py": 315, "test_browser_studio.py": 290, "test_load_faults.py": 265,
-    "test_local_endpoint_eviction.py": 220, "test_studio_endpoint_panel.py": 190,
-    "test_triton_models.py": 105, "test_studio_api.py": 95, "test_edits.py": 95,
-    "test_client_jobs.py": 85, "test_sdserve_batch.py": 65, "test_local_endpoint_cli.py": 55,
-    "test_browser_chain.py": 150, "test_studio_s3_store.py": 60, "test_studio_replay.py": 45,
+    "test_browser_studio.py": 430, "test_local_endpoint.py": 390, "test_local_endpoint_eviction.py": 360,
+    "test_load_faults.py": 345, "test_studio_endpoint_panel.py": 280, "test_full_size.py": 130,
+    "test_studio_api.py": 85, "test_triton_models.py": 80, "test_local_endpoint_cli.py": 55,
+    "test_studio_s3_store.py": 40, "test_local_endpoint_s3.py": 40, "test_client_jobs.py": 40,
+    "test_deploy_config.py": 40, "test_deploy_aws.py": 40, "test_sdserve_batch.py": 30,
+    "test_local_triton.py": 30,
 }
+# The files whose tests use `shared_endpoint`: xdist's controller, which groups the tests, sees
+# only their names; the workers check this list against the fixtures their tests use.
+SHARED_ENDPOINT_FILES = {"test_client_jobs.py", "test_edits.py", "test_studio_api.py", "test_studio_replay.py"}
+SHARED_ENDPOINT_GROUP = "shared-endpoint"
+
+
+def xdist_group_of(path: str | Path) -> str:
+    name = Path(path).name
+    return SHARED_ENDPOINT_GROUP if name in SHARED_ENDPOINT_FILES else str(path)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` with the shared endpoint's files as one group."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class FileGroups(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group_of(super()._split_scope(nodeid))
+
+    return FileGroups(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
     if not hasattr(config, "workerinput"):  # only where xdist's workers collect
         return
+    using = {item.path.name for item in items if "shared_endpoint" in getattr(item, "fixturenames", ())}
+    collected = {item.path.name for item in items}
+    if using != SHARED_ENDPOINT_FILES & collected:
+        raise pytest.UsageError(f"tests/conftest.py: SHARED_ENDPOINT_FILES says {sorted(SHARED_ENDPOINT_FILES)}, "
+                                f"the files collected that use shared_endpoint are {sorted(using)}")
     seconds: dict[Path, float] = {}
     for item in items:
         seconds[item.path] = seconds.get(item.path, 0.0) + (3.0 if starts_something(item) else 0.1)
+    group_seconds: dict[str, float] = {}
     for path in seconds:
-        seconds[path] = SLOW_FILE_SECONDS.get(path.name, seconds[path])
-    items.sort(key=lambda item: -seconds[item.path])  # stable: each file's own order is kept
+        group = xdist_group_of(path)
+        group_seconds[group] = group_seconds.get(group, 0.0) + SLOW_FILE_SECONDS.get(path.name, seconds[path])
+    items.sort(key=lambda item: -group_seconds[xdist_group_of(item.path)])  # stable: each file's own order is kept
 
 
 @pytest.fixture(scope="session")

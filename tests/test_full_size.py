@@ -228,6 +228,7 @@ def test_the_full_size_bench_runs_through_the_endpoint_on_the_tiny_weights(model
                        "--gzip-levels", "1", "--repeats", "1", "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     assert set(figures["packaging"]) == set(figures["models_measured"]) == {"sd_base", "sd_upscale"}
+    assert figures["gzip_levels"]["1"]["deflate_s"] > 0 and figures["gzip_levels"]["1"]["inflate_s"] > 0
     for measured in figures["models_measured"].values():
         split = measured["cold_split_s"]
         assert set(split) == {"fetch_s", "extract_s", "load_s", "first_answer_s"}
