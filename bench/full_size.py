@@ -189,27 +189,42 @@ def package(repository: Path, store: Path, models: list[str]) -> dict:
 
 
 def gzip_costs(archive: Path, levels: list[int]) -> dict:
-    """Deflate the archive's tar stream at each level: the compression's own time and the size
-    (reading and inflating the stream is left out), against the shipped level's."""
+    """Deflate the archive's tar stream at each level, and inflate what that gives, chunk by chunk
+    in memory: the compression's own time, the size, and the decompression's time (what an
+    extraction spends on the level: the tar's reading and writing cost the same at any level),
+    against the shipped level's. Reading and inflating the archive itself are left out."""
     if not levels:
         return {}
-    print(f"   gzip levels on {archive.name} (deflate time only; against level {GZIP_LEVEL}):")
+    print(f"   gzip levels on {archive.name} (deflate and inflate time only; against level {GZIP_LEVEL}):")
     costs = {}
     for level in sorted(set(levels) | {GZIP_LEVEL}):
         deflate = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: a gzip stream, as the archive's
-        size, spent = 0, 0.0
+        inflate = zlib.decompressobj(31)
+        size, deflate_s, inflate_s = 0, 0.0, 0.0
+
+        def inflated(data: bytes) -> None:
+            nonlocal size, inflate_s
+            size += len(data)
+            started = time.perf_counter()
+            inflate.decompress(data)
+            inflate_s += time.perf_counter() - started
+
         with gzip.open(archive, "rb") as tar:
             while chunk := tar.read(CHUNK):
                 started = time.perf_counter()
-                size += len(deflate.compress(chunk))
-                spent += time.perf_counter() - started
+                data = deflate.compress(chunk)
+                deflate_s += time.perf_counter() - started
+                inflated(data)
         started = time.perf_counter()
-        size += len(deflate.flush())
-        costs[level] = {"bytes": size, "deflate_s": spent + time.perf_counter() - started}
+        data = deflate.flush()
+        deflate_s += time.perf_counter() - started
+        inflated(data)
+        costs[level] = {"bytes": size, "deflate_s": deflate_s, "inflate_s": inflate_s}
     shipped = costs[GZIP_LEVEL]
     for level, cost in costs.items():
-        print(f"     level {level}: {cost['bytes'] / MB:9.0f} MB ({cost['bytes'] / shipped['bytes']:.3f}x) in "
-              f"{cost['deflate_s']:7.1f} s ({cost['deflate_s'] / shipped['deflate_s']:.2f}x)")
+        print(f"     level {level}: {cost['bytes'] / MB:9.0f} MB ({cost['bytes'] / shipped['bytes']:.3f}x), deflate "
+              f"{cost['deflate_s']:7.1f} s ({cost['deflate_s'] / shipped['deflate_s']:.2f}x), inflate "
+              f"{cost['inflate_s']:6.1f} s ({cost['inflate_s'] / shipped['inflate_s']:.2f}x)")
     return costs
 
 
