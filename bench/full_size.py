@@ -73,6 +73,7 @@ MB = 1e6
 COLD_START_GOAL_S = sum(LOADING_BACKOFF_S * 2**attempt for attempt in range(LOADING_ATTEMPTS - 1))
 PACKAGING_GOAL_S = 120.0  # ours: `deploy package` packs four models per release; minutes each would drag
 REFUSAL_GOAL_S = 1.0  # a call that cannot fit is told so at once, not after its 60 s
+ARCHIVE_OVERHEAD_GOAL = 1.01  # an archive at most 1% over its folder: headers and framing, no more
 EXTRACT_LOAD_GOAL = 1.5  # unpacking and loading through Triton, against from_pretrained of the folder
 # A warm call fits a pipeline call's share of the invocation; a fitting call the invocation itself.
 
@@ -183,7 +184,8 @@ def package(repository: Path, store: Path, models: list[str]) -> dict:
         folder = folder_size(checkpoint_dir(repository, model).resolve())
         print(f"   {model}: {size / MB:.0f} MB archive of a {folder / MB:.0f} MB folder")
         out[model] = {"archive_bytes": size, "folder_bytes": folder,
-                      "size": report("  archive size / folder size", size / folder, 1.0, "x", "(gzip must not grow it)"),
+                      "size": report("  archive size / folder size", size / folder, ARCHIVE_OVERHEAD_GOAL, "x",
+                                     f"(gzip level {GZIP_LEVEL}: the tar and the stream's framing)"),
                       "time": report("  time to build the archive", seconds, PACKAGING_GOAL_S, "s")}
     return out
 

@@ -20,6 +20,7 @@ from serving.archive import (
     MissingCheckpointError,
     UnsafeArchiveError,
     build_model_archive,
+    format_size,
     main,
     model_modules,
     safe_extract,
@@ -300,7 +301,12 @@ def test_cli_prints_path_size_and_sha256(repo, tmp_path, capsys):
     assert code == 0 and len(lines) == 2
     for line, name in zip(lines, ["sd_base", "sd_upscale"]):
         archive = tmp_path / "store" / f"{name}.tar.gz"
-        assert line.startswith(str(archive)) and line.endswith(f"  {archive.stat().st_size} B  sha256={sha256_file(archive)}")
+        assert line.startswith(str(archive))
+        assert line.endswith(f"  {format_size(archive.stat().st_size)}  sha256={sha256_file(archive)}")
+
+
+def test_sizes_are_printed_in_readable_units():
+    assert [format_size(n) for n in (512, 20_503, 3 * 2**20, 5 * 2**30)] == ["512 B", "20.0 KiB", "3.0 MiB", "5.0 GiB"]
 
 
 def test_cli_reports_missing_weights(repo, tmp_path, capsys):
