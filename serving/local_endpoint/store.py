@@ -134,6 +134,7 @@ class S3Store(ModelStore):
                 config=botocore.config.Config(connect_timeout=10, read_timeout=60,
                                               retries={"total_max_attempts": 3, "mode": "standard"}))
         self.client = client
+        self.transfer_config = None  # boto3's TransferConfig for downloads; None: its defaults (ranged parts)
 
     def key(self, target: str) -> str:
         return f"{self.prefix}/{target}" if self.prefix else target
@@ -169,7 +170,7 @@ class S3Store(ModelStore):
         os.close(fd)
         try:
             try:
-                self.client.download_file(self.bucket, self.key(info.target), name)
+                self.client.download_file(self.bucket, self.key(info.target), name, Config=self.transfer_config)
             except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as error:
                 raise ValidationError(f"Failed to download model data from {info.url}: {error}") from None
             yield Path(name)
