@@ -259,6 +259,10 @@ class EndpointWatch:
             state = LISTED_STATES.get(entry.get("state"), COLD)
             if isinstance(entry.get("load_seconds"), (int, float)) and state != LOADING:
                 cold_wait = float(entry["load_seconds"])  # the endpoint's own measure of its last load
+                if state == COLD and isinstance(entry.get("archive_seconds"), (int, float)):
+                    # Its archive stays extracted on the endpoint's disk: loading it again pays the
+                    # rest alone (a full-size model's download and extraction are a good part of it).
+                    cold_wait = max(0.0, cold_wait - float(entry["archive_seconds"]))
         cost = None if per_image is None else self.pricing.per_image(per_image)
         return ModelView(model, state, cold_wait, per_image, cost)
 
@@ -400,7 +404,8 @@ def describe_endpoint(watch: EndpointWatch) -> str:
         name = RANDOM_WEIGHTS_NAMES[watch.random_weights]
         weights = f"**{name[0].upper()}{name[1:]}** ({RANDOM_WEIGHTS_MEANING[watch.random_weights]}); every image is noise.\n\n"
     return weights + "\n".join(rows) + (
-        f"\n\nStates from {watch.source}. Times are measured on this endpoint (— until measured). "
+        f"\n\nStates from {watch.source}. Times are measured on this endpoint (— until measured); a model "
+        "loaded before loads again from the endpoint's disk, without its download. "
         f"**Costs are estimates**: seconds per image × {watch.pricing.source}, for images made one at "
         "a time (batched images share the instance and cost less)."
     )

@@ -4,6 +4,12 @@ The clock is a plain counter the tests move on; the calls are reported as Studio
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
 import pytest
 from sdserve.instances import DEFAULT_INSTANCE_TYPE, INSTANCE_TYPES
 
@@ -180,18 +186,18 @@ def test_warm_ups_skip_warm_models_and_run_one_per_model_at_a_time(watch):
 # --- the local endpoint's listing ------------------------------------------------------------------
 
 
-def test_a_call_is_not_held_for_the_listing_and_is_judged_by_it_when_it_comes():
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    asked, release = threading.Event(), threading.Event()
+@contextlib.contextmanager
+def listing_server(models: list[dict], asked: threading.Event | None = None,
+                   release: threading.Event | None = None) -> Iterator[str]:
+    """A stand-in for the local endpoint's /models in this process (its URL): these models; the
+    answer waits for `release` once `asked` is set, when given."""
 
     class Listing(BaseHTTPRequestHandler):
         def do_GET(self):
-            asked.set()
-            release.wait(10)
-            body = json.dumps({"models": [{"target_model": "sd_base.tar.gz", "state": "loading"}]}).encode()
+            if asked is not None:
+                asked.set()
+                release.wait(10)
+            body = json.dumps({"models": models}).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -203,13 +209,37 @@ def test_a_call_is_not_held_for_the_listing_and_is_judged_by_it_when_it_comes():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Listing)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        watch = EndpointWatch(listing_url=f"http://127.0.0.1:{server.server_port}/models")
+        yield f"http://127.0.0.1:{server.server_port}/models"
+    finally:
+        if release is not None:
+            release.set()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_call_is_not_held_for_the_listing_and_is_judged_by_it_when_it_comes():
+    asked, release = threading.Event(), threading.Event()
+    with listing_server([{"target_model": "sd_base.tar.gz", "state": "loading"}], asked, release) as url:
+        watch = EndpointWatch(listing_url=url)
         call = watch.call("sd_base")  # returns while the listing is fetched (a held call would wait 10 s here)
         assert asked.wait(10) and not call.judged
         release.set()
         call.done(30.0, 1)  # the listing said the model was loading: a cold call, not a speed
         assert call.found_cold and view(watch, "sd_base").seconds_per_image is None
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+
+
+def test_an_evicted_models_cold_start_leaves_out_the_archive_it_has_on_disk():
+    # As the local endpoint lists them: sd_base loaded (its first load fetched and extracted the
+    # archive), sd_depth evicted after such a load, sd_upscale evicted after a reload.
+    models = [
+        {"target_model": "sd_base.tar.gz", "state": "loaded", "load_seconds": 95.0, "archive_seconds": 40.0},
+        {"target_model": "sd_depth.tar.gz", "state": "absent", "load_seconds": 120.0, "archive_seconds": 50.0},
+        {"target_model": "sd_upscale.tar.gz", "state": "absent", "load_seconds": 30.0, "archive_seconds": 0.01},
+    ]
+    with listing_server(models) as url:
+        watch = EndpointWatch(listing_url=url)
+        assert (view(watch, "sd_base").state, view(watch, "sd_base").cold_wait_s) == (WARM, 95.0)  # what it took
+        assert (view(watch, "sd_depth").state, view(watch, "sd_depth").cold_wait_s) == (COLD, 70.0)
+        assert view(watch, "sd_upscale").cold_wait_s == pytest.approx(29.99)
+        assert view(watch, "sd_inpaint").cold_wait_s is None  # never loaded: not measured
+        assert "loads again from the endpoint's disk, without its download" in describe_endpoint(watch)

@@ -111,6 +111,7 @@ def test_each_model_through_the_client_layer_loads_once_then_is_faster(endpoint,
     assert_same_image(first.images[0], second.images[0])  # same seed, same model, same answer
     assert after_first["state"] == "loaded" and after_first["loads"] == 1
     assert after_first["load_seconds"] > 0
+    assert 0 <= after_first["archive_seconds"] < after_first["load_seconds"]  # a part: its download and extraction
     assert second.seconds < first.seconds, (first.seconds, second.seconds)
     info = model_info(endpoint, target)
     assert info["loads"] == 1 and info["invocations"] == 2 and info["in_flight"] == 0

@@ -10,8 +10,9 @@ Per TargetModel one ``ModelEntry`` with a state::
   past that it gets ModelNotReadyException (429) like on AWS, and the load goes on.
 * Before a load, least recently used idle models are unloaded until the new one fits: at most
   ``max_models`` loaded and at most ``max_bytes`` of model size, where a model's size is the
-  size of its extracted folder (weights dominate it; on the GPU and in RAM a diffusers pipeline
-  takes about what its safetensors files take, so this is the proxy for memory). A model with
+  size of its extracted folder (weights dominate it; a pipeline in fp16 on a GPU takes about what
+  its fp16 files take, one on a CPU in fp32 more: the default budget allows for that, see
+  server.default_max_gb). A model with
   requests in flight is never unloaded: the load waits for one to become idle. Loads (with the
   evictions they need) run one at a time, so the budget is never overshot by racing loads.
 * A failed load is remembered with its error, which every request gets at once, and is
@@ -87,6 +88,9 @@ class ModelEntry:
     evictions: int = 0
     crashes: int = 0
     load_seconds: float | None = None
+    # Of load_seconds, what the archive took (download and extraction; nothing once extracted: the
+    # cache keeps it, so a reload pays the rest alone).
+    archive_seconds: float | None = None
     error: EndpointError | None = None
     failed_version: str | None = None
     failed_at: float = 0.0  # monotonic
@@ -112,6 +116,7 @@ class ModelEntry:
             "evictions": self.evictions,
             "crashes": self.crashes,
             "load_seconds": None if self.load_seconds is None else round(self.load_seconds, 3),
+            "archive_seconds": None if self.archive_seconds is None else round(self.archive_seconds, 3),
             "triton_model": self.triton_name if self.state is State.LOADED else None,
             "error": None if self.error is None else self.error.message,
         }
@@ -303,6 +308,7 @@ class ModelRegistry:
         started = time.monotonic()
         try:
             repo = self.cache.extracted(self.store, info)  # download + safe extraction (cached)
+            archive_seconds = time.monotonic() - started
             size = folder_size(repo)
             limit = self.limits.max_bytes
             if limit is not None and size > limit:
@@ -343,6 +349,7 @@ class ModelRegistry:
             entry.loaded_at = time.time()
             entry.touch()
             entry.load_seconds = time.monotonic() - started
+            entry.archive_seconds = archive_seconds
             entry.error = None
             self._cond.notify_all()
         log.info("loaded %s as %s in %.1f s (%.1f MB)", entry.target, name, entry.load_seconds, size / 1e6)
