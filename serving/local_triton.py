@@ -250,6 +250,10 @@ class LocalTriton:
             # big enough for one image request and grow in sizeable steps.
             f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
             f"--backend-config=python,shm-growth-byte-size={self.shm_growth_byte_size}",
+            # Every config is complete (generated from the model table, checked by a test). Left on,
+            # the Python backend starts a stub for each load only to ask the model to complete its
+            # config: torch and diffusers imported twice a load.
+            "--disable-auto-complete-config",
         ]
         for protocol in ("http", "grpc", "metrics"):
             port = self.ports[protocol]
