@@ -1,5 +1,6 @@
 """The local endpoint's model store and cache on their own (no Triton): archives built into the
-store, extracted once, versions, crash copies, refusals that leave nothing behind."""
+store, extracted once, versions, crash copies, refusals that leave nothing behind; and how much of
+what the cache holds may be loaded at once by default."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from serving.archive import build_model_archive
-from serving.local_endpoint import LocalStore, ValidationError, build_missing_archives
+from serving.local_endpoint import EndpointSettings, LocalStore, ValidationError, build_missing_archives
+from serving.local_endpoint.__main__ import build_parser
 from serving.local_endpoint.cache import ModelCache, folder_size
 from serving.local_endpoint.registry import triton_model_name
+from serving.local_endpoint.server import MODELS_MEMORY_SHARE, RESIDENT_PER_FOLDER_BYTE, default_max_gb
 from serving.local_endpoint.store import S3Store, check_target
 
 from .endpoint_support import EVIL_TRICKS, evil_archive, files_below
@@ -175,3 +178,24 @@ def test_archives_are_built_when_missing_or_out_of_date(tmp_path):
     assert build() == ["sd_base.tar.gz"]  # new serving code
     dated(repository / "sd_base" / "1" / "__pycache__" / "model.cpython-311.pyc")
     assert build() == []  # bytecode a Triton stub left behind does not count
+
+
+# --- the memory budget's default ------------------------------------------------------------------
+
+
+def test_the_default_budget_holds_what_fits_in_the_machines_memory():
+    # 24 GiB (this project's CI machine): 7.3 GiB of folders, whose models hold 2.3x that on a CPU.
+    budget = default_max_gb(24 * 2**30)
+    assert budget == 7.3
+    assert budget * RESIDENT_PER_FOLDER_BYTE <= 24 * MODELS_MEMORY_SHARE
+    assert default_max_gb(48 * 2**30) == pytest.approx(2 * budget, abs=0.1)
+    here = default_max_gb()
+    assert EndpointSettings().max_gb == here and EndpointSettings().limits().max_bytes == int(here * 2**30)
+    assert build_parser().parse_args([]).max_gb == here
+
+
+def test_a_budget_of_zero_gb_is_no_limit():
+    assert EndpointSettings(max_gb=0).limits().max_bytes is None
+    assert EndpointSettings(max_gb=None).limits().max_bytes is None
+    assert build_parser().parse_args(["--max-gb", "0"]).max_gb == 0
+

@@ -16,8 +16,11 @@ from .server import (
     DEFAULT_LOG_DIR,
     DEFAULT_REPOSITORY,
     DEFAULT_STORE,
+    MODELS_MEMORY_SHARE,
+    RESIDENT_PER_FOLDER_BYTE,
     EndpointSettings,
     LocalEndpoint,
+    default_max_gb,
     serve_until_signalled,
 )
 
@@ -55,9 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "the default folder")
     parser.add_argument("--no-build", action="store_true", help="never build archives")
     parser.add_argument("--max-models", type=int, default=4, help="models loaded at once (default 4; 0 = no limit)")
-    parser.add_argument("--max-gb", type=float,
+    parser.add_argument("--max-gb", type=float, default=default_max_gb(),
                         help="GiB of models loaded at once, a model counting the size of its extracted "
-                             "folder (default: no limit)")
+                             f"folder; 0 = no limit (default here {default_max_gb()}: the folders whose models "
+                             f"fit in {MODELS_MEMORY_SHARE * 100:.0f}%% of this machine's memory, a model on a CPU "
+                             f"holding {RESIDENT_PER_FOLDER_BYTE}x its folder)")
     parser.add_argument("--load-wait", type=float, default=60.0, metavar="SECONDS",
                         help="how long a call waits for its model to load before ModelNotReadyException "
                              "(429); the load goes on (default 60)")
@@ -103,13 +108,13 @@ def main(argv: list[str] | None = None) -> int:
         build_from = DEFAULT_REPOSITORY
     if args.no_build:
         build_from = None
-    if args.max_models < 0 or (args.max_gb is not None and args.max_gb <= 0):
-        print("error: --max-models must be >= 0 and --max-gb > 0", file=sys.stderr)
+    if args.max_models < 0 or args.max_gb < 0:
+        print("error: --max-models and --max-gb must be >= 0", file=sys.stderr)
         return 2
     settings = EndpointSettings(
         host=args.host, port=args.port, endpoint_name=args.endpoint_name, model_store=args.model_store,
         s3_endpoint_url=args.s3_endpoint_url, region=args.region, cache_dir=args.cache_dir,
-        build_from=build_from, max_models=args.max_models or None, max_gb=args.max_gb,
+        build_from=build_from, max_models=args.max_models or None, max_gb=args.max_gb or None,
         load_wait_s=args.load_wait, load_timeout_s=args.load_timeout, invoke_timeout_s=args.invoke_timeout,
         max_answer_bytes=args.max_answer_bytes,
         retry_failed_after_s=args.retry_failed_after, max_archive_gb=args.max_archive_gb,

@@ -45,6 +45,20 @@ DEFAULT_STORE = REPO_ROOT / "build" / "model-store"
 DEFAULT_CACHE = REPO_ROOT / "build" / "model-cache"
 DEFAULT_LOG_DIR = REPO_ROOT / "build" / "local-endpoint"
 DEFAULT_REPOSITORY = REPO_ROOT / "serving" / "models"
+# The budget counts a model's extracted folder; what a loaded model holds in memory is more. On a
+# CPU, measured by `make bench-full-size` (full-size random weights, fp16 files loaded as fp32,
+# the stub's Python and torch beside them): the largest Triton stub held RESIDENT_PER_FOLDER_BYTE
+# times its folder. The default budget is the folders whose models fit in MODELS_MEMORY_SHARE of
+# the machine's memory; the rest is tritonserver's, the front's, a studio's and the system's.
+RESIDENT_PER_FOLDER_BYTE = 2.3
+MODELS_MEMORY_SHARE = 0.7
+
+
+def default_max_gb(memory_bytes: int | None = None) -> float:
+    """GiB of extracted folders whose loaded models fit in this machine's memory (see above)."""
+    if memory_bytes is None:
+        memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return round(memory_bytes * MODELS_MEMORY_SHARE / RESIDENT_PER_FOLDER_BYTE / 2**30, 1)
 
 
 @dataclass
@@ -58,7 +72,7 @@ class EndpointSettings:
     cache_dir: Path = DEFAULT_CACHE
     build_from: Path | None = None  # archive this repository's models into a local store first
     max_models: int | None = 4
-    max_gb: float | None = None
+    max_gb: float | None = field(default_factory=default_max_gb)  # None or 0: no limit
     load_wait_s: float = 60.0
     load_timeout_s: float = 900.0
     invoke_timeout_s: float = float(INVOCATION_SECONDS)  # SageMaker's: 60 s for the model's answer
@@ -78,7 +92,7 @@ class EndpointSettings:
 
     def limits(self) -> Limits:
         return Limits(max_models=self.max_models or None,
-                      max_bytes=None if self.max_gb is None else int(self.max_gb * 2**30),
+                      max_bytes=int(self.max_gb * 2**30) if self.max_gb else None,
                       load_wait_s=self.load_wait_s, load_timeout_s=self.load_timeout_s,
                       retry_failed_after_s=self.retry_failed_after_s)
 
