@@ -184,11 +184,11 @@ def test_archives_are_built_when_missing_or_out_of_date(tmp_path):
 
 
 def test_the_default_budget_holds_what_fits_in_the_machines_memory():
-    # 24 GiB (this project's CI machine): 7.3 GiB of folders, whose models hold 2.3x that on a CPU.
+    # 24 GiB (this project's CI machine): 7.1 GiB of folders, whose models hold 2.35x that on a CPU.
     budget = default_max_gb(24 * 2**30)
-    assert budget == 7.3
+    assert budget == 7.1
     assert budget * RESIDENT_PER_FOLDER_BYTE <= 24 * MODELS_MEMORY_SHARE
-    assert default_max_gb(48 * 2**30) == pytest.approx(2 * budget, abs=0.1)
+    assert default_max_gb(48 * 2**30) == pytest.approx(2 * budget, abs=0.15)  # each rounded to 0.1
     here = default_max_gb()
     assert EndpointSettings().max_gb == here and EndpointSettings().limits().max_bytes == int(here * 2**30)
     assert build_parser().parse_args([]).max_gb == here
