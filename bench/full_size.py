@@ -93,7 +93,7 @@ class Sizes:
     fits: tuple[int, int]
 
 
-# 256 px x 4 steps ran 22.6 s on the full-size sd_base here (fp32 on 2 cores) and was stopped before
+# 256 px x 4 steps ran 22.6 s on the full-size Generate model here (fp32 on 2 cores) and was stopped before
 # its last step by the call budget's deadline: a call that fits, with room, is smaller.
 FULL = Sizes(warm=(64, 1), teach=((128, 2), (256, 2)), refused=(512, 50), fits=(128, 4))
 # The tiny models are fast at every size: a dry run only proves every step works, quickly.

@@ -47,9 +47,10 @@ DEFAULT_LOG_DIR = REPO_ROOT / "build" / "local-endpoint"
 DEFAULT_REPOSITORY = REPO_ROOT / "serving" / "models"
 # The budget counts a model's extracted folder; what a loaded model holds in memory is more. On a
 # CPU, measured by `make bench-full-size` (full-size random weights, fp16 files loaded as fp32,
-# the stub's Python and torch beside them): each model's Triton stub held 2.23 (sd_base) to 2.34
-# (sd_upscale) times its folder. The default budget is the folders whose models fit in MODELS_MEMORY_SHARE of
-# the machine's memory; the rest is tritonserver's, the front's, a studio's and the system's.
+# the stub's Python and torch beside them): each model's Triton stub held 2.23 (Generate) to 2.34
+# (Upscale) times its folder. The default budget is the folders whose models fit in
+# MODELS_MEMORY_SHARE of the machine's memory; the rest is tritonserver's, the front's, a studio's
+# and the system's.
 RESIDENT_PER_FOLDER_BYTE = 2.35
 MODELS_MEMORY_SHARE = 0.7
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
 import socket
 import threading
 import urllib.parse
@@ -167,6 +168,12 @@ class TritonBackend:
         self.log_path = Path(log_path)
         # torch sizes its CPU thread pool from OMP_NUM_THREADS; the stubs inherit tritonserver's env.
         self.extra_env = {} if compute_threads is None else {"OMP_NUM_THREADS": str(compute_threads)}
+        # OpenMP threads waiting for each other spin by default. This endpoint shares its machine (a
+        # studio, clients, other models' stubs): with more threads than free cores a spinning one
+        # holds the core its partner needs, and a 64 px call of a tiny model took over 8 s on two
+        # busy cores instead of one. Waiting threads sleep instead, unless the caller's environment
+        # says otherwise.
+        self.extra_env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         self.exit_timeout_secs = exit_timeout_secs
         self.model_config_name = model_config_name
         self.server: LocalTriton | None = None
