@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -54,7 +55,7 @@ import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from serving.processes import exit_with_parent, group_members, killpg, port_is_free
+from serving.processes import exit_with_parent, group_members, killpg, pid_alive, port_is_free
 from serving.triton_install import (
     TritonInstallation, TritonLaunchError, gpu_available, prepare_triton, server_env,
 )
@@ -80,6 +81,30 @@ def _stop_leftovers() -> None:
     # A test run or script that forgot stop() must not leave a server (and its ports) behind.
     for triton in list(_running):
         triton.stop(timeout=10)
+
+
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "sdserve-triton-"  # then the owning process's pid, a token, and the backend's own name
+
+
+def remove_shm_regions(prefix: str) -> int:
+    """Unlink the shared-memory regions named with `prefix`; how many there were."""
+    removed = 0
+    for region in SHM_DIR.glob(f"{prefix}*"):
+        region.unlink(missing_ok=True)
+        removed += 1
+    return removed
+
+
+def remove_orphaned_shm_regions() -> int:
+    """Unlink the regions of servers whose owning process is gone (killed before its stop())."""
+    removed = 0
+    for region in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+        owner = region.name[len(SHM_PREFIX):].split("-", 1)[0]
+        if owner.isdigit() and not pid_alive(int(owner)):
+            region.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 class LocalTriton:
@@ -171,6 +196,10 @@ class LocalTriton:
         self.startup_seconds: float | None = None
         self._process: subprocess.Popen | None = None
         self._empty_repository: Path | None = None
+        # The Python backend's shared-memory regions (one per stub, 64 MB each here) are files in
+        # /dev/shm that a killed tritonserver never unlinks: named after this process, they are
+        # removed by stop() and, when this process was killed too, by the next start of any.
+        self.shm_prefix = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
 
     # -- addresses ---------------------------------------------------------------------------
 
@@ -250,6 +279,7 @@ class LocalTriton:
             # big enough for one image request and grow in sizeable steps.
             f"--backend-config=python,shm-default-byte-size={self.shm_default_byte_size}",
             f"--backend-config=python,shm-growth-byte-size={self.shm_growth_byte_size}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             # Every config is complete (generated from the model table, checked by a test). Left on,
             # the Python backend starts a stub for each load only to ask the model to complete its
             # config: torch and diffusers imported twice a load.
@@ -308,6 +338,7 @@ class LocalTriton:
             raise TritonLaunchError(f"model repository {self.model_repository} is not a folder")
         install = prepare_triton()
         env = server_env(install, sagemaker=self.sagemaker, extra_env=self.extra_env)
+        remove_orphaned_shm_regions()
 
         # A free port picked here can be taken by someone else before Triton binds it: retry
         # with fresh picks in that case (only when no port was fixed by the caller).
@@ -383,6 +414,7 @@ class LocalTriton:
                 killpg(process.pid, signal.SIGKILL)
                 process.wait()
         self._cleanup_group()
+        remove_shm_regions(self.shm_prefix)
         _running.discard(self)
         if self._empty_repository is not None:
             shutil.rmtree(self._empty_repository, ignore_errors=True)

@@ -38,6 +38,17 @@ def exit_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def find_free_port(host: str = "127.0.0.1") -> int:
     """A port the OS considers free right now (there is a small window before Triton binds it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

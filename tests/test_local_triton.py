@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import requests
 
-from serving.local_triton import LocalTriton
+from serving.local_triton import SHM_DIR, SHM_PREFIX, LocalTriton, remove_orphaned_shm_regions
 from serving.processes import group_members, port_is_free
 from serving.triton_install import SERVING_DIR, TritonLaunchError, gpu_available
 
@@ -180,6 +181,8 @@ def test_stop_ends_server_and_stubs_and_frees_the_port(echo_repo, tmp_path):
         members = group_members(triton.pid)
         assert triton.pid in members and len(members) >= 2, "expected the server and its stub"
         assert triton.startup_seconds < 60
+        regions = list(SHM_DIR.glob(f"{triton.shm_prefix}*"))
+        assert regions, "the stub's shared memory is named with the server's prefix"
     finally:
         code = triton.stop()
     assert code == 0
@@ -187,6 +190,7 @@ def test_stop_ends_server_and_stubs_and_frees_the_port(echo_repo, tmp_path):
     assert not any(alive(pid) for pid in members)
     assert group_members(members[0]) == []
     assert port_is_free(port)
+    assert not any(region.exists() for region in regions)
     assert "successfully unloaded 'echo'" in "\n".join(triton.log_tail(200))
     assert triton.stop() == 0  # stopping twice is harmless
 
@@ -402,3 +406,35 @@ def test_sigterm_on_the_command_line_stops_cleanly(echo_repo, tmp_path):
         if cli.poll() is None:
             cli.kill()
     assert not alive(server_pid) and group_members(server_pid) == []
+
+
+def test_a_killed_servers_shared_memory_is_removed_by_stop(echo_repo, tmp_path):
+    triton = LocalTriton(echo_repo, log_path=tmp_path / "triton.log").start(timeout=120)
+    try:
+        web.post(f"{triton.http_url}/v2/models/echo/infer", json=infer_json(["x"]), timeout=30)
+        regions = list(SHM_DIR.glob(f"{triton.shm_prefix}*"))
+        assert regions
+        os.kill(triton.pid, signal.SIGKILL)  # it unlinks nothing now
+        triton._process.wait(30)
+        assert all(region.exists() for region in regions)
+    finally:
+        triton.stop()
+    assert not any(region.exists() for region in regions)
+
+
+def test_regions_of_servers_whose_owner_is_gone_are_removed_at_the_next_start(tmp_path):
+    # Names as a server of a killed process left them (a pid above pid_max never lives), one of a
+    # live process (this one), and one that is not this project's.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    orphan = SHM_DIR / f"{SHM_PREFIX}{pid_max + 1}-0000aaaa-triton_python_backend_shm_region_x"
+    living = SHM_DIR / f"{SHM_PREFIX}{os.getpid()}-0000bbbb-triton_python_backend_shm_region_y"
+    other = SHM_DIR / f"someone-else-{pid_max + 1}-z"
+    for region in (orphan, living, other):
+        region.write_bytes(b"\0" * 16)
+    try:
+        assert remove_orphaned_shm_regions() >= 1
+        assert not orphan.exists() and living.exists() and other.exists()
+    finally:
+        for region in (orphan, living, other):
+            region.unlink(missing_ok=True)
+
