@@ -24,8 +24,9 @@ serving/full_size.py) through the real local endpoint and Triton, each figure wi
 
 Without --dry-run the full-size weights are built under --work/repository (or kept while their
 recipe is current): 10 GB for the four, and as much again for each of their archives, the
-store's copy and the extracted cache (some 40 GB of disk); 6 to 7 GB of memory for a loaded
-model (fp32 on a CPU), twice that while cycling; an hour or more of a 2-core machine. Schedule it.
+store's copy and the extracted cache (some 40 GB of disk); 4 to 6.5 GB of memory for a loaded
+model (fp32 on a CPU), twice that while cycling; 20 minutes of a 2-core machine once the weights
+are written (measured, docs/benchmarks.md). Schedule it.
 --dry-run runs the same on the checkout's tiny weights at smaller sizes, in minutes
 (tests/test_full_size.py runs it on two models).
 """
