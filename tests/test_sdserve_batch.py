@@ -257,7 +257,7 @@ def test_a_call_predicted_over_the_budget_is_refused_before_any_work(model_repos
         batch_module.run_call = real_run_call
     assert isinstance(refused, CallOverBudget) and refused.field == "gen_args"
     message = str(refused)
-    assert "over the 20 s one invocation may take" in message
+    assert "over the 20 s a pipeline call may take of an invocation's 60 s" in message
     assert "num_inference_steps (now 150)" in message and "width x height (now 1024x1024)" in message
     assert "num_images_per_prompt (now 4)" in message
     assert image_of(small).size == (64, 64) and calls == [1]  # only the small request ran

@@ -134,7 +134,7 @@ def serve_batch(
             except CallStopped as stopped:
                 _fail(outcomes, chunk, CallOverBudget("gen_args", (
                     f"{loaded.model} stopped at step {stopped.steps_done} of {stopped.steps_total}: the call "
-                    f"would run past the {loaded.budget.seconds:.0f} s one invocation may take; lower "
+                    f"would run past {loaded.budget.words()}; lower "
                     f"{request.spec.what_to_lower(request.args)}")))
                 continue
             except Exception as error:  # the call's requests fail; the rest of the batch goes on

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import MODELS
+from .catalog import INVOCATION_SECONDS, MODELS
 from .errors import RequestError
 
 RECENT_CALLS = 8  # the calls of one size the fits are made from
@@ -162,6 +162,10 @@ class WorkBudget:
             return 1
         return fitting
 
+    def words(self) -> str:
+        """The budget as messages name it: a pipeline call's share of an invocation, not all of it."""
+        return f"the {self.seconds:.0f} s a pipeline call may take of an invocation's {INVOCATION_SECONDS} s"
+
     @property
     def measured(self) -> bool:
         """Whether calls after the warm-up have been measured (only their speed is trusted to refuse)."""
@@ -176,8 +180,8 @@ class WorkBudget:
             return None
         return CallOverBudget(
             "gen_args",
-            f"this call would take about {predicted:.0f} s on {model} here, over the {self.seconds:.0f} s one "
-            f"invocation may take; lower {spec.what_to_lower(args)}",
+            f"this call would take about {predicted:.0f} s on {model} here, over {self.words()}; "
+            f"lower {spec.what_to_lower(args)}",
         )
 
 
