@@ -65,6 +65,7 @@ from serving import full_size, weights
 from serving.archive import CHUNK, GZIP_LEVEL, archive_name, build_model_archive
 from serving.local_endpoint import EndpointSettings, LocalEndpoint
 from serving.local_endpoint.cache import folder_size
+from studio.replay import largest_difference
 
 ENDPOINT_NAME = "sd-studio"
 # moto answers each ranged GET of boto3's parallel download by copying the object whole: a 2.3 GB
@@ -471,10 +472,7 @@ def cycle(work: Path, repository: Path, models: list[str], settings: dict) -> di
 
 def within_one_level(first, second) -> bool:
     """The project's determinism guarantee: same size, every pixel within one level of 255."""
-    import numpy as np
-
-    return first.size == second.size and int(np.abs(np.asarray(first.convert("RGB"), dtype=np.int16)
-                                                    - np.asarray(second.convert("RGB"), dtype=np.int16)).max()) <= 1
+    return first.size == second.size and largest_difference(first.convert("RGB"), second.convert("RGB")) <= 1
 
 
 def kernel_oom_kills() -> int:
